@@ -1,0 +1,1 @@
+"""GPT-NeoX-style Mixture-of-Experts pretraining framework."""
