@@ -1,0 +1,60 @@
+"""From the resolved config to the model's own typed settings (the model never reads the config)."""
+
+from __future__ import annotations
+
+from megatron.model.gpt import GPTConfig, MoESettings
+from megatron.model.moe import LoREConfig
+
+
+def moe_settings_from_args(args) -> MoESettings | None:
+    if args.moe_num_experts <= 1:
+        return None
+    lore = None
+    if args.lore_num_experts > 0:
+        lore = LoREConfig(
+            num_lores=args.lore_num_experts,
+            rank=args.lore_rank,
+            top_l=args.lore_top_k,
+            mode=args.lore_mode,
+            renormalize=args.lore_renormalize_weights,
+        )
+    return MoESettings(
+        num_experts=args.moe_num_experts,
+        top_k=args.moe_top_k,
+        expert_interval=args.moe_expert_interval,
+        ffn_hidden_size=args.moe_ffn_hidden_size,
+        jitter_eps=args.moe_jitter_eps,
+        renormalize=args.moe_renormalize_weights,
+        lbl_in_fp32=args.moe_lbl_in_fp32,
+        impl=args.moe_impl,
+        lore=lore,
+    )
+
+
+def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=padded_vocab_size,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=args.max_position_embeddings,
+        pos_emb=args.pos_emb,
+        rotary_pct=args.rotary_pct,
+        rotary_emb_base=args.rotary_emb_base,
+        norm=args.norm,
+        norm_eps=args.rms_norm_epsilon if args.norm == "rmsnorm" else args.layernorm_epsilon,
+        use_bias_in_norms=args.use_bias_in_norms,
+        use_bias_in_attn_linear=args.use_bias_in_attn_linear,
+        activation=args.activation,
+        gpt_j_residual=args.gpt_j_residual,
+        tie_embeddings=not args.no_weight_tying,
+        init_method=args.init_method,
+        output_layer_init_method=args.output_layer_init_method,
+        init_method_std=args.init_method_std,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        checkpoint_activations=args.checkpoint_activations,
+        attention_impl=args.attention_impl,
+        moe=moe_settings_from_args(args),
+    )

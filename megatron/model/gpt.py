@@ -1,0 +1,256 @@
+"""The GPT-NeoX decoder: embeddings, pre-norm blocks (attention + MLP or MoE), final norm, LM head.
+
+Shape legend: B batch, S sequence, D hidden, H heads, Dh head dim, V vocabulary, F MLP width.
+
+Every feed-forward block (dense or MoE) returns `(y, aux)`; `aux` is None for a dense MLP and a
+`MoEAux` for an MoE layer. The model hands the per-layer aux objects back to its caller, which owns
+the loss: nothing is stashed in globals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatron.model.moe import LoREConfig, MoEAux, MoELayer
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+@dataclass
+class MoESettings:
+    """What a block needs to build an MoE layer (a subset of the config, typed)."""
+
+    num_experts: int
+    top_k: int = 1
+    expert_interval: int = 1
+    ffn_hidden_size: int | None = None
+    jitter_eps: float | None = None
+    renormalize: bool = False
+    lbl_in_fp32: bool = False
+    impl: str = "native"
+    lore: LoREConfig | None = None
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 1 and (layer_idx + 1) % self.expert_interval == 0
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # already padded
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 128
+    pos_emb: str = "rotary"
+    rotary_pct: float = 1.0
+    rotary_emb_base: int = 10000
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    use_bias_in_norms: bool = True
+    use_bias_in_attn_linear: bool = True
+    activation: str = "gelu"
+    gpt_j_residual: bool = False
+    tie_embeddings: bool = True
+    init_method: str = "normal"
+    output_layer_init_method: str = "scaled_normal"
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    checkpoint_activations: bool = False
+    attention_impl: str = "sdpa"
+    moe: MoESettings | None = field(default=None)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+
+def init_std(method: str, base_std: float, hidden_size: int, num_layers: int) -> float:
+    """GPT-NeoX's init methods, reduced to the standard deviation of a normal draw."""
+    if method == "normal":
+        return base_std
+    if method == "scaled_normal":
+        return base_std / math.sqrt(2.0 * num_layers)
+    if method == "small_init":
+        return math.sqrt(2.0 / (5.0 * hidden_size))
+    if method == "wang_init":
+        return 2.0 / (num_layers * math.sqrt(hidden_size))
+    raise ValueError(f"init_method: unknown method {method!r} (expected normal, scaled_normal, small_init, wang_init)")
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.use_bias_in_norms)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on the first `rotary_pct` of each head's dims (GPT-NeoX's rotate-half form)."""
+
+    def __init__(self, head_dim: int, rotary_pct: float, base: int, max_positions: int):
+        super().__init__()
+        self.rotary_dims = int(head_dim * rotary_pct) // 2 * 2
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.rotary_dims, 2).float() / self.rotary_dims))
+        angles_SR = torch.outer(torch.arange(max_positions).float(), inv_freq)
+        angles_SR = torch.cat([angles_SR, angles_SR], dim=-1)
+        self.register_buffer("cos_SR", angles_SR.cos(), persistent=False)
+        self.register_buffer("sin_SR", angles_SR.sin(), persistent=False)
+
+    def forward(self, x_BHSDh: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dims
+        if r == 0:
+            return x_BHSDh
+        seq_len = x_BHSDh.shape[-2]
+        x_rot, x_pass = x_BHSDh[..., :r], x_BHSDh[..., r:]
+        cos, sin = self.cos_SR[:seq_len].to(x_rot.dtype), self.sin_SR[:seq_len].to(x_rot.dtype)
+        half1, half2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat([-half2, half1], dim=-1)
+        return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d, self.num_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=cfg.use_bias_in_attn_linear)
+        self.dense = nn.Linear(d, d, bias=cfg.use_bias_in_attn_linear)
+        self.rotary = (
+            Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings)
+            if cfg.pos_emb == "rotary"
+            else None
+        )
+        self.dropout_p = cfg.attention_dropout
+        self.use_flash = cfg.attention_impl == "flash"
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.use_flash:
+            out_BSHDh = flash_attention(q, k, v, dropout_p)
+        else:
+            out_BHSDh = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            out_BSHDh = out_BHSDh.transpose(1, 2)
+        return self.dense(out_BSHDh.reshape(B, S, D))
+
+
+def flash_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """The optional flash-attn kernel (CUDA only), imported on first use."""
+    if not q.is_cuda:
+        raise RuntimeError("attention_impl: flash needs CUDA; use attention_impl: sdpa on this device")
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as err:
+        raise RuntimeError("attention_impl: flash needs the flash-attn package (pip install flash-attn)") from err
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True)
+
+
+class MLP(nn.Module):
+    """The dense feed-forward block; returns `(y, None)` to share the MoE layer's interface."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.down(self.act(self.up(x))), None
+
+
+def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float) -> nn.Module:
+    moe = cfg.moe
+    if moe is None or not moe.is_moe_layer(layer_idx):
+        return MLP(cfg)
+    return MoELayer(
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=moe.ffn_hidden_size or cfg.ffn_size,
+        num_experts=moe.num_experts,
+        top_k=moe.top_k,
+        activation=cfg.activation,
+        jitter_eps=moe.jitter_eps,
+        renormalize=moe.renormalize,
+        lbl_in_fp32=moe.lbl_in_fp32,
+        lore=moe.lore,
+        init_std=std,
+        output_init_std=out_std,
+        impl=moe.impl,
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, std: float, out_std: float):
+        super().__init__()
+        self.input_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.post_attention_norm = make_norm(cfg)
+        self.mlp = make_feedforward(cfg, layer_idx, std, out_std)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.parallel_residual = cfg.gpt_j_residual
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+        if self.parallel_residual:  # GPT-J: attention and MLP both read the block's input
+            mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
+            x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD))) + self.dropout(mlp_out)
+            return x_BSD, aux
+        x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD)))
+        mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
+        return x_BSD + self.dropout(mlp_out), aux
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        std = init_std(cfg.init_method, cfg.init_method_std, cfg.hidden_size, cfg.num_layers)
+        out_std = init_std(cfg.output_layer_init_method, cfg.init_method_std, cfg.hidden_size, cfg.num_layers)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.pos_emb == "learned" else None
+        )
+        self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, std, out_std) for i in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_weights(std, out_std)
+
+    @torch.no_grad()
+    def _init_weights(self, std: float, out_std: float) -> None:
+        """GPT-NeoX init: normal(std) for inputs, output projections use the output init method."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(("attention.dense", "mlp.down"))
+                nn.init.normal_(module.weight, std=out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+        # MoE layers initialise their own stacked weights with the stds they were given.
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+        """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order."""
+        x_BSD = self.embed(tokens_BS)
+        if self.pos_embed is not None:
+            x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
+        x_BSD = self.embed_dropout(x_BSD)
+        moe_aux: list[MoEAux] = []
+        for block in self.blocks:
+            if self.cfg.checkpoint_activations and self.training:
+                x_BSD, aux = checkpoint(block, x_BSD, use_reentrant=False)
+            else:
+                x_BSD, aux = block(x_BSD)
+            if aux is not None:
+                moe_aux.append(aux)
+        x_BSD = self.final_norm(x_BSD)
+        weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x_BSD, weight_VD), moe_aux

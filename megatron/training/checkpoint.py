@@ -1,0 +1,137 @@
+"""Atomic checkpoints in GPT-NeoX's layout: `SAVE/global_stepN/` and `SAVE/latest` naming the newest.
+
+Model and optimizer go through torch.distributed.checkpoint (DCP), so the same code serves one
+process, DDP and (later) sharded FSDP states. Each rank also writes a small `rank{r}.pt` with what
+only it knows (RNG states, data position). A checkpoint is first written to a hidden temporary
+folder, fsynced, then renamed; `latest` is replaced last, so a crash at any moment leaves the
+previous checkpoint and `latest` intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from megatron.parallel import DistInfo, barrier
+
+log = logging.getLogger("megatron.checkpoint")
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict[str, Any],
+    config_yaml: str,
+    dist_info: DistInfo,
+    keep_last_n: int | None = None,
+) -> Path:
+    save_dir = Path(save_dir)
+    tag = f"global_step{step}"
+    final, tmp = save_dir / tag, save_dir / f".tmp_{tag}"
+    if dist_info.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+        tmp.mkdir()
+    barrier()
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    with open(tmp / f"rank{dist_info.rank}.pt", "wb") as f:
+        torch.save(rank_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    barrier()
+
+    if dist_info.is_main:
+        (tmp / "config.yml").write_text(config_yaml)
+        for path in tmp.iterdir():
+            _fsync_path(path)
+        _fsync_path(tmp)
+        if final.exists():  # re-saving a step: move the old copy aside before replacing it
+            stale = save_dir / f".old_{tag}"
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            shutil.rmtree(stale)
+        tmp.rename(final)
+        _fsync_path(save_dir)
+        write_file_atomically(save_dir / "latest", tag.encode())
+        if keep_last_n:
+            prune_checkpoints(save_dir, keep_last_n)
+    barrier()
+    return final
+
+
+def list_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in save_dir.iterdir() if save_dir.is_dir() else []:
+        match = TAG_PATTERN.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(save_dir: Path, keep_last_n: int) -> None:
+    latest = (save_dir / "latest").read_text().strip()
+    for _, path in list_checkpoints(save_dir)[:-keep_last_n]:
+        if path.name != latest:
+            shutil.rmtree(path)
+
+
+def resolve_checkpoint(load: str | Path) -> Path | None:
+    """`load` names a save folder (its `latest` is used) or one checkpoint; None when there is none yet."""
+    load = Path(load)
+    if (load / ".metadata").is_file():
+        return load
+    latest = load / "latest"
+    if not latest.is_file():
+        return None
+    path = load / latest.read_text().strip()
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"load: {latest} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo
+) -> dict[str, Any]:
+    """Loads model and optimizer in place; returns this rank's saved state (RNG, step, data position)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = path / f"rank{dist_info.rank}.pt"
+    if not rank_file.is_file():
+        log.warning("%s has no state for rank %d (saved with another world size); using rank 0's",
+                    path, dist_info.rank)
+        rank_file = path / "rank0.pt"
+    return torch.load(rank_file, weights_only=False)

@@ -1,0 +1,151 @@
+"""Language modelling as a `Task`: GPT-NeoX data in, next-token loss (+ MoE aux losses) out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.data.bundled import ensure_bundled_dataset
+from megatron.data.gpt_dataset import build_train_valid_test_datasets
+from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.model.build import gpt_config_from_args
+from megatron.model.gpt import GPT
+from megatron.model.moe import MoEAux
+from megatron.model.moe.stats import routing_stats
+from megatron.parallel import DistInfo, all_reduce_mean, barrier
+
+log = logging.getLogger("megatron.lm")
+
+
+class RoutingAccumulator:
+    """Averages each MoE layer's expert (and LoRE) load over a log interval."""
+
+    def __init__(self) -> None:
+        self.last: list[MoEAux] = []
+        self.expert_load: list[torch.Tensor] = []
+        self.lore_load: list[torch.Tensor | None] = []
+        self.count = 0
+
+    def add(self, aux_list: list[MoEAux]) -> None:
+        if not aux_list:
+            return
+        if self.count == 0:
+            self.expert_load = [torch.zeros_like(aux.expert_load_E) for aux in aux_list]
+            self.lore_load = [None if aux.lore_load_EM is None else torch.zeros_like(aux.lore_load_EM)
+                              for aux in aux_list]
+        for i, aux in enumerate(aux_list):
+            self.expert_load[i] += aux.expert_load_E.detach()
+            if aux.lore_load_EM is not None:
+                self.lore_load[i] += aux.lore_load_EM.detach()
+        self.last, self.count = aux_list, self.count + 1
+
+    def pop(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {}
+        averaged = [
+            dataclasses.replace(
+                aux,
+                expert_load_E=all_reduce_mean(load / self.count),
+                lore_load_EM=None if lore is None else all_reduce_mean(lore / self.count),
+            )
+            for aux, load, lore in zip(self.last, self.expert_load, self.lore_load)
+        ]
+        self.count = 0
+        return routing_stats(averaged)
+
+
+class LMTask:
+    def __init__(self, args, dist_info: DistInfo):
+        self.args, self.dist = args, dist_info
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
+        if args.prepare_data:
+            if dist_info.is_main:
+                ensure_bundled_dataset(args.prepare_data, args.data_path, args.tokenizer_type, args.vocab_file)
+            barrier()
+        vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+        self.model: nn.Module = GPT(gpt_config_from_args(args, vocab))
+        self.ddp_find_unused_parameters = args.moe_num_experts > 1
+        self.micro_batch = args.train_micro_batch_size_per_gpu
+        self.global_batch = args.train_batch_size
+        self.eval_samples_per_rank = args.eval_iters * self.micro_batch
+        num_valid = self.eval_samples_per_rank * dist_info.world_size if args.eval_interval else 0
+        self.train_data, self.valid_data, _ = build_train_valid_test_datasets(
+            data_prefixes=[args.data_path] if args.data_path else None,
+            weights=None,
+            split=args.split,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            num_samples=(args.train_iters * self.global_batch, num_valid, 0),
+            train_prefixes=args.train_data_paths,
+            train_weights=args.train_data_weights,
+            valid_prefixes=args.valid_data_paths,
+            valid_weights=args.valid_data_weights,
+            test_prefixes=args.test_data_paths,
+            test_weights=args.test_data_weights,
+        )
+        self.routing = RoutingAccumulator()
+        self.aux_coeffs = {
+            "load_balancing_loss": args.moe_loss_coeff,
+            "z_loss": args.moe_zloss_coeff,
+            "lore_balancing_loss": args.lore_loss_coeff,
+        }
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _stack(self, dataset, start: int) -> torch.Tensor:
+        rows = [np.asarray(dataset[start + j], dtype=np.int64) for j in range(self.micro_batch)]
+        return torch.from_numpy(np.stack(rows)).to(self.dist.device)
+
+    def train_batch(self, step: int, micro_batch: int) -> torch.Tensor:
+        """Samples of a global step are laid out micro-batch-major, then rank: with the same global
+        batch, one rank with accumulation sees exactly the samples that several ranks see together."""
+        slot = micro_batch * self.dist.world_size + self.dist.rank
+        return self._stack(self.train_data, step * self.global_batch + slot * self.micro_batch)
+
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.args.seq_length
+
+    # -- loss ------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, tokens_BS1: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits_BSV, moe_aux = model(tokens_BS1[:, :-1])
+        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten())
+        metrics = {"loss": lm_loss.detach()}
+        total = lm_loss
+        if moe_aux:
+            for name, coeff in self.aux_coeffs.items():
+                summed = sum(getattr(aux, name) for aux in moe_aux)  # summed over layers
+                metrics[f"moe/{name}"] = summed.detach()
+                if coeff:
+                    total = total + coeff * summed
+            metrics["total_loss"] = total.detach()
+            self.routing.add(moe_aux)
+        return total, metrics
+
+    def interval_metrics(self) -> dict[str, Any]:
+        return self.routing.pop()
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if self.valid_data is None or len(self.valid_data) == 0:
+            return {}
+        start = self.dist.rank * self.eval_samples_per_rank
+        losses = []
+        for i in range(self.args.eval_iters):
+            tokens_BS1 = self._stack(self.valid_data, start + i * self.micro_batch)
+            logits_BSV, _ = model(tokens_BS1[:, :-1])
+            losses.append(F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten()))
+        val_loss = float(all_reduce_mean(torch.stack(losses).mean()))
+        return {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # batches are a function of the step: nothing else to remember
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,86 @@
+"""Metric sinks: stdout, `LOG_DIR/metrics.jsonl`, TensorBoard and wandb, all fed by one `log` call.
+
+`metrics.jsonl` is a stable format that tools read: one JSON object per line with `step` and the
+values. Training records carry `loss` (LM loss), `lr`, `tokens` and `tokens_per_sec`; evaluation
+records carry `val/loss` and `val/ppl`. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("megatron")
+
+
+def setup_console_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        enabled: bool,
+        log_dir: str | None,
+        tensorboard_dir: str | None = None,
+        use_wandb: bool = False,
+        wandb_project: str = "neox",
+        wandb_group: str | None = None,
+        wandb_mode: str = "offline",
+        run_config: dict[str, Any] | None = None,
+    ):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tensorboard = None
+        self.wandb_run = None
+        if not enabled:
+            return
+        if log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", buffering=1)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(tensorboard_dir)
+        if use_wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(project=wandb_project, group=wandb_group, mode=wandb_mode,
+                                        dir=log_dir or ".", config=run_config or {})
+
+    def log(self, step: int, metrics: dict[str, Any], echo: bool = True) -> None:
+        """Writes one record; lists (e.g. per-expert load) go to jsonl/wandb but not TensorBoard scalars."""
+        if not self.enabled:
+            return
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if echo:
+            shown = " | ".join(f"{k} {format_value(v)}" for k, v in scalars.items() if "/layer" not in k)
+            log.info("step %d | %s", step, shown)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

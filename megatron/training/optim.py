@@ -1,0 +1,64 @@
+"""AdamW with GPT-NeoX's weight-decay groups, and the warmup + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    device: torch.device,
+) -> torch.optim.AdamW:
+    """AdamW; biases, norms and 1-D parameters get no weight decay (as in GPT-NeoX).
+
+    torch's fused kernel is used where the device has one (CUDA); elsewhere the foreach kernel.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
+
+
+def lr_at(
+    step: int,
+    peak_lr: float,
+    min_lr: float,
+    warmup_iters: int,
+    decay_iters: int,
+    style: str,
+) -> float:
+    """Learning rate of optimizer update number `step` (1-based).
+
+    Linear warmup reaches `peak_lr` at `step == warmup_iters`; then the rate decays (cosine, linear
+    or not at all) to `min_lr` at `step == decay_iters`, and stays there.
+    """
+    if warmup_iters > 0 and step <= warmup_iters:
+        return peak_lr * step / warmup_iters
+    if style == "constant":
+        return peak_lr
+    if step >= decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+    if style == "cosine":
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if style == "linear":
+        return peak_lr - (peak_lr - min_lr) * progress
+    raise ValueError(f"lr_decay_style: unknown style {style!r} (expected cosine, linear or constant)")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

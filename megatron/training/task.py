@@ -1,0 +1,40 @@
+"""The small interface a model family implements to be trained by the one trainer loop."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+
+class Task(Protocol):
+    """A model family (language modelling, diffusion, ...) as the trainer sees it.
+
+    Batches are a pure function of (step, micro-batch index, rank), so resuming at a step needs no
+    saved data iterator. `loss` returns the loss to back-propagate and named scalar metrics (the
+    trainer averages them over micro-batches, ranks and the log interval).
+    """
+
+    model: nn.Module
+    ddp_find_unused_parameters: bool
+
+    def train_batch(self, step: int, micro_batch: int) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def tokens_per_step(self) -> int:
+        """Tokens (or samples) one optimizer step consumes over all ranks, for throughput."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (the same held-out batches every time), averaged over ranks."""
+        ...
+
+    def interval_metrics(self) -> dict[str, Any]:
+        """Extra metrics gathered since the last call (e.g. routing statistics); may be empty."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -1,0 +1,207 @@
+"""The one training loop: micro-batches -> backward -> clip -> AdamW step -> log -> eval -> checkpoint.
+
+It knows nothing about MoE or diffusion: a `Task` hands it batches, a loss and named metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from megatron.parallel import DistInfo, all_reduce_mean
+from megatron.training import checkpoint as ckpt
+from megatron.training.metrics import MetricsLogger
+from megatron.training.optim import build_optimizer, lr_at, set_lr
+from megatron.training.task import Task
+
+log = logging.getLogger("megatron.trainer")
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    losses: list[float]  # LM loss of every step trained in this run, for tests and tools
+    last_eval: dict[str, float]
+    train_seconds: float
+    overhead_seconds: dict[str, float]
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, task: Task, args, dist_info: DistInfo, metrics: MetricsLogger):
+        self.task, self.args, self.dist, self.metrics = task, args, dist_info, metrics
+        self.device = dist_info.device
+        self.model = task.model.to(self.device)
+        opt = args.optimizer.params
+        self.optimizer = build_optimizer(
+            self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device
+        )
+        self.ddp_model = (
+            DistributedDataParallel(self.model, find_unused_parameters=task.ddp_find_unused_parameters)
+            if dist_info.is_distributed
+            else self.model
+        )
+        self.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        self.step = 0
+
+    # -- precision -------------------------------------------------------------------------------
+    def autocast(self):
+        dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        if not self.args.load:
+            return
+        path = ckpt.resolve_checkpoint(self.args.load)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from scratch", self.args.load)
+            return
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.dist)
+        self.step = state["step"]
+        self.task.load_state_dict(state["task"])
+        restore_rng_state(state["rng"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "task": self.task.state_dict(),
+            "rng": capture_rng_state(),
+            "scaler": self.scaler.state_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.args.save, self.step, self.model, self.optimizer, state, self.args.to_yaml(),
+            self.dist, self.args.keep_last_n_checkpoints,
+        )
+        log.info("saved checkpoint %s", path)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        args = self.args
+        lr = lr_at(self.step + 1, args.optimizer.params.lr, args.min_lr, self.warmup_iters,
+                   args.lr_decay_iters, args.lr_decay_style)
+        set_lr(self.optimizer, lr)
+        self.ddp_model.train()
+        accum = args.gradient_accumulation_steps
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self.task.train_batch(self.step, micro)
+            sync = micro == accum - 1 or not self.dist.is_distributed
+            no_sync = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
+            with no_sync:
+                with self.autocast():
+                    loss, step_metrics = self.task.loss(self.ddp_model, batch)
+                self.scaler.scale(loss / accum).backward()
+            for key, value in step_metrics.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), args.gradient_clipping if args.gradient_clipping > 0 else float("inf")
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        keys = sorted(sums)
+        averaged = all_reduce_mean(torch.stack([sums[k] for k in keys])).tolist() if keys else []
+        return {**dict(zip(keys, averaged)), "lr": lr, "grad_norm": float(grad_norm)}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        self.ddp_model.eval()
+        with torch.no_grad(), self.autocast():
+            return self.task.evaluate(self.model)
+
+    def train(self) -> TrainResult:
+        args = self.args
+        self.maybe_resume()
+        losses: list[float] = []
+        last_eval: dict[str, float] = {}
+        overhead = {"checkpoint": 0.0, "eval": 0.0, "logging": 0.0}
+        if self.step >= args.train_iters:
+            log.info("already trained to step %d (train_iters %d): nothing to do", self.step, args.train_iters)
+            return TrainResult(self.step, losses, last_eval, 0.0, overhead)
+
+        interval: dict[str, float] = {}
+        interval_steps, interval_start = 0, time.perf_counter()
+        run_start = time.perf_counter()
+        progress = tqdm(total=args.train_iters, initial=self.step, disable=not self.dist.is_main,
+                        desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        while self.step < args.train_iters:
+            step_metrics = self.train_step()
+            losses.append(step_metrics.get("loss", math.nan))
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            for key, value in step_metrics.items():
+                interval[key] = interval.get(key, 0.0) + value
+            interval_steps += 1
+
+            if self.step % args.log_interval == 0 or self.step == args.train_iters:
+                started = time.perf_counter()
+                elapsed = started - interval_start
+                record = {k: v / interval_steps for k, v in interval.items()}
+                record["lr"] = step_metrics["lr"]
+                record["tokens"] = self.step * self.task.tokens_per_step()
+                record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
+                record.update(self.task.interval_metrics())
+                self.metrics.log(self.step, record)
+                interval, interval_steps = {}, 0
+                overhead["logging"] += time.perf_counter() - started
+                interval_start = time.perf_counter()
+
+            if args.eval_interval and (self.step % args.eval_interval == 0 or self.step == args.train_iters):
+                started = time.perf_counter()
+                last_eval = self.evaluate()
+                self.metrics.log(self.step, last_eval)
+                overhead["eval"] += time.perf_counter() - started
+                interval_start += time.perf_counter() - started  # keep eval out of tokens/s
+
+            if args.save and (self.step % args.checkpoint_factor == 0 or self.step == args.train_iters):
+                started = time.perf_counter()
+                self.save()
+                overhead["checkpoint"] += time.perf_counter() - started
+                interval_start += time.perf_counter() - started
+        progress.close()
+        total = time.perf_counter() - run_start
+        log.info(
+            "trained %d steps in %.1fs; checkpoint I/O %.1f%%, logging %.1f%%, evaluation %.1f%% of the time",
+            len(losses), total, 100 * overhead["checkpoint"] / total, 100 * overhead["logging"] / total,
+            100 * overhead["eval"] / total,
+        )
+        return TrainResult(self.step, losses, last_eval, total, overhead)

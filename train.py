@@ -1,0 +1,65 @@
+"""Entry point: python train.py CONFIG.yml [MORE.yml ...] [--key value ...]
+
+Loads and checks the config, joins the process group (under torchrun), builds the task and runs
+the one trainer loop. Works the same on one CPU and under torchrun/SLURM on many GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from megatron.config import ConfigError, check_data_files, load_config, parse_command_line
+from megatron.parallel import destroy, init_distributed
+from megatron.parallel.distributed import ranks_from_env
+from megatron.training.lm_task import LMTask
+from megatron.training.metrics import MetricsLogger, setup_console_logging
+from megatron.training.trainer import Trainer, TrainResult, seed_everything
+
+log = logging.getLogger("megatron")
+
+
+def run(argv: list[str]) -> TrainResult:
+    rank, world_size, _ = ranks_from_env()
+    setup_console_logging(rank)
+    config_paths, overrides = parse_command_line(argv)
+    args = load_config(config_paths, overrides, data_parallel_size=world_size)
+    check_data_files(args)
+    dist_info = init_distributed(args.device)
+    if dist_info.is_main:
+        log.info("resolved config:\n%s", args.to_yaml())
+    seed_everything(args.seed)
+    if dist_info.device.type == "cpu":
+        torch.set_float32_matmul_precision("highest")
+    task = LMTask(args, dist_info)
+    n_params = sum(p.numel() for p in task.model.parameters())
+    log.info("model: %.2fM parameters on %s, %d rank(s)", n_params / 1e6, dist_info.device, dist_info.world_size)
+    metrics = MetricsLogger(
+        enabled=dist_info.is_main,
+        log_dir=args.log_dir,
+        tensorboard_dir=args.tensorboard_dir,
+        use_wandb=args.use_wandb,
+        wandb_project=args.wandb_project,
+        wandb_group=args.wandb_group,
+        wandb_mode=args.wandb_mode,
+        run_config=args.to_dict(),
+    )
+    try:
+        return Trainer(task, args, dist_info, metrics).train()
+    finally:
+        metrics.close()
+        destroy()
+
+
+def main() -> None:
+    try:
+        run(sys.argv[1:])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
