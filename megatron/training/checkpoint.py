@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from megatron.parallel import DistInfo, barrier
 
 log = logging.getLogger("megatron.checkpoint")
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+# DCP warns on every single-process save/load; one process is a supported, intended case here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def _fsync_path(path: Path) -> None:
