@@ -192,11 +192,15 @@ class Trainer:
                 overhead["eval"] += time.perf_counter() - started
                 interval_start += time.perf_counter() - started  # keep eval out of tokens/s
 
-            if args.save and (self.step % args.checkpoint_factor == 0 or self.step == args.train_iters):
+            exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
+            if args.save and (self.step % args.checkpoint_factor == 0 or self.step == args.train_iters or exiting):
                 started = time.perf_counter()
                 self.save()
                 overhead["checkpoint"] += time.perf_counter() - started
                 interval_start += time.perf_counter() - started
+            if exiting:
+                log.info("exit_interval %d reached at step %d: stopping", args.exit_interval, self.step)
+                break
         progress.close()
         total = time.perf_counter() - run_start
         log.info(
