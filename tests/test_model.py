@@ -94,3 +94,17 @@ def test_rotary_rotates_pairs_by_position_times_frequency():
     for pos in range(3):  # frequency of pair 0 is 1: rotated by angle `pos`
         assert out[0, 0, pos, 0].item() == pytest.approx(math.cos(pos), abs=1e-6)
         assert out[0, 0, pos, 2].item() == pytest.approx(math.sin(pos), abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["rotary", "structmoe"])
+def test_activation_checkpointing_gives_the_same_gradients(variant):
+    tokens = torch.randint(0, 64, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(tiny_config(checkpoint_activations=checkpointing, **VARIANTS[variant]))
+        logits, _ = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)

@@ -1,0 +1,277 @@
+"""YAML configs -> a checked `NeoXArgs`: merge files, apply command-line overrides, translate GPT-NeoX keys.
+
+Every error is one line that names where the value came from (a file, or "command line").
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from megatron.config.schema import NeoXArgs
+
+log = logging.getLogger("megatron.config")
+COMMAND_LINE = "command line"
+
+# GPT-NeoX keys for features this framework does not have: accepted, reported, never used.
+IGNORED_NEOX_KEYS = frozenset({
+    "zero_optimization", "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
+    "bias_gelu_fusion", "bias_dropout_fusion", "rope_fusion", "fp32_allreduce", "partition_activations",
+    "synchronize_each_layer", "contiguous_checkpointing", "checkpoint_num_layers", "checkpoint_in_cpu",
+    "wall_clock_breakdown", "steps_per_print", "launcher", "hostfile", "include", "exclude",
+    "num_gpus", "num_nodes", "master_port", "master_addr", "deepspeed", "deepspeed_mpi",
+    "deepspeed_slurm", "sparsity_config", "sequence_parallel", "distributed_backend",
+    "gradient_predivide_factor", "zero_stage", "zero_reduce_scatter", "zero_contiguous_gradients",
+    "zero_reduce_bucket_size", "zero_allgather_bucket_size", "lr_decay_iters_ignored",
+    "use_checkpoint_lr_scheduler", "override_lr_scheduler", "no_load_optim", "no_load_rng",
+    "memory_profiling", "profile", "comment", "git_hash", "use_shared_fs", "amp", "autotuning",
+    "csv_monitor", "flops_profiler", "comms_logger", "tensorboard", "wandb", "data_efficiency",
+    "prescale_gradients", "dump_state", "fp16_lm_cross_entropy", "output_layer_parallelism",
+    "scalenorm_epsilon", "opt_pos_emb_offset", "soft_prompt_tuning", "eval_tasks",
+})
+PARALLELISM_KEYS = ("model_parallel_size", "pipe_parallel_size")
+
+
+class ConfigError(ValueError):
+    """A bad config, reported in one line."""
+
+
+def normalize_keys(value: Any) -> Any:
+    """Hyphens and underscores are the same key, at every nesting level."""
+    if isinstance(value, dict):
+        return {str(k).replace("-", "_"): normalize_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize_keys(v) for v in value]
+    return value
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return normalize_keys(data)
+
+
+def parse_command_line(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments ending in .yml/.yaml are config files; the rest are `--key value` overrides."""
+    paths = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("-"):
+            return paths, list(argv[i:])
+        if not arg.endswith((".yml", ".yaml")):
+            raise ConfigError(f"{arg}: expected a .yml/.yaml config file or a --key value override")
+        paths.append(arg)
+    return paths, []
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    pairs, i = [], 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"command line: {arg} needs a value")
+            key, raw = arg[2:], overrides[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.replace("-", "_"), normalize_keys(value)))
+    return pairs
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: {dotted}: {part} is not a mapping")
+    node[leaf] = value
+
+
+def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """Maps GPT-NeoX spellings onto ours; removes and returns the keys we ignore."""
+    ignored = sorted(k for k in values if k in IGNORED_NEOX_KEYS)
+    for key in ignored:
+        del values[key]
+    for key in PARALLELISM_KEYS:
+        if key in values:
+            size = values.pop(key)
+            if size not in (0, 1):
+                raise ConfigError(f"{origin[key]}: {key}: {size} is not supported (only data and expert parallelism)")
+            ignored.append(key)
+    for key, precision in (("fp16", "fp16"), ("bf16", "bfloat16")):
+        if key not in values:
+            continue
+        section = values.pop(key)
+        enabled = bool(section.get("enabled", False)) if isinstance(section, dict) else bool(section)
+        if enabled:
+            explicit = values.get("precision")
+            if explicit is not None and explicit.replace("bf16", "bfloat16") != precision:
+                raise ConfigError(f"{origin[key]}: {key}.enabled contradicts precision: {explicit}")
+            values["precision"] = precision
+            origin.setdefault("precision", origin[key])
+    if values.get("merge_file") and "tokenizer_type" not in values:
+        values["tokenizer_type"] = "GPT2BPETokenizer"  # GPT-NeoX's default when a merges file is given
+    if "attention_config" in values:
+        kinds = set()
+        for entry in values.pop("attention_config") or []:
+            kinds.update(entry[0] if isinstance(entry, list) and entry else [])
+        unsupported = kinds - {"global", "flash"}
+        if unsupported:
+            raise ConfigError(f"{origin['attention_config']}: attention_config: {sorted(unsupported)} "
+                              "not supported (only global or flash attention)")
+        if "flash" in kinds:
+            values.setdefault("attention_impl", "flash")
+    return ignored
+
+
+def check_unknown_keys(values: dict[str, Any], origin: dict[str, str]) -> None:
+    known = set(NeoXArgs.model_fields)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: unknown key '{key}'{hint}")
+
+
+def describe_validation_error(err: ValidationError, origin: dict[str, str]) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    where = origin.get(str(first["loc"][0]), "defaults") if first["loc"] else "config"
+    got = first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("int_parsing", "int_type", "float_parsing", "float_type", "bool_parsing", "bool_type",
+                         "literal_error", "string_type", "list_type", "dict_type", "greater_than_equal",
+                         "less_than_equal", "greater_than", "less_than", "model_type", "tuple_type"):
+        message = f"{message[0].lower()}{message[1:]}, got {got!r}"
+    return f"{where}: {path}: {message}"
+
+
+def fill_batch_sizes(values: dict[str, Any], dp: int) -> None:
+    micro = values.get("train_micro_batch_size_per_gpu")
+    accum = values.get("gradient_accumulation_steps")
+    total = values.get("train_batch_size")
+    if micro and accum and total:
+        if micro * accum * dp != total:
+            raise ConfigError(
+                f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
+                f"gradient_accumulation_steps {accum} x data-parallel size {dp}"
+            )
+    elif micro and total:
+        if total % (micro * dp):
+            raise ConfigError(f"train_batch_size {total} is not divisible by micro batch {micro} x data-parallel {dp}")
+        values["gradient_accumulation_steps"] = total // (micro * dp)
+    elif accum and total:
+        if total % (accum * dp):
+            raise ConfigError(f"train_batch_size {total} is not divisible by accumulation {accum} x data-parallel {dp}")
+        values["train_micro_batch_size_per_gpu"] = total // (accum * dp)
+    else:
+        micro = micro or 4
+        accum = accum or 1
+        values["train_micro_batch_size_per_gpu"], values["gradient_accumulation_steps"] = micro, accum
+        values["train_batch_size"] = micro * accum * dp
+
+
+def check_combinations(args: NeoXArgs) -> None:
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"hidden_size {args.hidden_size} is not divisible by num_attention_heads "
+                          f"{args.num_attention_heads}")
+    if args.max_position_embeddings < args.seq_length:
+        raise ConfigError(f"max_position_embeddings {args.max_position_embeddings} < seq_length {args.seq_length}")
+    if args.moe_top_k > args.moe_num_experts:
+        raise ConfigError(f"moe_top_k {args.moe_top_k} > moe_num_experts {args.moe_num_experts}")
+    if args.lore_num_experts > 0:
+        if args.moe_num_experts <= 1:
+            raise ConfigError("lore_num_experts needs an MoE model (moe_num_experts > 1)")
+        if args.lore_rank <= 0:
+            raise ConfigError("lore_num_experts > 0 needs lore_rank > 0")
+        if args.lore_top_k > args.lore_num_experts:
+            raise ConfigError(f"lore_top_k {args.lore_top_k} > lore_num_experts {args.lore_num_experts}")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"min_lr {args.min_lr} > optimizer.params.lr {args.lr}")
+    if args.data_path and args.train_data_paths:
+        raise ConfigError("give either data_path or train_data_paths, not both")
+    for split in ("train", "valid", "test"):
+        paths, weights = getattr(args, f"{split}_data_paths"), getattr(args, f"{split}_data_weights")
+        if weights is not None and (paths is None or len(paths) != len(weights)):
+            raise ConfigError(f"{split}_data_weights has {len(weights)} entries but {split}_data_paths has "
+                              f"{len(paths or [])}")
+    if args.prepare_data and not args.data_path:
+        raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
+
+
+def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), data_parallel_size: int = 1) -> NeoXArgs:
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for path in paths:
+        for key, value in read_yaml(path).items():
+            if key in values:
+                raise ConfigError(f"{path}: key '{key}' is also set in {origin[key]}")
+            values[key], origin[key] = value, path
+    ignored = translate_neox_keys(values, origin)
+    check_unknown_keys(values, origin)
+    for key, value in parse_overrides(list(overrides)):
+        check_unknown_keys({key.split(".")[0]: value}, {})
+        set_dotted(values, key, value)
+        origin[key.split(".")[0]] = COMMAND_LINE
+
+    fill_batch_sizes(values, data_parallel_size)
+    try:
+        args = NeoXArgs.model_validate(values)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, origin)) from None
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    args.intermediate_size = args.intermediate_size or 4 * args.hidden_size
+    args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.intermediate_size
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    check_combinations(args)
+    if ignored:
+        log.warning("ignoring GPT-NeoX keys for features this framework does not have: %s", ", ".join(ignored))
+    object.__setattr__(args, "ignored_keys", ignored)
+    object.__setattr__(args, "config_files", list(paths))
+    return args
+
+
+def check_data_files(args: NeoXArgs) -> None:
+    """Every dataset prefix must exist (unless the bundled corpus is to be built) and so must vocab_file."""
+    if args.vocab_file and not Path(args.vocab_file).is_file():
+        raise ConfigError(f"vocab_file: {args.vocab_file} does not exist")
+    if args.tokenizer_type == "GPT2BPETokenizer" and not (args.merge_file and Path(args.merge_file).is_file()):
+        raise ConfigError(f"merge_file: GPT2BPETokenizer needs an existing merge_file, got {args.merge_file}")
+    if args.tokenizer_type != "CharLevelTokenizer" and not args.vocab_file:
+        raise ConfigError(f"tokenizer_type {args.tokenizer_type} needs vocab_file")
+    if not args.data_path and not args.train_data_paths:
+        raise ConfigError("no training data: set data_path or train_data_paths")
+    if args.prepare_data:
+        return
+    prefixes = [("data_path", args.data_path)] if args.data_path else []
+    for split in ("train", "valid", "test"):
+        prefixes += [(f"{split}_data_paths", p) for p in getattr(args, f"{split}_data_paths") or []]
+    for key, prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"{key}: {prefix}{suffix} does not exist (expected a GPT-NeoX .bin/.idx "
+                                  "dataset; make one with tools/preprocess_data.py)")

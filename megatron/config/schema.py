@@ -1,0 +1,180 @@
+"""The typed config: one pydantic class per concern, combined into the flat `NeoXArgs` (NeoX keys are flat).
+
+Field names are GPT-NeoX's wherever the concept exists there; our extensions are marked.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class OptimizerParams(Strict):
+    lr: float = Field(6e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+
+
+class OptimizerSpec(Strict):
+    type: str = "AdamW"
+    params: OptimizerParams = OptimizerParams()
+
+    @field_validator("type")
+    @classmethod
+    def adam_only(cls, value: str) -> str:
+        if value.lower() not in ("adam", "adamw"):
+            raise ValueError(f"expected Adam or AdamW (both mean AdamW with decoupled weight decay), got {value!r}")
+        return value
+
+
+class ModelArgs(Strict):
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    seq_length: int = Field(128, ge=1)
+    max_position_embeddings: int | None = None
+    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    rotary_pct: float = Field(1.0, ge=0, le=1)
+    rotary_emb_base: int = 10000
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    layernorm_epsilon: float = 1e-5
+    rms_norm_epsilon: float = 1e-8
+    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    gpt_j_residual: bool = False
+    no_weight_tying: bool = False
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    init_method: Literal["normal", "scaled_normal", "small_init", "wang_init"] = "normal"
+    output_layer_init_method: Literal["normal", "scaled_normal", "small_init", "wang_init"] = "scaled_normal"
+    init_method_std: float = 0.02
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    intermediate_size: int | None = None
+    vocab_size: int | None = None  # ours: when no tokenizer file is at hand (parameter counting)
+    checkpoint_activations: bool = False
+    attention_impl: Literal["sdpa", "flash"] = "sdpa"
+    use_bias_in_norms: bool = True
+    use_bias_in_attn_linear: bool = True
+
+
+class MoEArgs(Strict):
+    moe_num_experts: int = Field(1, ge=1)
+    moe_top_k: int = Field(1, ge=1)
+    moe_expert_interval: int = Field(1, ge=1)
+    moe_router_type: Literal["topk"] = "topk"
+    moe_jitter_eps: float | None = None
+    moe_lbl_in_fp32: bool = False
+    moe_loss_coeff: float = Field(0.01, ge=0)
+    moe_zloss_coeff: float = Field(0.0, ge=0)
+    moe_renormalize_weights: bool = False
+    moe_impl: Literal["native", "megablocks"] = "native"
+    moe_ffn_hidden_size: int | None = None
+    lore_num_experts: int = Field(0, ge=0)
+    lore_rank: int = Field(0, ge=0)
+    lore_top_k: int = Field(1, ge=1)
+    lore_mode: Literal["entangled", "router_free", "standalone"] = "entangled"
+    lore_loss_coeff: float = Field(0.0, ge=0)
+    lore_renormalize_weights: bool = False
+
+
+class OptimizerArgs(Strict):
+    optimizer: OptimizerSpec = OptimizerSpec()
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    gradient_clipping: float = Field(1.0, ge=0)
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_iters: int | None = None
+    warmup: float = Field(0.01, ge=0, le=1)
+
+
+class TrainingArgs(Strict):
+    train_iters: int = Field(100, ge=1)
+    train_micro_batch_size_per_gpu: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    train_batch_size: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bfloat16", "fp16"] = "fp32"
+    seed: int = 1234
+    eval_interval: int = Field(1000, ge=0)
+    eval_iters: int = Field(10, ge=0)
+    log_interval: int = Field(10, ge=1)
+    exit_interval: int | None = None  # NeoX: stop after this many steps of this run (a checkpoint is saved)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def bf16_alias(cls, value):
+        return "bfloat16" if value == "bf16" else value
+
+
+class DataArgs(Strict):
+    data_path: str | None = None
+    train_data_paths: list[str] | None = None
+    valid_data_paths: list[str] | None = None
+    test_data_paths: list[str] | None = None
+    train_data_weights: list[float] | None = None
+    valid_data_weights: list[float] | None = None
+    test_data_weights: list[float] | None = None
+    split: str = "969,30,1"
+    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"] = "HFTokenizer"
+    vocab_file: str | None = None
+    merge_file: str | None = None  # GPT2BPETokenizer only
+    prepare_data: Literal["shakespeare"] | None = None  # ours: build the bundled corpus into data_path
+    num_workers: int = Field(0, ge=0)
+    data_impl: Literal["mmap"] = "mmap"
+
+    @field_validator("split")
+    @classmethod
+    def three_weights(cls, value: str) -> str:
+        parts = [p for p in value.replace("/", ",").split(",") if p.strip()]
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 3 or min(numbers) < 0 or sum(numbers) <= 0:
+            raise ValueError(f"expected three non-negative weights like '969,30,1', got {value!r}")
+        return value
+
+
+class CheckpointArgs(Strict):
+    save: str | None = None
+    load: str | None = None
+    checkpoint_factor: int = Field(1000, ge=1)
+    keep_last_n_checkpoints: int | None = Field(None, ge=1)
+
+
+class LoggingArgs(Strict):
+    use_wandb: bool = False
+    wandb_project: str = "neox"
+    wandb_group: str | None = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    tensorboard_dir: str | None = None
+    log_dir: str | None = None
+
+
+# pydantic lists fields of the last base first: this order prints model keys first.
+class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArgs, MoEArgs, ModelArgs):
+    """Every key the framework understands. Build it with `load_config`, which also checks combinations."""
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.params.lr
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_num_experts > 1
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> NeoXArgs:
+        return cls.model_validate(values)
