@@ -1,0 +1,169 @@
+"""Fixed-length training samples over an indexed dataset, shuffled and cached as in GPT-NeoX.
+
+A split's documents are laid end to end (reshuffled every epoch) into one token stream; sample i is
+the window of `seq_length + 1` tokens starting at `i * seq_length`, so neighbouring samples share one
+token (the last target of one is the first input of the next). Samples are visited in a shuffled
+order. The three index arrays are cached as `.npy` beside the data and reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from megatron.data.indexed_dataset import MMapIndexedDataset
+
+log = logging.getLogger("megatron.data")
+
+
+def split_documents(num_documents: int, split: str) -> list[np.ndarray]:
+    """`"969,30,1"` -> three consecutive ranges of document indices in those proportions."""
+    weights = np.array([float(w) for w in split.replace("/", ",").split(",") if w.strip()])
+    if len(weights) != 3 or weights.min() < 0 or weights.sum() <= 0:
+        raise ValueError(f"split: expected three non-negative weights like '969,30,1', got {split!r}")
+    bounds = np.round(np.concatenate([[0.0], np.cumsum(weights / weights.sum())]) * num_documents).astype(int)
+    return [np.arange(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+class GPTDataset:
+    def __init__(
+        self,
+        name: str,
+        data_prefix: str,
+        indexed_dataset: MMapIndexedDataset,
+        documents: np.ndarray,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: str | None = None,
+    ):
+        if len(documents) == 0:
+            raise ValueError(f"{data_prefix}: the {name} split has no documents")
+        self.data, self.seq_length, self.num_samples = indexed_dataset, seq_length, num_samples
+        cache = Path(cache_dir) if cache_dir else Path(data_prefix).parent
+        stem = f"{Path(data_prefix).name}_{name}_{num_samples}ns_{seq_length}sl_{seed}s"
+        paths = {kind: cache / f"{stem}_{kind}_idx.npy" for kind in ("doc", "sample", "shuffle")}
+        if all(p.is_file() for p in paths.values()):
+            self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k]) for k in ("doc", "sample", "shuffle"))
+            return
+        self.doc_idx, self.sample_idx, self.shuffle_idx = self._build(documents, seed)
+        cache.mkdir(parents=True, exist_ok=True)
+        for kind, array in zip(("doc", "sample", "shuffle"), (self.doc_idx, self.sample_idx, self.shuffle_idx)):
+            _save_atomically(paths[kind], array)
+        log.info("built %s sample index for %s: %d samples over %d epoch(s)", name, data_prefix, num_samples,
+                 len(self.doc_idx) // len(documents))
+
+    def _build(self, documents: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sizes = self.data.sizes
+        tokens_per_epoch = int(sizes[documents].sum())
+        needed = self.num_samples * self.seq_length + 1
+        epochs = max(1, math.ceil(needed / tokens_per_epoch))
+        rng = np.random.RandomState(seed)
+        doc_idx = np.concatenate([rng.permutation(documents) for _ in range(epochs)]).astype(np.int64)
+        doc_ends = np.cumsum(sizes[doc_idx], dtype=np.int64)
+        starts = np.arange(self.num_samples, dtype=np.int64) * self.seq_length
+        position = np.searchsorted(doc_ends, starts, side="right")
+        offset = starts - np.concatenate([[0], doc_ends])[position]
+        sample_idx = np.stack([position, offset], axis=1)
+        shuffle_idx = rng.permutation(self.num_samples).astype(np.int64)
+        return doc_idx, sample_idx, shuffle_idx
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        position, offset = (int(v) for v in self.sample_idx[self.shuffle_idx[i]])
+        remaining, pieces = self.seq_length + 1, []
+        while remaining > 0:
+            doc = int(self.doc_idx[position])
+            piece = self.data.get(doc, offset, min(remaining, int(self.data.sizes[doc]) - offset))
+            pieces.append(piece)
+            remaining -= len(piece)
+            position, offset = position + 1, 0
+        return np.concatenate(pieces).astype(np.int64)
+
+
+class BlendableDataset:
+    """Interleaves datasets so that every prefix of the blend follows the weights as closely as possible."""
+
+    def __init__(self, datasets: list, weights: list[float], size: int):
+        w = np.asarray(weights, dtype=np.float64)
+        w = w / w.sum()
+        counts = np.ceil(w * size).astype(np.int64)
+        # Each dataset's k-th sample is due at time (k + 0.5) / weight; merge all by due time.
+        due = np.concatenate([(np.arange(c) + 0.5) / max(wi, 1e-12) for c, wi in zip(counts, w)])
+        owner = np.concatenate([np.full(c, d) for d, c in enumerate(counts)])
+        local = np.concatenate([np.arange(c) for c in counts])
+        order = np.argsort(due, kind="stable")[:size]
+        self.dataset_index, self.sample_index = owner[order], local[order]
+        self.datasets, self.size = datasets, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        dataset = self.datasets[int(self.dataset_index[i])]
+        return dataset[int(self.sample_index[i]) % len(dataset)]
+
+
+def _blend(name, prefixes, weights, documents_of, num_samples, seq_length, seed):
+    if not prefixes or num_samples <= 0:
+        return None
+    weights = weights or [1.0] * len(prefixes)
+    total = sum(weights)
+    parts = []
+    for prefix, weight in zip(prefixes, weights):
+        data = MMapIndexedDataset(prefix)
+        documents = documents_of(data)
+        if len(documents) == 0:
+            continue
+        wanted = num_samples if len(prefixes) == 1 else math.ceil(num_samples * weight / total * 1.005)
+        parts.append((GPTDataset(name, prefix, data, documents, wanted, seq_length, seed), weight))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0][0]
+    return BlendableDataset([p for p, _ in parts], [w for _, w in parts], num_samples)
+
+
+def build_train_valid_test_datasets(
+    data_prefixes: list[str] | None,
+    weights: list[float] | None,
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int, int, int],
+    train_prefixes: list[str] | None = None,
+    train_weights: list[float] | None = None,
+    valid_prefixes: list[str] | None = None,
+    valid_weights: list[float] | None = None,
+    test_prefixes: list[str] | None = None,
+    test_weights: list[float] | None = None,
+):
+    """Both GPT-NeoX modes: one (or blended) `data_path` split by `split`, or explicit per-split lists.
+
+    Returns (train, valid, test); a split with no documents or no samples requested is None.
+    """
+    names = ("train", "valid", "test")
+    if data_prefixes:
+        return tuple(
+            _blend(name, data_prefixes, weights, lambda data, i=i: split_documents(len(data), split)[i],
+                   num_samples[i], seq_length, seed)
+            for i, name in enumerate(names)
+        )
+    lists = ((train_prefixes, train_weights), (valid_prefixes, valid_weights), (test_prefixes, test_weights))
+    return tuple(
+        _blend(name, prefixes, w, lambda data: np.arange(len(data)), num_samples[i], seq_length, seed)
+        for i, (name, (prefixes, w)) in enumerate(zip(names, lists))
+    )

@@ -1,0 +1,131 @@
+"""GPT-NeoX's memory-mapped indexed dataset (`PREFIX.bin` + `PREFIX.idx`), byte for byte.
+
+`.idx`: magic `MMIDIDX\\x00\\x00`, `<Q` version 1, `<B` dtype code, `<Q` item count, `<Q` doc_idx count,
+int32 item sizes, int64 byte pointers into `.bin`, int64 doc_idx (0, then the item count at each
+document end). `.bin`: the tokens of every item back to back.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES = {
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16,
+}
+
+
+def code_of(dtype) -> int:
+    for code, candidate in DTYPE_CODES.items():
+        if np.dtype(candidate) == np.dtype(dtype):
+            return code
+    raise ValueError(f"dtype {dtype} has no GPT-NeoX dtype code")
+
+
+def best_dtype(vocab_size: int):
+    """uint16 while every token id fits (NeoX's threshold), else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def dataset_exists(prefix: str) -> bool:
+    return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
+
+
+class IndexedDatasetBuilder:
+    """Streams items to `.bin`; `finalize` writes the `.idx`."""
+
+    def __init__(self, bin_path: str, dtype=np.uint16):
+        self.dtype = np.dtype(dtype)
+        self.bin_file = open(bin_path, "wb")
+        self.sizes: list[int] = []
+        self.doc_idx: list[int] = [0]
+
+    def add_item(self, tokens) -> None:
+        array = np.asarray(tokens, dtype=self.dtype)
+        self.bin_file.write(array.tobytes(order="C"))
+        self.sizes.append(array.size)
+
+    def end_document(self) -> None:
+        self.doc_idx.append(len(self.sizes))
+
+    def add_document(self, tokens) -> None:
+        self.add_item(tokens)
+        self.end_document()
+
+    def merge_file(self, prefix: str) -> None:
+        """Appends another dataset (e.g. a worker's shard) of the same dtype."""
+        other = MMapIndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise ValueError(f"{prefix}.idx: dtype {other.dtype} differs from the builder's {self.dtype}")
+        offset = len(self.sizes)
+        self.sizes.extend(int(s) for s in other.sizes)
+        self.doc_idx.extend(offset + int(d) for d in other.doc_idx[1:])
+        with open(f"{prefix}.bin", "rb") as f:
+            while chunk := f.read(1 << 24):
+                self.bin_file.write(chunk)
+
+    def finalize(self, idx_path: str) -> None:
+        self.bin_file.close()
+        write_index(idx_path, self.dtype, self.sizes, self.doc_idx)
+
+
+def write_index(idx_path: str, dtype, sizes: list[int], doc_idx: list[int]) -> None:
+    sizes_array = np.asarray(sizes, dtype=np.int32)
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        pointers[1:] = np.cumsum(sizes_array[:-1], dtype=np.int64) * np.dtype(dtype).itemsize
+    with open(idx_path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", VERSION))
+        f.write(struct.pack("<B", code_of(dtype)))
+        f.write(struct.pack("<Q", len(sizes)))
+        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(sizes_array.tobytes(order="C"))
+        f.write(pointers.tobytes(order="C"))
+        f.write(np.asarray(doc_idx, dtype=np.int64).tobytes(order="C"))
+
+
+class MMapIndexedDataset:
+    """Reads items without loading the corpus into memory."""
+
+    def __init__(self, prefix: str):
+        idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
+        for path in (idx_path, bin_path):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: dataset file does not exist")
+        with open(idx_path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise ValueError(f"{idx_path}: not a GPT-NeoX mmap index (bad magic)")
+            (version,) = struct.unpack("<Q", f.read(8))
+            if version != VERSION:
+                raise ValueError(f"{idx_path}: index version {version}, expected {VERSION}")
+            (code,) = struct.unpack("<B", f.read(1))
+            if code not in DTYPE_CODES:
+                raise ValueError(f"{idx_path}: unknown dtype code {code}")
+            self.dtype = np.dtype(DTYPE_CODES[code])
+            (count,) = struct.unpack("<Q", f.read(8))
+            (doc_count,) = struct.unpack("<Q", f.read(8))
+            header = f.tell()
+        index = np.memmap(idx_path, mode="r", order="C")
+        self.sizes = np.frombuffer(index, dtype=np.int32, count=count, offset=header)
+        self.pointers = np.frombuffer(index, dtype=np.int64, count=count, offset=header + self.sizes.nbytes)
+        self.doc_idx = np.frombuffer(
+            index, dtype=np.int64, count=doc_count, offset=header + self.sizes.nbytes + self.pointers.nbytes
+        )
+        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if Path(bin_path).stat().st_size else (
+            np.zeros(0, dtype=self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        length = int(self.sizes[i]) - offset if length is None else length
+        return np.asarray(self.tokens[start:start + length])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)

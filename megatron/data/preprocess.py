@@ -1,0 +1,130 @@
+"""Text -> GPT-NeoX indexed dataset, with worker processes (the logic behind tools/preprocess_data.py).
+
+Output is identical for any worker count: documents are tokenized in order-preserving chunks.
+Each worker tokenizes single-threaded (TOKENIZERS_PARALLELISM=false) so that `--workers` is the one
+knob for parallelism.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron.data.tokenizer import Tokenizer, build_tokenizer
+
+CHUNK = 64
+_worker_tokenizer: Tokenizer | None = None
+
+
+def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
+    """Yields {key: text} per document from .jsonl(.gz/.zst), .txt (one document per file) or .parquet."""
+    if path.endswith(".txt"):
+        yield {key: Path(path).read_text(encoding="utf-8") for key in keys}
+        return
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=keys)
+        columns = {key: table.column(key).to_pylist() for key in keys}
+        for i in range(table.num_rows):
+            yield {key: columns[key][i] or "" for key in keys}
+        return
+    if path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json")):
+        if path.endswith(".gz"):
+            handle = gzip.open(path, "rt", encoding="utf-8")
+        elif path.endswith(".zst"):
+            import zstandard
+
+            handle = __import__("io").TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        else:
+            handle = open(path, encoding="utf-8")
+        with handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                missing = [k for k in keys if k not in record]
+                if missing:
+                    raise KeyError(f"{path}:{line_no}: jsonl record has no key {missing[0]!r}")
+                yield {key: record[key] for key in keys}
+        return
+    raise ValueError(f"--input: {path}: unsupported file type (expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet)")
+
+
+def _init_worker(tokenizer_type: str, vocab_file: str | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+
+
+def _encode_chunk(chunk: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+    tok = _worker_tokenizer
+    keys = list(chunk[0]) if chunk else []
+    encoded = {}
+    for key in keys:
+        texts = [doc[key] for doc in chunk]
+        encoded[key] = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+    return [{key: encoded[key][i] for key in keys} for i in range(len(chunk))]
+
+
+def _chunks(inputs: list[str], keys: list[str]) -> Iterator[list[dict[str, str]]]:
+    chunk = []
+    for path in inputs:
+        for doc in read_documents(path, keys):
+            chunk.append(doc)
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def preprocess(
+    inputs: list[str],
+    keys: list[str],
+    tokenizer_type: str,
+    vocab_file: str | None,
+    output_prefix: str,
+    append_eod: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Writes `{output_prefix}_{key}_document.bin/.idx` per key; returns the dataset prefix of each key."""
+    for path in inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--input: {path} does not exist")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    dtype = best_dtype(tokenizer.vocab_size)
+    prefixes = {key: f"{output_prefix}_{key}_document" for key in keys}
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    builders = {key: IndexedDatasetBuilder(f"{prefixes[key]}.bin", dtype) for key in keys}
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0)
+    if workers > 1:
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_type, vocab_file))
+        results = pool.imap(_encode_chunk, _chunks(inputs, keys), chunksize=4)
+    else:
+        pool = None
+        _init_worker(tokenizer_type, vocab_file)
+        results = map(_encode_chunk, _chunks(inputs, keys))
+    try:
+        for chunk in results:
+            for doc in chunk:
+                for key, ids in doc.items():
+                    builders[key].add_document(np.asarray(ids + [tokenizer.eod_id] if append_eod else ids))
+            bar.update(len(chunk))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
+    for key, builder in builders.items():
+        builder.finalize(f"{prefixes[key]}.idx")
+    return prefixes

@@ -1,0 +1,136 @@
+"""Tokenizers from local files only: HF `tokenizers` JSON, sentencepiece, GPT-2 BPE, bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+class Tokenizer:
+    name: str
+    vocab_size: int
+    eod_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` JSON file: covers the GPT-NeoX and Llama-3 tokenizers."""
+
+    def __init__(self, vocab_file: str):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.name = "HFTokenizer"
+        self.tokenizer = RustTokenizer.from_file(vocab_file)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        eod = next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
+        if eod is None:
+            raise ValueError(f"vocab_file: {vocab_file} has no end-of-document token (one of {EOD_CANDIDATES})")
+        self.eod_id = eod
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+
+class GPT2BPETokenizer(HFTokenizer):
+    """GPT-2's vocab.json + merges.txt, as GPT-NeoX's default tokenizer reads them."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import ByteLevelBPETokenizer
+
+        self.name = "GPT2BPETokenizer"
+        self.tokenizer = ByteLevelBPETokenizer(vocab_file, merge_file)
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        vocab = self.tokenizer.get_vocab()
+        if "<|endoftext|>" not in vocab:
+            raise ValueError(f"vocab_file: {vocab_file} has no <|endoftext|> token")
+        self.eod_id = vocab["<|endoftext|>"]
+
+
+class SPMTokenizer(Tokenizer):
+    """A sentencepiece `.model` (Llama-2); the end of a document is the EOS id."""
+
+    def __init__(self, vocab_file: str):
+        import sentencepiece
+
+        self.name = "SPMTokenizer"
+        self.model = sentencepiece.SentencePieceProcessor(model_file=vocab_file)
+        self.vocab_size = self.model.get_piece_size()
+        self.eod_id = self.model.eos_id()
+        if self.eod_id < 0:
+            raise ValueError(f"vocab_file: {vocab_file} defines no EOS piece to end documents with")
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.model.decode(list(ids))
+
+
+class CharLevelTokenizer(Tokenizer):
+    """UTF-8 bytes, with 256 as the end of a document; needs no file."""
+
+    name = "CharLevelTokenizer"
+    vocab_size = 257
+    eod_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str | None = None) -> Tokenizer:
+    if tokenizer_type == "CharLevelTokenizer":
+        return CharLevelTokenizer()
+    if tokenizer_type not in ("HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"):
+        raise ValueError(f"tokenizer_type: unknown {tokenizer_type!r} "
+                         "(expected HFTokenizer, SPMTokenizer, GPT2BPETokenizer or CharLevelTokenizer)")
+    if not vocab_file or not Path(vocab_file).is_file():
+        raise FileNotFoundError(f"vocab_file: {vocab_file} does not exist ({tokenizer_type} needs it)")
+    if tokenizer_type == "HFTokenizer":
+        return HFTokenizer(vocab_file)
+    if tokenizer_type == "SPMTokenizer":
+        return SPMTokenizer(vocab_file)
+    if not merge_file or not Path(merge_file).is_file():
+        raise FileNotFoundError(f"merge_file: {merge_file} does not exist (GPT2BPETokenizer needs it)")
+    return GPT2BPETokenizer(vocab_file, merge_file)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """GPT-NeoX pads the embedding to a multiple of `make_vocab_size_divisible_by` for fast matmuls."""
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> Path:
+    """A byte-level BPE with `<|endoftext|>`, saved as a `tokenizers` JSON usable as HFTokenizer."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = RustTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    tokenizer.save(str(out_path))
+    return out_path

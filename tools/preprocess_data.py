@@ -1,0 +1,37 @@
+"""Tokenize jsonl/text/parquet files into a GPT-NeoX indexed dataset (PREFIX_{key}_document.bin/.idx).
+
+    python tools/preprocess_data.py --input corpus.jsonl.gz --output-prefix data/mycorpus \
+        --tokenizer-type HFTokenizer --vocab-file tokenizer.json --append-eod --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from megatron.data.preprocess import preprocess
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="comma-separated .jsonl(.gz/.zst), .txt or .parquet files")
+    parser.add_argument("--jsonl-keys", nargs="+", default=["text"], help="fields to tokenize (one dataset each)")
+    parser.add_argument("--tokenizer-type", required=True,
+                        choices=["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"])
+    parser.add_argument("--vocab-file", default=None)
+    parser.add_argument("--merge-file", default=None, help="unused unless GPT2BPETokenizer")
+    parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--log-interval", type=int, default=1000, help="kept for GPT-NeoX compatibility")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    prefixes = preprocess(args.input.split(","), args.jsonl_keys, args.tokenizer_type, args.vocab_file,
+                          args.output_prefix, append_eod=args.append_eod, workers=args.workers)
+    for key, prefix in prefixes.items():
+        print(f"{key}: {prefix}.bin / {prefix}.idx")
+    print(f"done in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
