@@ -1,0 +1,95 @@
+"""The MoE layer: route -> dispatch -> experts (+ LoREs) -> combine. No parallelism code lives here.
+
+Shape legend: B batch, S sequence, T tokens, D hidden, F expert FFN width, E experts, M LoREs per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from megatron.model.moe.dispatcher import LocalDispatcher
+from megatron.model.moe.experts import GroupedExperts
+from megatron.model.moe.lore import LoREBank, LoREConfig
+from megatron.model.moe.router import TopKRouter
+
+
+@dataclass
+class MoEAux:
+    """What an MoE layer hands back besides its output; losses are unweighted (the task weights them)."""
+
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    lore_balancing_loss: torch.Tensor
+    expert_load_E: torch.Tensor  # share of token-assignments per expert (detached)
+    lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached)
+
+
+def moe_param_counts(
+    hidden_size: int, ffn_hidden_size: int, num_experts: int, lore: LoREConfig | None
+) -> dict[str, int]:
+    """Closed-form parameter counts of one MoE layer."""
+    d, f, e = hidden_size, ffn_hidden_size, num_experts
+    counts = {"experts": 2 * e * d * f, "lores": 0, "routers": d * e}
+    if lore is not None:
+        m, r = lore.num_lores, lore.rank
+        out = f if lore.mode != "standalone" else d
+        counts["lores"] = e * m * r * (d + out)
+        if lore.mode != "router_free":
+            counts["routers"] += d * e * m
+    return counts
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        activation: str = "gelu",
+        jitter_eps: float | None = None,
+        renormalize: bool = False,
+        lbl_in_fp32: bool = False,
+        lore: LoREConfig | None = None,
+        init_std: float = 0.02,
+        output_init_std: float = 0.02,
+        impl: str = "native",
+        dispatcher=None,
+        use_grouped_mm: bool | None = None,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = TopKRouter(hidden_size, num_experts, top_k, jitter_eps, renormalize, lbl_in_fp32, init_std)
+        if impl == "megablocks":
+            from megatron.model.moe.megablocks import MegablocksExperts
+
+            self.experts = MegablocksExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
+                                             output_init_std)
+        elif impl == "native":
+            self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
+                                          output_init_std, use_grouped_mm)
+        else:
+            raise ValueError(f"moe_impl: {impl!r} is not one of native, megablocks")
+        self.lore = LoREBank(num_experts, hidden_size, ffn_hidden_size, lore, init_std) if lore else None
+        self.dispatcher = dispatcher or LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_TD)
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(
+            x_TD, routing.expert_ids_TK, routing.weights_TK, self.num_experts
+        )
+        y_ND, lore_aux = self.experts(x_ND, tokens_per_expert_E, self.lore)
+        y_TD = self.dispatcher.combine(y_ND, ctx)
+        zero = routing.z_loss.new_zeros(())
+        aux = MoEAux(
+            load_balancing_loss=routing.load_balancing_loss,
+            z_loss=routing.z_loss,
+            lore_balancing_loss=lore_aux["lore_balancing_loss"] if lore_aux else zero,
+            expert_load_E=(tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
+            lore_load_EM=lore_aux["lore_load_EM"] if lore_aux else None,
+        )
+        return y_TD.view_as(x), aux

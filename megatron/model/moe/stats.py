@@ -1,0 +1,31 @@
+"""Routing statistics for logging: how evenly experts, and LoREs within experts, share the tokens."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def normalized_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Entropy of a load distribution over its last dim divided by log(n): 1 is perfectly balanced."""
+    n = load.shape[-1]
+    if n < 2:
+        return torch.ones(load.shape[:-1])
+    p = load.float() / load.float().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+    return entropy / math.log(n)
+
+
+def routing_stats(aux_list: list) -> dict[str, Any]:
+    """Per MoE layer: expert-load entropy and vector, and mean LoRE-load entropy within experts."""
+    stats: dict[str, Any] = {}
+    for i, aux in enumerate(aux_list):
+        stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(aux.expert_load_E))
+        stats[f"moe/layer{i}/expert_load"] = [round(float(v), 5) for v in aux.expert_load_E]
+        if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
+            used = aux.lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
+            if used.any():
+                stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(aux.lore_load_EM[used]).mean())
+    return stats
