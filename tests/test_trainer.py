@@ -41,6 +41,7 @@ def write_config(tmp_path: Path, data_prefix: str, **overrides) -> Path:
         "seed": 7,
     }
     config.update(overrides)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     return path
