@@ -1,0 +1,70 @@
+"""Closed-form parameter counts of a config, total and active per token, without building the model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.model.build import moe_settings_from_args
+from megatron.model.moe import moe_param_counts
+
+
+@dataclass
+class ParamCounts:
+    embeddings: int = 0
+    attention: int = 0
+    norms: int = 0
+    dense_mlp: int = 0
+    experts: int = 0
+    lores: int = 0
+    routers: int = 0
+    active_experts: int = 0
+    active_lores: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + self.attention + self.norms + self.dense_mlp + self.experts + self.lores + self.routers
+
+    @property
+    def active(self) -> int:
+        """What one token computes with: everything but the experts and LoREs it was not routed to."""
+        return self.total - self.experts - self.lores + self.active_experts + self.active_lores
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total, "active": self.active}
+
+
+def vocab_size_of(args) -> int:
+    vocab = args.vocab_size
+    if vocab is None:
+        vocab = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file).vocab_size
+    return padded_vocab_size(vocab, args.make_vocab_size_divisible_by)
+
+
+def count_parameters(args) -> ParamCounts:
+    d, layers = args.hidden_size, args.num_layers
+    vocab = vocab_size_of(args)
+    counts = ParamCounts()
+    counts.embeddings = vocab * d * (1 if not args.no_weight_tying else 2)
+    if args.pos_emb == "learned":
+        counts.embeddings += args.max_position_embeddings * d
+    attn_bias = 4 * d if args.use_bias_in_attn_linear else 0
+    norm_size = d if args.norm == "rmsnorm" else (2 * d if args.use_bias_in_norms else d)
+    counts.norms = (2 * layers + 1) * norm_size
+    moe = moe_settings_from_args(args)
+    ffn = args.intermediate_size or 4 * d
+    for layer in range(layers):
+        counts.attention += 4 * d * d + attn_bias
+        if moe is None or not moe.is_moe_layer(layer):
+            counts.dense_mlp += 2 * d * ffn + ffn + d
+            continue
+        expert_ffn = moe.ffn_hidden_size or ffn
+        per_layer = moe_param_counts(d, expert_ffn, moe.num_experts, moe.lore)
+        counts.experts += per_layer["experts"]
+        counts.lores += per_layer["lores"]
+        counts.routers += per_layer["routers"]
+        counts.active_experts += moe.top_k * per_layer["experts"] // moe.num_experts
+        if moe.lore is not None:
+            share = 1.0 if moe.lore.mode == "router_free" else moe.lore.top_l / moe.lore.num_lores
+            counts.active_lores += round(moe.top_k * share * per_layer["lores"] / moe.num_experts)
+    return counts

@@ -1,0 +1,41 @@
+"""Total and active parameters of a config, by part, computed in closed form (no model is built).
+
+    python tools/count_params.py configs/125M_structmoe.yml [more.yml] [--key value ...] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from megatron.config import ConfigError, load_config, parse_command_line
+from megatron.model.param_count import count_parameters
+
+PARTS = ("embeddings", "attention", "norms", "dense_mlp", "experts", "lores", "routers")
+
+
+def format_count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def main(argv: list[str]) -> None:
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    try:
+        paths, overrides = parse_command_line(argv)
+        counts = count_parameters(load_config(paths, overrides))
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"count_params: {err}")
+    if as_json:
+        print(json.dumps(counts.as_dict(), indent=2))
+        return
+    print(f"{'part':<12}{'parameters':>16}")
+    for part in PARTS:
+        value = getattr(counts, part)
+        print(f"{part:<12}{value:>16,}  {format_count(value):>9}")
+    print(f"{'total':<12}{counts.total:>16,}  {format_count(counts.total):>9}")
+    print(f"{'active':<12}{counts.active:>16,}  {format_count(counts.active):>9}  (per token)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
