@@ -1,0 +1,112 @@
+"""MoE layer forward+backward, measured side by side in one run (ratios, not absolute times, are the result).
+
+    python benchmarks/moe_layer.py            # the paper's 125M shape: d=768, ed=3072, 8 experts, top-1, 4096 tokens
+    python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke test
+
+Variants are interleaved repeat by repeat and medians taken, so drift in the machine's speed hits all alike.
+Memory is the bytes of tensors autograd saves for backward (unique storages, via saved_tensors_hooks)
+plus the output: the activation memory a layer adds to a training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.model.moe import LoREConfig, MoELayer, moe_param_counts
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.w_up = nn.Parameter(torch.randn(d, f) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(f, d) * 0.02)
+
+    def forward(self, x):
+        return F.gelu(x @ self.w_up) @ self.w_down, None
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = module(x)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr()) + (
+        y.untyped_storage().nbytes())
+
+
+def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    y, aux = module(x)
+    loss = (y * grad).sum()
+    if aux is not None:
+        loss = loss + 0.01 * aux.load_balancing_loss
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    d, f, experts, lores, rank = (768, 3072, 8, 32, 64) if not args.quick else (64, 256, 8, 8, 8)
+    tokens = args.tokens if not args.quick else 512
+    lore = LoREConfig(lores, rank, 1, "entangled")
+    structmoe_params = sum(moe_param_counts(d, f, experts, lore).values())
+    per_expert = moe_param_counts(d, f, 1, None)
+    matched = round((structmoe_params) / (per_expert["experts"] + per_expert["routers"]))
+    variants = {
+        f"plain MoE, {experts} experts": MoELayer(d, f, experts, 1),
+        f"StructMoE (M={lores}, r={rank}, l=1)": MoELayer(d, f, experts, 1, lore=lore),
+        "StructMoE router-free": MoELayer(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "router_free")),
+        "StructMoE standalone": MoELayer(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "standalone")),
+        f"plain MoE, {matched} experts (matched)": MoELayer(d, f, matched, 1),
+        "dense MLP, equal FLOPs": DenseMLP(d, f),
+    }
+    x = torch.randn(tokens, d, requires_grad=True)
+    grad = torch.randn(tokens, d)
+    for module in variants.values():  # warm-up
+        step(module, x, grad)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, module in variants.items():
+            start = time.perf_counter()
+            step(module, x, grad)
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    memory = {name: saved_bytes(module, x) for name, module in variants.items()}
+    names = list(variants)
+    plain, struct, dense = names[0], names[1], names[-1]
+
+    print(f"tokens={tokens} d={d} ed={f} top-1 fp32 fwd+bwd, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"{'layer':<40}{'params':>12}{'time (s)':>10}{'vs plain':>10}{'saved MB':>10}{'vs plain':>10}")
+    for name, module in variants.items():
+        n = sum(p.numel() for p in module.parameters())
+        print(f"{name:<40}{n / 1e6:>11.1f}M{median[name]:>10.3f}{median[name] / median[plain]:>10.3f}"
+              f"{memory[name] / 2**20:>10.1f}{memory[name] / memory[plain]:>10.3f}")
+    flops = 3 * 2 * tokens * 2 * d * f  # fwd + bwd (2x) of the two expert matmuls, top-1
+    moe_rate, dense_rate = flops / median[plain], flops / median[dense]
+    print()
+    print(f"StructMoE / plain {experts}-expert time       {median[struct] / median[plain]:.3f}  (target <= 1.15)")
+    print(f"StructMoE / matched {matched}-expert time     {median[struct] / median[names[4]]:.3f}")
+    print(f"StructMoE / plain saved-tensor memory  {memory[struct] / memory[plain]:.3f}  (target <= 1.2)")
+    print(f"dropless MoE FLOP/s / dense MLP FLOP/s {moe_rate / dense_rate:.3f}  (target >= 0.85; "
+          f"{moe_rate / 1e9:.1f} vs {dense_rate / 1e9:.1f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
