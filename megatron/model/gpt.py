@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatron.model.moe import LoREConfig, MoEAux, MoELayer
-
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+from megatron.model.moe.experts import ACTIVATIONS
 
 
 @dataclass
