@@ -61,8 +61,8 @@ def test_match_baseline_is_the_nearest_expert_count(name):
 
 
 def test_match_baseline_refuses_a_config_without_lores():
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "match_baseline.py"), str(REPO / "configs/tiny_moe.yml")],
-                            capture_output=True, text=True)
+    tool, config = REPO / "tools" / "match_baseline.py", REPO / "configs" / "tiny_moe.yml"
+    result = subprocess.run([sys.executable, str(tool), str(config)], capture_output=True, text=True)
     assert result.returncode != 0 and "has no LoREs" in result.stderr
 
 

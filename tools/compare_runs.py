@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, s in enumerate(summaries):
         color = f"C{i}"
-        ax.plot(s["train"][0], ema(s["train"][1], opts.smooth), color=color, alpha=0.35, label=f"{s['name']} train (EMA)")
+        smoothed = ema(s["train"][1], opts.smooth)
+        ax.plot(s["train"][0], smoothed, color=color, alpha=0.35, label=f"{s['name']} train (EMA)")
         ax.plot(s["val"][0], s["val"][1], "o-", color=color, label=f"{s['name']} validation")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss")

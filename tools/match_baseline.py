@@ -61,7 +61,8 @@ def main() -> None:
     tag = f"matched{experts}"
     for key in ("save", "load", "log_dir", "tensorboard_dir"):
         if raw.get(key):
-            raw[key] = raw[key].replace("structmoe", f"moe_{tag}") if "structmoe" in raw[key] else rename_run(raw[key], tag)
+            renamed = raw[key].replace("structmoe", f"moe_{tag}")
+            raw[key] = renamed if renamed != raw[key] else rename_run(raw[key], tag)
     header = (f"# Plain-MoE baseline parameter-matched to {Path(opts.config).name} by tools/match_baseline.py:\n"
               f"# {experts} experts, {total:,} parameters vs {target:,} ({100 * residual / target:+.2f}%).\n")
     text = header + yaml.safe_dump(raw, sort_keys=False)
