@@ -108,3 +108,16 @@ def test_config_errors_exit_with_one_line(tmp_path, data_prefix):
     assert result.returncode == 2
     assert "hiden_size" in result.stderr and "hidden_size" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_moe_runs_log_aux_losses_and_routing_statistics(tmp_path, data_prefix):
+    lore = {**MOE, "lore_num_experts": 4, "lore_rank": 4, "moe_expert_interval": 2}
+    config = write_config(tmp_path, data_prefix, train_iters=4, log_interval=2, checkpoint_factor=100, **lore)
+    train.run([str(config)])
+    records = [r for r in read_metrics(tmp_path / "logs") if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    last = records[-1]
+    assert last["total_loss"] > last["loss"] and last["moe/load_balancing_loss"] >= 1.0 - 1e-6
+    assert 0 < last["moe/layer0/lore_load_entropy"] <= 1 and 0 < last["moe/layer0/expert_load_entropy"] <= 1
+    assert sum(last["moe/layer0/expert_load"]) == pytest.approx(1.0, abs=1e-3)
+    assert "moe/layer1/expert_load" not in last  # one MoE layer of two, at interval 2
