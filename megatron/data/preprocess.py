@@ -22,6 +22,7 @@ from megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 CHUNK = 64
 _worker_tokenizer: Tokenizer | None = None
+_worker_options: tuple = (True, np.uint16)
 
 
 def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
@@ -59,18 +60,21 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
     raise ValueError(f"--input: {path}: unsupported file type (expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet)")
 
 
-def _init_worker(tokenizer_type: str, vocab_file: str | None) -> None:
-    global _worker_tokenizer
+def _init_worker(tokenizer_type: str, vocab_file: str | None, append_eod: bool, dtype) -> None:
+    global _worker_tokenizer, _worker_options
     _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    _worker_options = (append_eod, dtype)
 
 
-def _encode_chunk(chunk: list[dict[str, str]]) -> list[dict[str, list[int]]]:
-    tok = _worker_tokenizer
+def _encode_chunk(chunk: list[dict[str, str]]) -> list[dict[str, np.ndarray]]:
+    """Token arrays (EOD appended) in the final dtype: compact to send back from a worker."""
+    tok, (append_eod, dtype) = _worker_tokenizer, _worker_options
     keys = list(chunk[0]) if chunk else []
     encoded = {}
     for key in keys:
         texts = [doc[key] for doc in chunk]
-        encoded[key] = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+        ids = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+        encoded[key] = [np.asarray(i + [tok.eod_id] if append_eod else i, dtype=dtype) for i in ids]
     return [{key: encoded[key][i] for key in keys} for i in range(len(chunk))]
 
 
@@ -108,17 +112,18 @@ def preprocess(
     builders = {key: IndexedDatasetBuilder(f"{prefixes[key]}.bin", dtype) for key in keys}
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0)
     if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_type, vocab_file))
+        init_args = (tokenizer_type, vocab_file, append_eod, dtype)
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
         results = pool.imap(_encode_chunk, _chunks(inputs, keys), chunksize=4)
     else:
         pool = None
-        _init_worker(tokenizer_type, vocab_file)
+        _init_worker(tokenizer_type, vocab_file, append_eod, dtype)
         results = map(_encode_chunk, _chunks(inputs, keys))
     try:
         for chunk in results:
             for doc in chunk:
-                for key, ids in doc.items():
-                    builders[key].add_document(np.asarray(ids + [tokenizer.eod_id] if append_eod else ids))
+                for key, tokens in doc.items():
+                    builders[key].add_document(tokens)
             bar.update(len(chunk))
     finally:
         if pool is not None:
