@@ -121,3 +121,26 @@ def test_moe_runs_log_aux_losses_and_routing_statistics(tmp_path, data_prefix):
     assert 0 < last["moe/layer0/lore_load_entropy"] <= 1 and 0 < last["moe/layer0/expert_load_entropy"] <= 1
     assert sum(last["moe/layer0/expert_load"]) == pytest.approx(1.0, abs=1e-3)
     assert "moe/layer1/expert_load" not in last  # one MoE layer of two, at interval 2
+
+
+def main_job_args(tmp_path: Path, *extra: str) -> list[str]:
+    run = tmp_path / "run"
+    return [str(REPO / "configs" / "tiny.yml"), "--data_path", str(tmp_path / "data" / "shakespeare_text_document"),
+            "--vocab_file", str(REPO / "megatron/data/bundled/shakespeare_tokenizer.json"), "--save", str(run),
+            "--load", str(run), "--log_dir", str(run / "logs"), "--tensorboard_dir", str(run / "tb"), *extra]
+
+
+def test_main_job_prepares_the_bundled_corpus_and_learns(tmp_path):
+    result = train.run(main_job_args(tmp_path, "--train_iters", "60", "--eval_interval", "30", "--eval_iters", "4"))
+    assert (tmp_path / "data" / "shakespeare_text_document.idx").is_file()
+    evals = [r["val/loss"] for r in read_metrics(tmp_path / "run" / "logs") if "val/loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] < np.log(8192) + 0.5
+    assert result.final_step == 60 and (tmp_path / "run" / "latest").read_text() == "global_step60"
+
+
+@pytest.mark.slow
+def test_full_main_job_reaches_a_low_validation_loss(tmp_path):
+    """The README's main job as shipped (600 steps, ~3-4 minutes)."""
+    train.run(main_job_args(tmp_path))
+    evals = [r["val/loss"] for r in read_metrics(tmp_path / "run" / "logs") if "val/loss" in r]
+    assert evals == sorted(evals, reverse=True) and evals[-1] < 5.2
