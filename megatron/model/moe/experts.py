@@ -52,8 +52,10 @@ def grouped_matmul(
     if use_grouped_mm:
         offsets = torch.cumsum(rows_per_group_G, dim=0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x_NK, w_GKM, offs=offsets))
+    # unbind, not w[g]: indexing one group at a time would make backward build a full-size zero
+    # gradient per group, which is quadratic in the number of groups.
     blocks = torch.split(x_NK, rows_per_group_G.tolist())
-    return torch.cat([block @ w_GKM[g] for g, block in enumerate(blocks)], dim=0)
+    return torch.cat([block @ w for block, w in zip(blocks, w_GKM.unbind(0))], dim=0)
 
 
 class GroupedExperts(nn.Module):
