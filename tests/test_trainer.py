@@ -120,6 +120,9 @@ def test_moe_runs_log_aux_losses_and_routing_statistics(tmp_path, data_prefix):
     assert last["total_loss"] > last["loss"] and last["moe/load_balancing_loss"] >= 1.0 - 1e-6
     assert 0 < last["moe/layer0/lore_load_entropy"] <= 1 and 0 < last["moe/layer0/expert_load_entropy"] <= 1
     assert sum(last["moe/layer0/expert_load"]) == pytest.approx(1.0, abs=1e-3)
+    lore_load = last["moe/layer0/lore_load"]
+    assert len(lore_load) == 4 and all(len(row) == 4 for row in lore_load)
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-3) or sum(row) == 0 for row in lore_load)
     assert "moe/layer1/expert_load" not in last  # one MoE layer of two, at interval 2
 
 

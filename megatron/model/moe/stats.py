@@ -19,12 +19,13 @@ def normalized_entropy(load: torch.Tensor) -> torch.Tensor:
 
 
 def routing_stats(aux_list: list) -> dict[str, Any]:
-    """Per MoE layer: expert-load entropy and vector, and mean LoRE-load entropy within experts."""
+    """Per MoE layer: expert load and its entropy; LoRE load [E][M] and its mean entropy within experts."""
     stats: dict[str, Any] = {}
     for i, aux in enumerate(aux_list):
         stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(aux.expert_load_E))
         stats[f"moe/layer{i}/expert_load"] = [round(float(v), 5) for v in aux.expert_load_E]
         if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
+            stats[f"moe/layer{i}/lore_load"] = [[round(float(v), 4) for v in row] for row in aux.lore_load_EM]
             used = aux.lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
             if used.any():
                 stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(aux.lore_load_EM[used]).mean())
