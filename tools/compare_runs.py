@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--output", default="compare.png")
-    parser.add_argument("--smooth", type=float, default=0.9, help="EMA factor for the training loss")
+    parser.add_argument("--smooth", type=float, default=0.6,
+                        help="EMA factor for the training loss records (0 = raw; high values lag behind)")
     opts = parser.parse_args(argv)
     try:
         summaries = [summarize(run) for run in opts.runs]
