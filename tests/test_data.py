@@ -134,3 +134,20 @@ def test_bundled_corpus_is_deduplicated_and_builds_once(tmp_path):
     assert len(MMapIndexedDataset(prefix)) == len(records)
     with pytest.raises(ValueError, match="prepare_data: unknown bundled corpus 'poe'"):
         ensure_bundled_dataset("poe", prefix, "HFTokenizer", None)
+
+
+def test_preprocess_reads_parquet_and_text_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", "second"], "meta": ["a", "b"]}), tmp_path / "in.parquet")
+    (tmp_path / "play.txt").write_text("a whole file is one document")
+    prefix = preprocess([str(tmp_path / "in.parquet"), str(tmp_path / "play.txt")], ["text"], "CharLevelTokenizer",
+                        None, str(tmp_path / "out"), progress=False)["text"]
+    data = MMapIndexedDataset(prefix)
+    assert [bytes(t for t in data[i] if t < 256).decode() for i in range(3)] == [
+        "first doc", "second", "a whole file is one document"]
+    (tmp_path / "notes.csv").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.csv: unsupported file type"):
+        preprocess([str(tmp_path / "notes.csv")], ["text"], "CharLevelTokenizer", None, str(tmp_path / "o"),
+                   progress=False)
