@@ -14,6 +14,7 @@ import torch
 from megatron.config import ConfigError, check_data_files, load_config, parse_command_line
 from megatron.parallel import destroy, init_distributed
 from megatron.parallel.distributed import ranks_from_env
+from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
 from megatron.training.trainer import Trainer, TrainResult, seed_everything
@@ -33,6 +34,7 @@ def run(argv: list[str]) -> TrainResult:
     seed_everything(args.seed)
     if dist_info.device.type == "cpu":
         torch.set_float32_matmul_precision("highest")
+        keep_freed_memory_in_process()
     task = LMTask(args, dist_info)
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info("model: %.2fM parameters on %s, %d rank(s)", n_params / 1e6, dist_info.device, dist_info.world_size)

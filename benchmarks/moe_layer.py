@@ -4,8 +4,9 @@
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke test
 
 Variants are interleaved repeat by repeat and medians taken, so drift in the machine's speed hits all alike.
-Memory is the bytes of tensors autograd saves for backward (unique storages, via saved_tensors_hooks)
-plus the output: the activation memory a layer adds to a training step.
+Like train.py on CPU, it keeps freed memory in the process (megatron/runtime.py); --default-malloc
+measures with glibc's default instead. Memory is the bytes of tensors autograd saves for backward
+(unique storages, via saved_tensors_hooks) plus the output: the activation memory a layer adds to a training step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.moe import LoREConfig, MoELayer, moe_param_counts
+from megatron.runtime import keep_freed_memory_in_process
 
 
 class DenseMLP(nn.Module):
@@ -59,7 +61,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default (unmap large freed blocks), as train.py does not on CPU")
     args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory_in_process()  # as train.py does on CPU
     torch.set_num_threads(2)
     torch.manual_seed(0)
     d, f, experts, lores, rank = (768, 3072, 8, 32, 64) if not args.quick else (64, 256, 8, 8, 8)

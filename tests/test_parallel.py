@@ -12,3 +12,13 @@ def test_ranks_from_each_launcher():
     # torchrun's variables win when a SLURM job runs torchrun
     both = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     assert ranks_from_env(both) == (0, 2, 0)
+
+
+def test_cpu_allocator_setting_takes_effect_on_glibc():
+    import platform
+    import sys
+
+    from megatron.runtime import keep_freed_memory_in_process
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory_in_process() == expected
