@@ -143,7 +143,7 @@ def test_main_job_prepares_the_bundled_corpus_and_learns(tmp_path):
 
 @pytest.mark.slow
 def test_full_main_job_reaches_a_low_validation_loss(tmp_path):
-    """The README's main job as shipped (600 steps, ~3-4 minutes)."""
+    """The README's main job as shipped (600 steps, ~2 minutes)."""
     train.run(main_job_args(tmp_path))
     evals = [r["val/loss"] for r in read_metrics(tmp_path / "run" / "logs") if "val/loss" in r]
     assert evals == sorted(evals, reverse=True) and evals[-1] < 5.2
