@@ -87,3 +87,15 @@ def test_compare_runs_plots_and_summarises(tmp_path, capsys):
     assert "3.2000" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no non-empty metrics.jsonl"):
         compare_runs.main([str(tmp_path / "missing")])
+
+
+def test_train_tokenizer_cli(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"to be or not to be, line {i}"}) for i in range(50)))
+    out = tmp_path / "tok.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", str(corpus),
+                    "--vocab-size", "300", "--output", str(out)], check=True, capture_output=True)
+    from megatron.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("HFTokenizer", str(out))
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("to be or not")) == "to be or not"

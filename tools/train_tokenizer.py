@@ -1,0 +1,26 @@
+"""Train a byte-level BPE tokenizer (a `tokenizers` JSON, usable as HFTokenizer) on your own corpus.
+
+    python tools/train_tokenizer.py --input corpus.jsonl.gz,more.parquet --vocab-size 32000 --output tok.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron.data.preprocess import read_documents
+from megatron.data.tokenizer import train_bpe_tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="comma-separated .jsonl(.gz/.zst), .txt or .parquet files")
+    parser.add_argument("--jsonl-key", default="text")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--output", required=True)
+    opts = parser.parse_args(argv)
+    texts = (doc[opts.jsonl_key] for path in opts.input.split(",") for doc in read_documents(path, [opts.jsonl_key]))
+    print(f"wrote {train_bpe_tokenizer(texts, opts.vocab_size, opts.output)}")
+
+
+if __name__ == "__main__":
+    main()
