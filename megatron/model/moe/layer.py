@@ -73,15 +73,13 @@ class MoELayer(nn.Module):
                                           output_init_std, use_grouped_mm)
         else:
             raise ValueError(f"moe_impl: {impl!r} is not one of native, megablocks")
-        self.lore = LoREBank(num_experts, hidden_size, ffn_hidden_size, lore, init_std) if lore else None
+        self.lore = LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std) if lore else None
         self.dispatcher = dispatcher or LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
-        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(
-            x_TD, routing.expert_ids_TK, routing.weights_TK, self.num_experts
-        )
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, routing)
         y_ND, lore_aux = self.experts(x_ND, tokens_per_expert_E, self.lore)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         zero = routing.z_loss.new_zeros(())

@@ -1,36 +1,44 @@
-"""StructMoE's low-rank experts (LoREs): M per expert, routed per token by a per-expert secondary router.
+"""StructMoE's low-rank experts (LoREs): M per expert, routed per row by a per-expert secondary router.
 
 Shape legend: N rows (already grouped by expert), D hidden, F expert FFN width, E experts, M LoREs per
-expert, R LoRE rank, L LoREs used per row (top-l), G = E*M (expert, LoRE) groups.
+expert, R LoRE rank, L LoREs used per row (top-l), G = E*M (expert, LoRE) groups, O LoRE output width.
 
-Modes:
+Modes (parameters per layer in brackets):
 - entangled (the method): H = x W_up[e] + sum_{i in top-l} pi_i (x A[e,i]) B[e,i], before the activation.
-  A [E, M, D, R], B [E, M, R, F], LoRE router D -> E*M.
-- router_free (ablation): one always-on LoRE per expert of rank M*R, entangled the same way.
-  A [E, 1, D, M*R], B [E, 1, M*R, F], no router: the same LoRE parameters minus the router.
-- standalone (ablation): LoREs are separate low-rank experts d -> r -> d whose pi-weighted output is
-  added to the expert's *output*. A [E, M, D, R], B [E, M, R, D], LoRE router D -> E*M.
+  A [E, M, D, R], B [E, M, R, F], LoRE router D -> E*M  [E*M*R*(D+F) + D*E*M].
+- router_free (ablation): one always-on LoRE per expert of rank M*R, entangled the same way, no pi.
+  A [E, 1, D, M*R], B [E, 1, M*R, F]  [E*M*R*(D+F)]: the same LoRE parameters, minus the router.
+- standalone (ablation): LoREs are separate low-rank experts D -> R -> D, routed by the same secondary
+  router; their pi-weighted output is added to the expert's *output*, after the down-projection.
+  A [E, M, D, R], B [E, M, R, D], LoRE router D -> E*M  [E*M*R*2D + D*E*M].
 
-Only the efficient form is computed (the paper's Eq. 2): two grouped matmuls over the rows' (expert,
-LoRE) groups, so the extra work is N*L*R*(D+F). The effective weight W_up + sum pi A B (Eq. 1) is never
-built. With l = 1 the rows are regrouped by (expert, LoRE) before the expert's own matmuls (still
-expert-major, so the expert sees the same groups), which makes the LoRE term line up with the rows of H
-and needs no scatter of an [N, F] tensor.
+Only the efficient form (the paper's Eq. 2) is computed: the effective weight W_up + sum pi A B (Eq. 1)
+is never built, so the extra work is N*L*R*(D+O). With l = 1 the rows are regrouped by (expert, LoRE)
+before the expert's own matmuls (still expert-major, so the expert sees the same groups); then the LoRE
+term of a group lines up with rows of H and (x A) B is added straight into H, with no [N, F] scatter.
+The (x A) B step dominates: with 16 rows per LoRE (4096 tokens, 8 experts, M = 32) it is bound by
+reading B and writing its gradient, so it runs as a per-group addmm into H (`accumulate_grouped_matmul`).
 
-pi is the softmax over the expert's M LoRE logits, *not* renormalised over the chosen l by default: with
-l = 1 a renormalised pi is always 1 and the LoRE router would get no gradient (the same reason Switch
-keeps the raw gate for top-1).
+pi is the softmax over the expert's M LoRE logits and is *not* renormalised over the chosen l by default:
+with l = 1 a renormalised pi is identically 1 and the LoRE router would get no gradient (the reason Switch
+keeps the raw gate for top-1). `renormalize=True` rescales the chosen l to sum to 1 (useful for l > 1).
+
+Init: A ~ N(0, init_std^2) and B ~ N(0, (0.1 init_std)^2). B = 0 (LoRA's choice) would make the term's
+gradients with respect to A and to the LoRE router exactly zero at step 0 (both pass through B), so the
+router would start learning only after B moved; a B this small keeps the term ~0.1% of x W_up at init
+while every part gets a gradient from the first step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.moe.experts import grouped_matmul
+from megatron.model.moe.experts import accumulate_grouped_matmul, grouped_matmul
 
 MODES = ("entangled", "router_free", "standalone")
 B_INIT_SCALE = 0.1
@@ -38,6 +46,8 @@ B_INIT_SCALE = 0.1
 
 @dataclass
 class LoREConfig:
+    """The LoRE settings an MoE layer takes (a plain dataclass, not the run's config)."""
+
     num_lores: int  # M
     rank: int  # R
     top_l: int = 1
@@ -47,18 +57,20 @@ class LoREConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"lore_mode: {self.mode!r} is not one of {MODES}")
+        if self.num_lores < 1 or self.rank < 1:
+            raise ValueError(f"lore_num_experts {self.num_lores} and lore_rank {self.rank} must be >= 1")
         if not 1 <= self.top_l <= self.num_lores:
             raise ValueError(f"lore_top_k {self.top_l} must be between 1 and lore_num_experts {self.num_lores}")
 
 
 @dataclass
 class LoREPlan:
-    """Where each row's LoRE work goes: filled by `LoREBank.plan`, used by `LoREBank.delta`."""
+    """Where each row's LoRE work goes: made by `LoREBank.plan`, used by `LoREBank.add_term`."""
 
     row_order_N: torch.Tensor | None  # regrouping applied to the rows (l = 1), or None
-    rows_per_group_G: torch.Tensor
-    slot_rows: torch.Tensor | None  # for l > 1: the row of each (row, choice) slot, grouped
-    pi_slots: torch.Tensor | None  # gate of each slot, in group order
+    rows_per_group_G: torch.Tensor  # rows (l = 1) or slots (l > 1) per (expert, LoRE) group
+    slot_rows: torch.Tensor | None  # l > 1: the row of each (row, choice) slot, in group order
+    pi_slots: torch.Tensor | None  # gate of each row (l = 1) or slot (l > 1), in group order
     aux: dict
 
 
@@ -66,35 +78,67 @@ class LoREBank(nn.Module):
     def __init__(
         self,
         num_experts: int,
+        num_lores: int,
+        rank: int,
         hidden_size: int,
         ffn_hidden_size: int,
-        config: LoREConfig,
+        top_l: int = 1,
+        mode: str = "entangled",
+        renormalize: bool = False,
         init_std: float = 0.02,
+        b_init_std: float | None = None,
     ):
         super().__init__()
-        self.config, self.num_experts = config, num_experts
-        self.entangled = config.mode != "standalone"
-        self.routed = config.mode != "router_free"
-        groups, rank = (config.num_lores, config.rank) if self.routed else (1, config.num_lores * config.rank)
+        self.config = LoREConfig(num_lores, rank, top_l, mode, renormalize)
+        self.num_experts = num_experts
+        self.entangled = mode != "standalone"
+        self.routed = mode != "router_free"
+        groups, group_rank = (num_lores, rank) if self.routed else (1, num_lores * rank)
         out_size = ffn_hidden_size if self.entangled else hidden_size
         self.lores_per_expert = groups
-        self.A = nn.Parameter(torch.randn(num_experts, groups, hidden_size, rank) * init_std)
-        # B starts small but not zero: a zero B would give A and the LoRE router no gradient at step 0.
-        self.B = nn.Parameter(torch.randn(num_experts, groups, rank, out_size) * init_std * B_INIT_SCALE)
+        b_std = init_std * B_INIT_SCALE if b_init_std is None else b_init_std
+        self.A = nn.Parameter(torch.randn(num_experts, groups, hidden_size, group_rank) * init_std)
+        self.B = nn.Parameter(torch.randn(num_experts, groups, group_rank, out_size) * b_std)
         if self.routed:
-            # One linear D -> E*M holds every expert's LoRE router; row r of expert e reads slice e.
-            self.router = nn.Linear(hidden_size, num_experts * config.num_lores, bias=False)
+            # One linear D -> E*M holds every expert's LoRE router; a row of expert e reads slice e.
+            self.router = nn.Linear(hidden_size, num_experts * num_lores, bias=False)
             nn.init.normal_(self.router.weight, std=init_std)
+
+    @classmethod
+    def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
+                    init_std: float = 0.02) -> LoREBank:
+        c = config
+        return cls(num_experts, c.num_lores, c.rank, hidden_size, ffn_hidden_size, c.top_l, c.mode,
+                   c.renormalize, init_std)
 
     def extra_repr(self) -> str:
         c = self.config
         return f"mode={c.mode}, experts={self.num_experts}, lores={c.num_lores}, rank={c.rank}, top_l={c.top_l}"
 
+    def around_experts(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, up: Callable, act: Callable, down: Callable
+    ) -> tuple[torch.Tensor, dict]:
+        """The expert MLP `down(act(up(x)))` with the LoRE term hooked in; rows keep their order."""
+        plan = self.plan(x_ND, tokens_per_expert_E)
+        if plan.row_order_N is not None:  # rows regrouped by (expert, LoRE); still expert-major
+            x_ND = x_ND.index_select(0, plan.row_order_N)
+        h_NF = up(x_ND)
+        if self.entangled:
+            h_NF = self.add_term(h_NF, x_ND, plan)  # before the activation
+        y_ND = down(act(h_NF))
+        if not self.entangled:
+            y_ND = self.add_term(y_ND, x_ND, plan)  # standalone low-rank experts add to the output
+        if plan.row_order_N is not None:
+            y_ND = torch.empty_like(y_ND).index_copy(0, plan.row_order_N, y_ND)
+        return y_ND, plan.aux
+
     def plan(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> LoREPlan:
+        """Secondary routing: each row's top-l LoREs among its expert's M, their pi, and the aux."""
         E, M, L = self.num_experts, self.lores_per_expert, self.config.top_l
         if not self.routed:
             zero = x_ND.new_zeros((), dtype=torch.float32)
-            return LoREPlan(None, tokens_per_expert_E, None, None, {"lore_balancing_loss": zero, "lore_load_EM": None})
+            aux = {"lore_balancing_loss": zero, "lore_load_EM": None}
+            return LoREPlan(None, tokens_per_expert_E, None, None, aux)
         # Each expert's router slice applied to that expert's rows only: a grouped matmul, N*D*M work.
         w_router_EDM = self.router.weight.view(E, M, -1).transpose(1, 2)
         logits_NM = grouped_matmul(x_ND, w_router_EDM, tokens_per_expert_E).float()
@@ -105,7 +149,7 @@ class LoREBank(nn.Module):
         expert_of_row_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), tokens_per_expert_E)
         group_NL = expert_of_row_N.unsqueeze(1) * M + lore_ids_NL
         rows_per_group_G = torch.bincount(group_NL.flatten(), minlength=E * M)
-        aux = self._aux(probs_NM, expert_of_row_N, rows_per_group_G, tokens_per_expert_E)
+        aux = lore_aux(probs_NM, expert_of_row_N, rows_per_group_G.view(E, M), tokens_per_expert_E, L)
         pi_NL = pi_NL.to(x_ND.dtype)
         if L == 1:
             row_order_N = torch.argsort(group_NL.squeeze(1), stable=True)
@@ -113,25 +157,37 @@ class LoREBank(nn.Module):
         slot_order = torch.argsort(group_NL.flatten(), stable=True)
         return LoREPlan(None, rows_per_group_G, slot_order // L, pi_NL.flatten()[slot_order], aux)
 
-    def _aux(self, probs_NM, expert_of_row_N, rows_per_group_G, tokens_per_expert_E) -> dict:
-        """LoRE load per expert, and the Switch balancing loss within each expert, weighted by its rows."""
-        E, M, L = self.num_experts, self.lores_per_expert, self.config.top_l
-        rows_E = tokens_per_expert_E.float()
-        load_EM = rows_per_group_G.view(E, M).float() / (rows_E * L).clamp_min(1).unsqueeze(1)
-        mean_prob_EM = probs_NM.new_zeros(E, M).index_add(0, expert_of_row_N, probs_NM) / rows_E.clamp_min(1)[:, None]
-        per_expert = M * (load_EM * mean_prob_EM).sum(dim=1)
-        loss = (per_expert * rows_E).sum() / rows_E.sum().clamp_min(1)
-        return {"lore_balancing_loss": loss, "lore_load_EM": load_EM.detach()}
-
-    def delta(self, x_ND: torch.Tensor, plan: LoREPlan) -> torch.Tensor:
-        """sum_i pi_i (x A_i) B_i per row: [N, F] (entangled) or [N, D] (standalone)."""
+    def add_term(self, out_NO: torch.Tensor, x_ND: torch.Tensor, plan: LoREPlan) -> torch.Tensor:
+        """out + sum_i pi_i (x A_i) B_i per row; out is [N, F] (entangled) or [N, D] (standalone)."""
         A_GDR = self.A.flatten(0, 1)
         B_GRO = self.B.flatten(0, 1)
         if plan.slot_rows is None:  # one LoRE per row, rows already grouped
             xa_NR = grouped_matmul(x_ND, A_GDR, plan.rows_per_group_G)
             if plan.pi_slots is not None:
                 xa_NR = xa_NR * plan.pi_slots.unsqueeze(1)
-            return grouped_matmul(xa_NR, B_GRO, plan.rows_per_group_G)
+            return accumulate_grouped_matmul(out_NO, xa_NR, B_GRO, plan.rows_per_group_G)
         xa_SR = grouped_matmul(x_ND.index_select(0, plan.slot_rows), A_GDR, plan.rows_per_group_G)
-        out_SO = grouped_matmul(xa_SR * plan.pi_slots.unsqueeze(1), B_GRO, plan.rows_per_group_G)
-        return out_SO.new_zeros(x_ND.shape[0], out_SO.shape[1]).index_add(0, plan.slot_rows, out_SO)
+        term_SO = grouped_matmul(xa_SR * plan.pi_slots.unsqueeze(1), B_GRO, plan.rows_per_group_G)
+        return out_NO.index_add(0, plan.slot_rows, term_SO)
+
+
+def lore_aux(
+    probs_NM: torch.Tensor,
+    expert_of_row_N: torch.Tensor,
+    rows_per_group_EM: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    top_l: int,
+) -> dict:
+    """LoRE load per expert and the Switch balancing loss within each expert, averaged weighted by rows.
+
+    For expert e with n_e rows: f_ei = (slots of e choosing LoRE i) / (n_e * l), P_ei = mean over e's rows
+    of pi_i, loss_e = M * sum_i f_ei * P_ei; the layer's loss is sum_e n_e loss_e / sum_e n_e.
+    """
+    M = probs_NM.shape[-1]
+    rows_E = tokens_per_expert_E.float()
+    load_EM = rows_per_group_EM.float() / (rows_E * top_l).clamp_min(1).unsqueeze(1)
+    sum_prob_EM = probs_NM.new_zeros(rows_per_group_EM.shape).index_add(0, expert_of_row_N, probs_NM)
+    mean_prob_EM = sum_prob_EM / rows_E.clamp_min(1).unsqueeze(1)
+    per_expert_E = M * (load_EM * mean_prob_EM).sum(dim=1)
+    loss = (per_expert_E * rows_E).sum() / rows_E.sum().clamp_min(1)
+    return {"lore_balancing_loss": loss, "lore_load_EM": load_EM.detach()}

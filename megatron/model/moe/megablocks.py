@@ -1,7 +1,9 @@
 """Optional GPU backend: Megablocks' grouped GEMM kernel and weight layout (CUDA only, imported lazily).
 
-Megablocks' grouped MLP stores `w1` and `w2` as [E*F, D]: expert e's up-projection is `x @ w1[e].T`
-and its down-projection `h @ w2[e]` (megablocks/layers/mlp.py, GroupedMLP). Ours are `w_up_EDF`
+Megablocks' grouped MLP stores `w1` and `w2` as [E*F, D] (megablocks/layers/mlp.py, SparseMLP), and
+GroupedMLP views both as [E, F, D]: expert e's up-projection is `gmm(x, w1, trans_b=True)`, i.e.
+`x @ w1[e].T`, and its down-projection `h @ w2[e]`. (Megablocks' default activation is tanh-approximated
+GELU; this backend uses the layer's own `activation`, so both backends compute the same function.) Ours are `w_up_EDF`
 [E, D, F] and `w_down_EFD` [E, F, D]; the functions below convert a state dict either way, so a
 checkpoint moves between backends. The LoRE term goes where the native path puts it: between the first
 grouped GEMM and the activation.
@@ -47,36 +49,32 @@ def megablocks_to_native(state: dict[str, torch.Tensor], num_experts: int) -> di
 
 
 class MegablocksExperts(nn.Module):
-    """Experts in Megablocks' layout, run with its grouped GEMM (`grouped_gemm.ops.gmm`)."""
+    """Experts in Megablocks' layout, run with the grouped GEMM of its dMoE grouped MLP (`gg.ops.gmm`)."""
 
-    def __init__(self, num_experts, hidden_size, ffn_hidden_size, activation, init_std, output_init_std):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
+                 init_std: float, output_init_std: float):
         super().__init__()
         if not torch.cuda.is_available():
             raise RuntimeError(NEEDS)
         try:
-            import megablocks  # noqa: F401
-            from grouped_gemm import ops
+            from megablocks import grouped_gemm_util as gg
         except ImportError as err:
             raise RuntimeError(NEEDS) from err
-        self.gmm = ops.gmm
+        if gg.ops is None:
+            raise RuntimeError(NEEDS)
+        self.gmm = gg.ops.gmm
         self.num_experts = num_experts
         self.w1 = nn.Parameter(torch.randn(num_experts * ffn_hidden_size, hidden_size) * init_std)
         self.w2 = nn.Parameter(torch.randn(num_experts * ffn_hidden_size, hidden_size) * output_init_std)
         self.act = ACTIVATIONS[activation]
 
-    def forward(self, x_ND, tokens_per_expert_E, lore=None):
-        batch_sizes = tokens_per_expert_E.cpu()
-        plan = lore.plan(x_ND, tokens_per_expert_E) if lore is not None else None
-        if plan is not None and plan.row_order_N is not None:
-            x_ND = x_ND.index_select(0, plan.row_order_N)
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None):
+        batch_sizes = tokens_per_expert_E.cpu().to(torch.long)  # gmm takes the group sizes on the host
         w1 = self.w1.view(self.num_experts, -1, self.w1.shape[-1])
         w2 = self.w2.view(self.num_experts, -1, self.w2.shape[-1])
-        h_NF = self.gmm(x_ND, w1, batch_sizes, trans_b=True)
-        if lore is not None and lore.entangled:
-            h_NF = h_NF + lore.delta(x_ND, plan)
-        y_ND = self.gmm(self.act(h_NF), w2, batch_sizes)
-        if lore is not None and not lore.entangled:
-            y_ND = y_ND + lore.delta(x_ND, plan)
-        if plan is not None and plan.row_order_N is not None:
-            y_ND = torch.empty_like(y_ND).index_copy(0, plan.row_order_N, y_ND)
-        return y_ND, plan.aux if plan is not None else None
+        up = lambda x: self.gmm(x, w1, batch_sizes, trans_b=True)
+        down = lambda h: self.gmm(h, w2, batch_sizes)
+        if lore is None:
+            return down(self.act(up(x_ND))), None
+        # the LoRE term lands between the first gmm and the activation, as in the native experts
+        return lore.around_experts(x_ND, tokens_per_expert_E, up, self.act, down)
