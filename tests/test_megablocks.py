@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from megatron.model.moe import MoELayer
 from megatron.model.moe.megablocks import NEEDS, megablocks_to_native, native_to_megablocks
-from megatron.model.moe.stats import normalized_entropy, routing_stats
 
 
 def test_conversion_round_trips_and_follows_megablocks_math():
@@ -44,15 +43,3 @@ def test_megablocks_layer_matches_native_on_cuda():
     mb.load_state_dict(native_to_megablocks(native.state_dict()))
     x = torch.randn(32, 64, device="cuda")
     torch.testing.assert_close(mb(x)[0], native(x)[0], rtol=1e-3, atol=1e-4)
-
-
-def test_normalized_entropy_and_routing_stats():
-    assert float(normalized_entropy(torch.tensor([0.25, 0.25, 0.25, 0.25]))) == pytest.approx(1.0)
-    assert float(normalized_entropy(torch.tensor([1.0, 0.0, 0.0, 0.0]))) == pytest.approx(0.0, abs=1e-6)
-    # two of four equally: entropy log 2 over log 4
-    assert float(normalized_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0]))) == pytest.approx(0.5)
-    layer = MoELayer(16, 32, 4, 1)
-    _, aux = layer(torch.randn(40, 16))
-    stats = routing_stats([aux, aux])
-    assert set(stats) == {f"moe/layer{i}/{k}" for i in (0, 1) for k in ("expert_load_entropy", "expert_load")}
-    assert sum(stats["moe/layer0/expert_load"]) == pytest.approx(1.0, abs=1e-4)

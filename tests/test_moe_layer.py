@@ -1,14 +1,11 @@
 """The MoE layer against naive per-token references, over a table of shapes."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model.moe import LoREConfig, MoELayer, moe_param_counts
-from megatron.model.moe.experts import grouped_matmul
-from megatron.model.moe.router import load_balancing_loss, z_loss
+from megatron.model.moe import LocalDispatcher, LoREConfig, MoELayer
+from megatron.model.moe.stats import normalized_entropy, routing_stats
 
 # (tokens, hidden, ffn, experts, top_k)
 SHAPES = [(1, 8, 16, 2, 1), (7, 16, 32, 4, 2), (33, 16, 48, 8, 1), (64, 32, 64, 8, 2), (5, 16, 32, 8, 1)]
@@ -92,94 +89,6 @@ def test_lore_layer_matches_per_token_reference(T, D, Fd, E, K, lore):
     check_against_reference(layer, T, D)
 
 
-def test_grouped_matmul_paths_agree_with_empty_groups():
-    x = torch.randn(10, 16)
-    w = torch.randn(4, 16, 8)
-    counts = torch.tensor([3, 0, 7, 0])
-    torch.testing.assert_close(grouped_matmul(x, w, counts, True), grouped_matmul(x, w, counts, False))
-    expected = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
-    torch.testing.assert_close(grouped_matmul(x, w, counts, True), expected)
-
-
-def test_entangled_output_equals_materialised_eq1():
-    """Eq. 2 (what the layer computes) equals Eq. 1: x (W_up + sum_i pi_i A_i B_i) with the same pi."""
-    torch.manual_seed(0)
-    D, Fd, E, M, R = 16, 32, 2, 4, 4
-    layer = MoELayer(D, Fd, E, 1, lore=LoREConfig(M, R, 2), init_std=0.3, output_init_std=0.3)
-    with torch.no_grad():
-        layer.lore.B.normal_(std=0.3)
-    x = torch.randn(9, D)
-    y, _ = layer(x)
-    gate = F.softmax(x @ layer.router.gate.weight.T, dim=-1)
-    g, e_ids = gate.max(dim=-1)
-    for t in range(9):
-        e = int(e_ids[t])
-        pi = F.softmax(x[t] @ layer.lore.router.weight[e * M:(e + 1) * M].T, dim=-1)
-        top = torch.topk(pi, 2)
-        w_eff = layer.experts.w_up_EDF[e] + sum(
-            p * layer.lore.A[e, int(i)] @ layer.lore.B[e, int(i)] for p, i in zip(top.values, top.indices)
-        )
-        expected = g[t] * F.gelu(x[t] @ w_eff) @ layer.experts.w_down_EFD[e]
-        torch.testing.assert_close(y[t], expected, rtol=1e-4, atol=1e-5)
-
-
-def test_top_l_selection_and_pi_on_hand_built_router():
-    D, E, M = 4, 1, 3
-    layer = MoELayer(D, 8, 2, 1, lore=LoREConfig(M, 4, 2))
-    with torch.no_grad():
-        layer.lore.router.weight.zero_()
-        # every expert's LoRE logits for x = e_0 are [2, 0, 1]: LoREs 0 and 2 win, pi = softmax([2, 0, 1])
-        layer.lore.router.weight[0:3, 0] = torch.tensor([2.0, 0.0, 1.0])
-        layer.lore.router.weight[3:6, 0] = torch.tensor([2.0, 0.0, 1.0])
-    x = torch.zeros(1, D)
-    x[0, 0] = 1.0
-    plan = layer.lore.plan(x, torch.tensor([1, 0]))
-    softmax = [math.exp(2) / (math.exp(2) + 1 + math.exp(1)), math.exp(1) / (math.exp(2) + 1 + math.exp(1))]
-    assert plan.rows_per_group_G.tolist() == [1, 0, 1, 0, 0, 0]  # expert 0: LoREs 0 and 2
-    assert plan.pi_slots.tolist() == pytest.approx(softmax)
-    assert plan.aux["lore_load_EM"][0].tolist() == pytest.approx([0.5, 0.0, 0.5])
-    del E
-
-
-def test_gradients_reach_every_part():
-    torch.manual_seed(0)
-    layer = MoELayer(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
-    y, aux = layer(torch.randn(20, 16))
-    (y.square().mean() + aux.load_balancing_loss + aux.z_loss).backward()
-    for name, param in layer.named_parameters():
-        assert param.grad is not None and param.grad.abs().sum() > 0, name
-
-
-@pytest.mark.parametrize("mode", ["entangled", "router_free", "standalone"])
-def test_lore_shapes_and_parameter_counts(mode):
-    D, Fd, E, M, R = 16, 48, 4, 8, 4
-    lore = LoREConfig(M, R, 1, mode)
-    layer = MoELayer(D, Fd, E, 1, lore=lore)
-    expected_shapes = {
-        "entangled": ((E, M, D, R), (E, M, R, Fd)),
-        "router_free": ((E, 1, D, M * R), (E, 1, M * R, Fd)),
-        "standalone": ((E, M, D, R), (E, M, R, D)),
-    }[mode]
-    assert (tuple(layer.lore.A.shape), tuple(layer.lore.B.shape)) == expected_shapes
-    lore_params = {"entangled": E * M * R * (D + Fd), "router_free": E * M * R * (D + Fd),
-                   "standalone": E * M * R * 2 * D}[mode]
-    lore_router = 0 if mode == "router_free" else D * E * M
-    counts = moe_param_counts(D, Fd, E, lore)
-    assert counts == {"experts": 2 * E * D * Fd, "lores": lore_params, "routers": D * E + lore_router}
-    assert sum(p.numel() for p in layer.parameters()) == sum(counts.values())
-
-
-def test_aux_losses_on_a_hand_computed_case():
-    # 4 tokens, 2 experts. Probabilities chosen so top-1 sends tokens 0,1,2 to expert 0 and 3 to expert 1.
-    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
-    ids = probs.argmax(dim=-1, keepdim=True)
-    # f = [3/4, 1/4], P = [0.6, 0.4]: 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1
-    assert float(load_balancing_loss(probs, ids)) == pytest.approx(1.1)
-    logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
-    # logsumexp = log 2 and 1 + log 2
-    assert float(z_loss(logits)) == pytest.approx((math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2)
-
-
 def test_layer_reports_loads_and_keeps_shape():
     layer = MoELayer(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
     y, aux = layer(torch.randn(3, 5, 16))
@@ -187,3 +96,50 @@ def test_layer_reports_loads_and_keeps_shape():
     assert float(aux.expert_load_E.sum()) == pytest.approx(1.0)
     loads = aux.lore_load_EM.sum(dim=1)
     assert torch.all(((loads - 1).abs() < 1e-6) | (loads == 0))
+
+
+def test_empty_experts_and_a_single_token():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, 1, lore=LoREConfig(4, 4, 1), init_std=0.3, output_init_std=0.3)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[2, 0] = 5.0  # every token with x[0] > 0 goes to expert 2
+    x = torch.randn(9, 16)
+    x[:, 0] = x[:, 0].abs() + 1
+    _, aux = layer(x)
+    assert aux.expert_load_E.tolist() == [0.0, 0.0, 1.0, 0.0]
+    check_against_reference(layer, 9, 16)
+    check_against_reference(layer, 1, 16)
+
+
+def test_dispatch_then_combine_with_identity_experts_gives_the_gate_sum():
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 4, 2)
+    x = torch.randn(13, 8)
+    routing = layer.router(x)
+    dispatcher = LocalDispatcher()
+    x_ND, tokens_per_expert, ctx = dispatcher.dispatch(x, routing)
+    assert tokens_per_expert.sum() == 26 and x_ND.shape == (26, 8)
+    expert_of_row = torch.repeat_interleave(torch.arange(4), tokens_per_expert)
+    assert torch.equal(expert_of_row, routing.expert_ids_TK.flatten().sort().values)
+    y = dispatcher.combine(x_ND, ctx)
+    torch.testing.assert_close(y, x * routing.weights_TK.sum(dim=1, keepdim=True))
+
+
+def test_normalized_entropy_and_routing_stats():
+    assert normalized_entropy(torch.tensor([0.25, 0.25, 0.25, 0.25])).item() == pytest.approx(1.0)
+    assert normalized_entropy(torch.tensor([1.0, 0.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+    # two of four equally: entropy log 2 over log 4
+    assert normalized_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0])).item() == pytest.approx(0.5)
+    plain = MoELayer(16, 32, 4, 1)
+    struct = MoELayer(16, 32, 4, 1, lore=LoREConfig(4, 2, 1))
+    _, aux0 = plain(torch.randn(40, 16))
+    _, aux1 = struct(torch.randn(40, 16))
+    stats = routing_stats([aux0, aux1])
+    assert set(stats) == {"moe/layer0/expert_load_entropy", "moe/layer0/expert_load", "moe/layer1/expert_load_entropy",
+                          "moe/layer1/expert_load", "moe/layer1/lore_load", "moe/layer1/lore_load_entropy"}
+    assert sum(stats["moe/layer0/expert_load"]) == pytest.approx(1.0, abs=1e-4)
+    used = aux1.lore_load_EM.sum(dim=1) > 0
+    expected = normalized_entropy(aux1.lore_load_EM[used]).mean().item()
+    assert stats["moe/layer1/lore_load_entropy"] == pytest.approx(expected)
+    assert 0.0 <= stats["moe/layer1/lore_load_entropy"] <= 1.0
