@@ -11,48 +11,56 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16,
+    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
+    5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16,
 }
 
 
-def code_of(dtype) -> int:
+def code_of(dtype: DTypeLike) -> int:
+    """The `<B` code NeoX stores for a dtype; other dtypes cannot be written in its format."""
     for code, candidate in DTYPE_CODES.items():
         if np.dtype(candidate) == np.dtype(dtype):
             return code
     raise ValueError(f"dtype {dtype} has no GPT-NeoX dtype code")
 
 
-def best_dtype(vocab_size: int):
+def best_dtype(vocab_size: int) -> type[np.integer]:
     """uint16 while every token id fits (NeoX's threshold), else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def dataset_exists(prefix: str) -> bool:
+    """Both halves present: a dataset is only usable with its `.bin` and its `.idx`."""
     return Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file()
 
 
 class IndexedDatasetBuilder:
     """Streams items to `.bin`; `finalize` writes the `.idx`."""
 
-    def __init__(self, bin_path: str, dtype=np.uint16):
+    def __init__(self, bin_path: str, dtype: DTypeLike = np.uint16):
         self.dtype = np.dtype(dtype)
+        code_of(self.dtype)  # fail before writing anything if NeoX cannot store this dtype
         self.bin_file = open(bin_path, "wb")
         self.sizes: list[int] = []
         self.doc_idx: list[int] = [0]
 
-    def add_item(self, tokens) -> None:
+    def add_item(self, tokens: np.ndarray) -> None:
+        """One item (NeoX allows several per document, e.g. sentences)."""
         array = np.asarray(tokens, dtype=self.dtype)
         self.bin_file.write(array.tobytes(order="C"))
         self.sizes.append(array.size)
 
     def end_document(self) -> None:
+        """Closes the current document: doc_idx records how many items exist so far."""
         self.doc_idx.append(len(self.sizes))
 
-    def add_document(self, tokens) -> None:
+    def add_document(self, tokens: np.ndarray) -> None:
+        """The common case: one item that is a whole document."""
         self.add_item(tokens)
         self.end_document()
 
@@ -69,11 +77,13 @@ class IndexedDatasetBuilder:
                 self.bin_file.write(chunk)
 
     def finalize(self, idx_path: str) -> None:
+        """Closes `.bin` and writes the index; the dataset is complete once `.idx` exists."""
         self.bin_file.close()
         write_index(idx_path, self.dtype, self.sizes, self.doc_idx)
 
 
-def write_index(idx_path: str, dtype, sizes: list[int], doc_idx: list[int]) -> None:
+def write_index(idx_path: str, dtype: DTypeLike, sizes: list[int], doc_idx: list[int]) -> None:
+    """Header, then sizes, byte pointers and doc_idx, exactly as NeoX's `MMapIndexedDataset.Index.writer`."""
     sizes_array = np.asarray(sizes, dtype=np.int32)
     pointers = np.zeros(len(sizes), dtype=np.int64)
     if len(sizes) > 1:
@@ -110,6 +120,10 @@ class MMapIndexedDataset:
             (count,) = struct.unpack("<Q", f.read(8))
             (doc_count,) = struct.unpack("<Q", f.read(8))
             header = f.tell()
+        expected = header + count * (4 + 8) + doc_count * 8
+        if Path(idx_path).stat().st_size < expected:
+            raise ValueError(f"{idx_path}: truncated index ({Path(idx_path).stat().st_size} bytes, "
+                             f"expected {expected} for {count} items)")
         index = np.memmap(idx_path, mode="r", order="C")
         self.sizes = np.frombuffer(index, dtype=np.int32, count=count, offset=header)
         self.pointers = np.frombuffer(index, dtype=np.int64, count=count, offset=header + self.sizes.nbytes)
@@ -123,9 +137,12 @@ class MMapIndexedDataset:
         return len(self.sizes)
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens `offset : offset + length` of item i, read without touching the rest of the item."""
         start = int(self.pointers[i]) // self.dtype.itemsize + offset
         length = int(self.sizes[i]) - offset if length is None else length
         return np.asarray(self.tokens[start:start + length])
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.get(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} out of range for a dataset of {len(self)} items")
+        return self.get(i % len(self))
