@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+# Looked up in this order: GPT-NeoX/GPT-2, then Llama-2-style, then Llama-3.
+EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>")
 
 
 class Tokenizer:
+    """What the data pipeline needs: ids in, ids out, and the id that ends a document."""
+
     name: str
     vocab_size: int
     eod_id: int
@@ -32,13 +35,15 @@ class HFTokenizer(Tokenizer):
         vocab = self.tokenizer.get_vocab(with_added_tokens=True)
         eod = next((vocab[t] for t in EOD_CANDIDATES if t in vocab), None)
         if eod is None:
-            raise ValueError(f"vocab_file: {vocab_file} has no end-of-document token (one of {EOD_CANDIDATES})")
+            raise ValueError(f"vocab_file: {vocab_file} has no end-of-document token "
+                             f"(expected one of {', '.join(EOD_CANDIDATES)})")
         self.eod_id = eod
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts per call: far less Python overhead per document during preprocessing."""
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
@@ -95,6 +100,7 @@ class CharLevelTokenizer(Tokenizer):
 
 
 def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str | None = None) -> Tokenizer:
+    """GPT-NeoX's `tokenizer_type` names; every file is local, nothing is downloaded."""
     if tokenizer_type == "CharLevelTokenizer":
         return CharLevelTokenizer()
     if tokenizer_type not in ("HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"):
@@ -113,6 +119,9 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """GPT-NeoX pads the embedding to a multiple of `make_vocab_size_divisible_by` for fast matmuls."""
+    if divisible_by < 1 or vocab_size < 1:
+        raise ValueError(f"padded_vocab_size: expected positive sizes, got vocab_size={vocab_size}, "
+                         f"divisible_by={divisible_by}")
     return -(-vocab_size // divisible_by) * divisible_by
 
 
