@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ log = logging.getLogger("megatron.data")
 
 
 def split_documents(num_documents: int, split: str) -> list[np.ndarray]:
-    """`"969,30,1"` -> three consecutive ranges of document indices in those proportions."""
+    """`"969,30,1"` -> three consecutive ranges of document indices in those proportions (NeoX's rule)."""
     weights = np.array([float(w) for w in split.replace("/", ",").split(",") if w.strip()])
     if len(weights) != 3 or weights.min() < 0 or weights.sum() <= 0:
         raise ValueError(f"split: expected three non-negative weights like '969,30,1', got {split!r}")
@@ -30,6 +32,7 @@ def split_documents(num_documents: int, split: str) -> list[np.ndarray]:
 
 
 def _save_atomically(path: Path, array: np.ndarray) -> None:
+    """Temp file + rename: a concurrent reader or a killed run never sees half an array."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
@@ -37,6 +40,13 @@ def _save_atomically(path: Path, array: np.ndarray) -> None:
 
 
 class GPTDataset:
+    """`num_samples` windows of `seq_length + 1` tokens over the shuffled documents of one split.
+
+    Index arrays (NeoX's doc_idx, sample_idx, shuffle_idx) are cached as `.npy` beside the data; the file
+    names carry the split name, num_samples, seq_length, seed and a digest of the split's documents, so a
+    changed split or rebuilt corpus never reuses stale indices.
+    """
+
     def __init__(
         self,
         name: str,
@@ -50,23 +60,36 @@ class GPTDataset:
     ):
         if len(documents) == 0:
             raise ValueError(f"{data_prefix}: the {name} split has no documents")
+        if seq_length < 1 or num_samples < 1:
+            raise ValueError(f"{data_prefix}: expected seq_length >= 1 and num_samples >= 1, "
+                             f"got {seq_length} and {num_samples}")
         self.data, self.seq_length, self.num_samples = indexed_dataset, seq_length, num_samples
+        documents = np.asarray(documents, dtype=np.int64)
+        digest = zlib.crc32(indexed_dataset.sizes[documents].astype(np.int64).tobytes(),
+                            zlib.crc32(documents.tobytes()))
         cache = Path(cache_dir) if cache_dir else Path(data_prefix).parent
-        stem = f"{Path(data_prefix).name}_{name}_{num_samples}ns_{seq_length}sl_{seed}s"
-        paths = {kind: cache / f"{stem}_{kind}_idx.npy" for kind in ("doc", "sample", "shuffle")}
+        stem = f"{Path(data_prefix).name}_{name}_{num_samples}ns_{seq_length}sl_{seed}s_{digest:08x}"
+        kinds = ("doc", "sample", "shuffle")
+        paths = {kind: cache / f"{stem}_{kind}_idx.npy" for kind in kinds}
+        self.cache_paths = list(paths.values())
         if all(p.is_file() for p in paths.values()):
-            self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k]) for k in ("doc", "sample", "shuffle"))
+            self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k]) for k in kinds)
             return
-        self.doc_idx, self.sample_idx, self.shuffle_idx = self._build(documents, seed)
+        self.doc_idx, self.sample_idx, self.shuffle_idx = self._build(documents, seed, data_prefix, name)
         cache.mkdir(parents=True, exist_ok=True)
-        for kind, array in zip(("doc", "sample", "shuffle"), (self.doc_idx, self.sample_idx, self.shuffle_idx)):
+        for kind, array in zip(kinds, (self.doc_idx, self.sample_idx, self.shuffle_idx)):
             _save_atomically(paths[kind], array)
         log.info("built %s sample index for %s: %d samples over %d epoch(s)", name, data_prefix, num_samples,
                  len(self.doc_idx) // len(documents))
 
-    def _build(self, documents: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _build(
+        self, documents: np.ndarray, seed: int, data_prefix: str, name: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epochs of per-epoch shuffled documents, sample starts every seq_length tokens, a sample order."""
         sizes = self.data.sizes
         tokens_per_epoch = int(sizes[documents].sum())
+        if tokens_per_epoch == 0:
+            raise ValueError(f"{data_prefix}: the {name} split's {len(documents)} documents hold no tokens")
         needed = self.num_samples * self.seq_length + 1
         epochs = max(1, math.ceil(needed / tokens_per_epoch))
         rng = np.random.RandomState(seed)
@@ -83,6 +106,7 @@ class GPTDataset:
         return self.num_samples
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Sample shuffle_idx[i]: it may span several documents (NeoX does not pad at document ends)."""
         position, offset = (int(v) for v in self.sample_idx[self.shuffle_idx[i]])
         remaining, pieces = self.seq_length + 1, []
         while remaining > 0:
@@ -99,6 +123,9 @@ class BlendableDataset:
 
     def __init__(self, datasets: list, weights: list[float], size: int):
         w = np.asarray(weights, dtype=np.float64)
+        if len(w) != len(datasets) or len(w) == 0 or w.min() < 0 or w.sum() <= 0:
+            raise ValueError(f"weights: expected {len(datasets)} non-negative weights with a positive sum, "
+                             f"got {list(weights)}")
         w = w / w.sum()
         counts = np.ceil(w * size).astype(np.int64)
         # Each dataset's k-th sample is due at time (k + 0.5) / weight; merge all by due time.
@@ -117,18 +144,32 @@ class BlendableDataset:
         return dataset[int(self.sample_index[i]) % len(dataset)]
 
 
-def _blend(name, prefixes, weights, documents_of, num_samples, seq_length, seed):
+def _blend(
+    name: str,
+    prefixes: list[str] | None,
+    weights: list[float] | None,
+    documents_of: Callable[[MMapIndexedDataset], np.ndarray],
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+) -> GPTDataset | BlendableDataset | None:
+    """One split over one or several corpora; None when nothing is requested or no corpus has documents."""
     if not prefixes or num_samples <= 0:
         return None
-    weights = weights or [1.0] * len(prefixes)
-    total = sum(weights)
-    parts = []
+    weights = list(weights) if weights else [1.0] * len(prefixes)
+    if len(weights) != len(prefixes):
+        raise ValueError(f"{name} weights: expected {len(prefixes)} weights for {prefixes}, got {weights}")
+    usable = []
     for prefix, weight in zip(prefixes, weights):
         data = MMapIndexedDataset(prefix)
         documents = documents_of(data)
-        if len(documents) == 0:
-            continue
-        wanted = num_samples if len(prefixes) == 1 else math.ceil(num_samples * weight / total * 1.005)
+        if len(documents) > 0 and weight > 0:
+            usable.append((prefix, data, documents, weight))
+    total = sum(u[3] for u in usable)
+    parts = []
+    for prefix, data, documents, weight in usable:
+        # NeoX's 0.5% margin, so the blend never runs past the end of a part.
+        wanted = num_samples if len(usable) == 1 else math.ceil(num_samples * weight / total * 1.005)
         parts.append((GPTDataset(name, prefix, data, documents, wanted, seq_length, seed), weight))
     if not parts:
         return None
