@@ -15,7 +15,9 @@ from megatron.data.preprocess import preprocess
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Alternates 1 and 2 workers each round so drift in machine load hits both alike."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
     times = {1: [], 2: []}
@@ -23,8 +25,8 @@ def main() -> None:
         for _ in range(opts.repeats):
             for workers in (1, 2):
                 start = time.perf_counter()
-                preprocess([str(BUNDLED_CORPORA["shakespeare"])], ["text"], "HFTokenizer", str(BUNDLED_TOKENIZER),
-                           f"{tmp}/w{workers}", workers=workers, progress=False)
+                preprocess([str(BUNDLED_CORPORA["shakespeare"])], ["text"], "HFTokenizer",
+                           str(BUNDLED_TOKENIZER), f"{tmp}/w{workers}", workers=workers, progress=False)
                 times[workers].append(time.perf_counter() - start)
     one, two = statistics.median(times[1]), statistics.median(times[2])
     print(f"1 worker {one:.2f}s, 2 workers {two:.2f}s (median of {opts.repeats}): "

@@ -13,9 +13,13 @@ from megatron.data.preprocess import preprocess
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="comma-separated .jsonl(.gz/.zst), .txt or .parquet files")
-    parser.add_argument("--jsonl-keys", nargs="+", default=["text"], help="fields to tokenize (one dataset each)")
+    """Parses GPT-NeoX's preprocess_data.py arguments and runs `megatron.data.preprocess.preprocess`."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True,
+                        help="comma-separated .jsonl(.gz/.zst), .txt or .parquet files")
+    parser.add_argument("--jsonl-keys", nargs="+", default=["text"],
+                        help="fields to tokenize (one dataset each)")
     parser.add_argument("--tokenizer-type", required=True,
                         choices=["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"])
     parser.add_argument("--vocab-file", default=None)
@@ -23,11 +27,13 @@ def main() -> None:
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--log-interval", type=int, default=1000, help="kept for GPT-NeoX compatibility")
+    parser.add_argument("--log-interval", type=int, default=1000,
+                        help="documents between progress-bar updates")
     args = parser.parse_args()
     start = time.perf_counter()
     prefixes = preprocess(args.input.split(","), args.jsonl_keys, args.tokenizer_type, args.vocab_file,
-                          args.output_prefix, append_eod=args.append_eod, workers=args.workers)
+                          args.output_prefix, append_eod=args.append_eod, workers=args.workers,
+                          log_interval=args.log_interval)
     for key, prefix in prefixes.items():
         print(f"{key}: {prefix}.bin / {prefix}.idx")
     print(f"done in {time.perf_counter() - start:.1f}s")

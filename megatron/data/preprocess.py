@@ -8,6 +8,7 @@ knob for parallelism.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from megatron.data.tokenizer import Tokenizer, build_tokenizer
 
-CHUNK = 64
+CHUNK = 16
 _worker_tokenizer: Tokenizer | None = None
 _worker_options: tuple = (True, np.uint16)
 
@@ -42,9 +43,13 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
         if path.endswith(".gz"):
             handle = gzip.open(path, "rt", encoding="utf-8")
         elif path.endswith(".zst"):
-            import zstandard
+            try:
+                import zstandard
+            except ImportError:
+                raise ValueError(f"--input: {path}: reading .zst needs the zstandard package") from None
 
-            handle = __import__("io").TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+            handle = io.TextIOWrapper(reader, encoding="utf-8")
         else:
             handle = open(path, encoding="utf-8")
         with handle:
@@ -55,12 +60,18 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
                 missing = [k for k in keys if k not in record]
                 if missing:
                     raise KeyError(f"{path}:{line_no}: jsonl record has no key {missing[0]!r}")
+                bad = [k for k in keys if not isinstance(record[k], str)]
+                if bad:
+                    raise ValueError(f"{path}:{line_no}: key {bad[0]!r} holds "
+                                     f"{type(record[bad[0]]).__name__}, expected a string")
                 yield {key: record[key] for key in keys}
         return
-    raise ValueError(f"--input: {path}: unsupported file type (expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet)")
+    raise ValueError(f"--input: {path}: unsupported file type "
+                     "(expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet)")
 
 
-def _init_worker(tokenizer_type: str, vocab_file: str | None, append_eod: bool, dtype) -> None:
+def _init_worker(tokenizer_type: str, vocab_file: str | None, append_eod: bool, dtype: type) -> None:
+    """Each worker builds its own tokenizer once (tokenizers are not shared across processes)."""
     global _worker_tokenizer, _worker_options
     _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file)
     _worker_options = (append_eod, dtype)
@@ -79,6 +90,7 @@ def _encode_chunk(chunk: list[dict[str, str]]) -> list[dict[str, np.ndarray]]:
 
 
 def _chunks(inputs: list[str], keys: list[str]) -> Iterator[list[dict[str, str]]]:
+    """CHUNK documents per task: enough work per message that pickling stays cheap."""
     chunk = []
     for path in inputs:
         for doc in read_documents(path, keys):
@@ -99,8 +111,13 @@ def preprocess(
     append_eod: bool = True,
     workers: int = 1,
     progress: bool = True,
+    log_interval: int = 1000,
 ) -> dict[str, str]:
     """Writes `{output_prefix}_{key}_document.bin/.idx` per key; returns the dataset prefix of each key."""
+    if workers < 1:
+        raise ValueError(f"--workers: expected at least 1, got {workers}")
+    if not inputs or not keys:
+        raise ValueError(f"preprocess: expected input files and jsonl keys, got inputs={inputs}, keys={keys}")
     for path in inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--input: {path} does not exist")
@@ -110,11 +127,11 @@ def preprocess(
     prefixes = {key: f"{output_prefix}_{key}_document" for key in keys}
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     builders = {key: IndexedDatasetBuilder(f"{prefixes[key]}.bin", dtype) for key in keys}
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0)
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0, miniters=log_interval)
     if workers > 1:
         init_args = (tokenizer_type, vocab_file, append_eod, dtype)
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
-        results = pool.imap(_encode_chunk, _chunks(inputs, keys), chunksize=4)
+        results = pool.imap(_encode_chunk, _chunks(inputs, keys), chunksize=1)
     else:
         pool = None
         _init_worker(tokenizer_type, vocab_file, append_eod, dtype)
