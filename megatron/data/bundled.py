@@ -15,13 +15,16 @@ BUNDLED_CORPORA = {"shakespeare": BUNDLED_DIR / "shakespeare.jsonl.gz"}
 BUNDLED_TOKENIZER = BUNDLED_DIR / "shakespeare_tokenizer.json"
 
 
-def ensure_bundled_dataset(name: str, dataset_prefix: str, tokenizer_type: str, vocab_file: str | None) -> str:
+def ensure_bundled_dataset(
+    name: str, dataset_prefix: str, tokenizer_type: str, vocab_file: str | None
+) -> str:
     """Makes `dataset_prefix.bin/.idx` from a bundled corpus unless they exist; returns the prefix.
 
     The files are built under temporary names and renamed, so an interrupted run leaves nothing half-made.
     """
     if name not in BUNDLED_CORPORA:
-        raise ValueError(f"prepare_data: unknown bundled corpus {name!r} (expected one of {sorted(BUNDLED_CORPORA)})")
+        raise ValueError(f"prepare_data: unknown bundled corpus {name!r} "
+                         f"(expected one of {sorted(BUNDLED_CORPORA)})")
     if dataset_exists(dataset_prefix):
         return dataset_prefix
     target = Path(dataset_prefix)
