@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -134,3 +135,32 @@ def test_interrupted_bundled_build_leaves_no_files(tmp_path: Path, monkeypatch: 
     with pytest.raises(KeyboardInterrupt):
         ensure_bundled_dataset("shakespeare", str(tmp_path / "shk"), "CharLevelTokenizer", None)
     assert list(tmp_path.iterdir()) == []
+
+
+def _build_script() -> ModuleType:
+    """tools/ is not a package: load the build script by path."""
+    import importlib.util
+
+    path = REPO / "tools" / "build_bundled_corpus.py"
+    spec = importlib.util.spec_from_file_location("build_bundled_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_script_dedup_boilerplate_and_scenes(tmp_path: Path) -> None:
+    script = _build_script()
+    assert len(script.FOLIO_TWINS) == 35
+    assert script.FOLIO_TWINS["twelfe-night_gut_f"] == "twelfth_night_gut"
+    (tmp_path / "hamlet_gut.txt").write_text("x")
+    (tmp_path / "hamlet_gut_f.txt").write_text("x")
+    assert [p.name for p in script.modern_texts(tmp_path)] == ["hamlet_gut.txt"]
+    (tmp_path / "lost_play_gut_f.txt").write_text("x")
+    with pytest.raises(SystemExit, match="lost_play_gut_f.txt: folio copy not in FOLIO_TWINS"):
+        script.modern_texts(tmp_path)
+    raw = ("Header text\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\nBody line\n"
+           "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nlicence")
+    assert script.strip_boilerplate(raw) == "Body line"
+    play = "Title\n\nSCENE I. A hall.\n" + "a" * 300 + "\n\nSCENE II. A room.\n" + "b" * 300
+    parts = script.split_work(play)
+    assert [p[1][:8] for p in parts] == ["SCENE I.", "SCENE II"]
