@@ -14,10 +14,11 @@ import torch
 from megatron.config import ConfigError, check_data_files, load_config, parse_command_line
 from megatron.parallel import destroy, init_distributed
 from megatron.parallel.distributed import ranks_from_env
+from megatron.parallel.mesh import build_parallel_dims
 from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
-from megatron.training.trainer import Trainer, TrainResult, seed_everything
+from megatron.training.trainer import Trainer, TrainResult, rank_seed, seed_everything
 
 log = logging.getLogger("megatron")
 
@@ -29,15 +30,18 @@ def run(argv: list[str]) -> TrainResult:
     args = load_config(config_paths, overrides, data_parallel_size=world_size)
     check_data_files(args)
     dist_info = init_distributed(args.device)
+    dims = build_parallel_dims(dist_info, args.moe_expert_parallel_size)
     if dist_info.is_main:
         log.info("resolved config:\n%s", args.to_yaml())
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same on every rank: the same initial weights
     if dist_info.device.type == "cpu":
         torch.set_float32_matmul_precision("highest")
         keep_freed_memory_in_process()
-    task = LMTask(args, dist_info)
+    task = LMTask(args, dist_info, dims.expert_parallel())
+    seed_everything(rank_seed(args.seed, dist_info.rank))  # then a stream per rank (dropout, jitter)
     n_params = sum(p.numel() for p in task.model.parameters())
-    log.info("model: %.2fM parameters on %s, %d rank(s)", n_params / 1e6, dist_info.device, dist_info.world_size)
+    log.info("model: %.2fM parameters on rank 0 of %s (%d rank(s), expert-parallel %d, ZeRO stage %d)",
+             n_params / 1e6, dist_info.device, dist_info.world_size, dims.ep_size, args.zero_stage)
     metrics = MetricsLogger(
         enabled=dist_info.is_main,
         log_dir=args.log_dir,
@@ -49,7 +53,7 @@ def run(argv: list[str]) -> TrainResult:
         run_config=args.to_dict(),
     )
     try:
-        return Trainer(task, args, dist_info, metrics).train()
+        return Trainer(task, args, dist_info, metrics, dims).train()
     finally:
         metrics.close()
         destroy()

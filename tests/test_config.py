@@ -87,7 +87,26 @@ def test_real_neox_config_loads_with_ignored_keys_reported():
     assert args.lr == 0.0006 and args.min_lr == 0.00006 and args.no_weight_tying
     assert args.data_path == "./data/enwik8/enwik8_text_document"
     assert args.tokenizer_type == "GPT2BPETokenizer"
-    assert {"zero_optimization", "bias_gelu_fusion", "model_parallel_size"} <= set(args.ignored_keys)
+    assert args.zero_stage == 1  # zero_optimization.stage maps onto FSDP2; its bucket settings do not
+    assert {"zero_optimization.allgather_bucket_size", "bias_gelu_fusion", "model_parallel_size"} <= set(
+        args.ignored_keys)
+
+
+@pytest.mark.parametrize("text, world, message", [
+    ("moe_num_experts: 4\nmoe_expert_parallel_size: 3\n", 4, "must divide the number of ranks 4"),
+    ("moe_num_experts: 2\nmoe_expert_parallel_size: 4\n", 4, "every EP rank must hold at least one expert"),
+    ("moe_expert_parallel_size: 2\n", 2, "needs an MoE model"),
+    ("zero_optimization: {stage: 4}\n", 1, "zero_stage: input should be less than or equal to 3"),
+    ("zero_optimization: {stage: 1}\nzero_stage: 3\n", 1, "zero_optimization.stage contradicts zero_stage"),
+])
+def test_layout_errors_name_the_key(tmp_path, text, world, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([write(tmp_path, "p.yml", text)], data_parallel_size=world)
+
+
+def test_uneven_expert_parallelism_is_accepted():
+    args = load_config([], ["--moe_num_experts", "21", "--moe_expert_parallel_size", "8"], data_parallel_size=16)
+    assert args.moe_expert_parallel_size == 8 and args.zero_stage == 0
 
 
 def test_unsupported_parallelism_and_contradicting_precision(tmp_path):

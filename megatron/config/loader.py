@@ -20,13 +20,13 @@ COMMAND_LINE = "command line"
 
 # GPT-NeoX keys for features this framework does not have: accepted, reported, never used.
 IGNORED_NEOX_KEYS = frozenset({
-    "zero_optimization", "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
+    "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
     "bias_gelu_fusion", "bias_dropout_fusion", "rope_fusion", "fp32_allreduce", "partition_activations",
     "synchronize_each_layer", "contiguous_checkpointing", "checkpoint_num_layers", "checkpoint_in_cpu",
     "wall_clock_breakdown", "steps_per_print", "launcher", "hostfile", "include", "exclude",
     "num_gpus", "num_nodes", "master_port", "master_addr", "deepspeed", "deepspeed_mpi",
     "deepspeed_slurm", "sparsity_config", "sequence_parallel", "distributed_backend",
-    "gradient_predivide_factor", "zero_stage", "zero_reduce_scatter", "zero_contiguous_gradients",
+    "gradient_predivide_factor", "zero_reduce_scatter", "zero_contiguous_gradients",
     "zero_reduce_bucket_size", "zero_allgather_bucket_size", "lr_decay_iters_ignored",
     "use_checkpoint_lr_scheduler", "override_lr_scheduler", "no_load_optim", "no_load_rng",
     "memory_profiling", "profile", "comment", "git_hash", "use_shared_fs", "amp", "autotuning",
@@ -122,6 +122,16 @@ def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[
             if size not in (0, 1):
                 raise ConfigError(f"{origin[key]}: {key}: {size} is not supported (only data and expert parallelism)")
             ignored.append(key)
+    if "zero_optimization" in values:  # DeepSpeed's block: its stage maps onto FSDP2; bucket sizes etc. do not
+        section = values.pop("zero_optimization") or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{origin['zero_optimization']}: zero_optimization: expected a mapping with 'stage'")
+        if "stage" in section:
+            if "zero_stage" in values and values["zero_stage"] != section["stage"]:
+                raise ConfigError(f"{origin['zero_optimization']}: zero_optimization.stage contradicts zero_stage")
+            values["zero_stage"] = section["stage"]
+            origin.setdefault("zero_stage", origin["zero_optimization"])
+        ignored += [f"zero_optimization.{k}" for k in sorted(section) if k != "stage"]
     for key, precision in (("fp16", "fp16"), ("bf16", "bfloat16")):
         if key not in values:
             continue
@@ -195,7 +205,7 @@ def fill_batch_sizes(values: dict[str, Any], dp: int) -> None:
         values["train_batch_size"] = micro * accum * dp
 
 
-def check_combinations(args: NeoXArgs) -> None:
+def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"hidden_size {args.hidden_size} is not divisible by num_attention_heads "
                           f"{args.num_attention_heads}")
@@ -219,6 +229,15 @@ def check_combinations(args: NeoXArgs) -> None:
         if weights is not None and (paths is None or len(paths) != len(weights)):
             raise ConfigError(f"{split}_data_weights has {len(weights)} entries but {split}_data_paths has "
                               f"{len(paths or [])}")
+    if args.moe_expert_parallel_size > 1:
+        ep = args.moe_expert_parallel_size
+        if not args.is_moe:
+            raise ConfigError(f"moe_expert_parallel_size {ep} needs an MoE model (moe_num_experts > 1)")
+        if ep > args.moe_num_experts:
+            raise ConfigError(f"moe_expert_parallel_size {ep} > moe_num_experts {args.moe_num_experts}: "
+                              "every EP rank must hold at least one expert")
+        if data_parallel_size % ep:
+            raise ConfigError(f"moe_expert_parallel_size {ep} must divide the number of ranks {data_parallel_size}")
     if args.prepare_data and not args.data_path:
         raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
 
@@ -247,7 +266,7 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
     args.intermediate_size = args.intermediate_size or 4 * args.hidden_size
     args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.intermediate_size
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
-    check_combinations(args)
+    check_combinations(args, data_parallel_size)
     if ignored:
         log.warning("ignoring GPT-NeoX keys for features this framework does not have: %s", ", ".join(ignored))
     object.__setattr__(args, "ignored_keys", ignored)

@@ -72,6 +72,7 @@ class MoEArgs(Strict):
     moe_zloss_coeff: float = Field(0.0, ge=0)
     moe_renormalize_weights: bool = False
     moe_impl: Literal["native", "megablocks"] = "native"
+    moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
     moe_ffn_hidden_size: int | None = None
     lore_num_experts: int = Field(0, ge=0)
     lore_rank: int = Field(0, ge=0)
@@ -103,6 +104,7 @@ class TrainingArgs(Strict):
     log_interval: int = Field(10, ge=1)
     exit_interval: int | None = None  # NeoX: stop after this many steps of this run (a checkpoint is saved)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
 
     @field_validator("precision", mode="before")
     @classmethod

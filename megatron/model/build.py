@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from megatron.model.gpt import GPTConfig, MoESettings
 from megatron.model.moe import LoREConfig
+from megatron.parallel.expert_parallel import ExpertParallel
 
 
-def moe_settings_from_args(args) -> MoESettings | None:
+def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) -> MoESettings | None:
     if args.moe_num_experts <= 1:
         return None
     lore = None
@@ -28,10 +29,11 @@ def moe_settings_from_args(args) -> MoESettings | None:
         lbl_in_fp32=args.moe_lbl_in_fp32,
         impl=args.moe_impl,
         lore=lore,
+        expert_parallel=expert_parallel,
     )
 
 
-def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
+def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertParallel | None = None) -> GPTConfig:
     return GPTConfig(
         vocab_size=padded_vocab_size,
         num_layers=args.num_layers,
@@ -56,5 +58,5 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         attention_dropout=args.attention_dropout,
         checkpoint_activations=args.checkpoint_activations,
         attention_impl=args.attention_impl,
-        moe=moe_settings_from_args(args),
+        moe=moe_settings_from_args(args, expert_parallel),
     )

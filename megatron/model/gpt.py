@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.moe import LoREConfig, MoEAux, MoELayer
 from megatron.model.moe.experts import ACTIVATIONS
+from megatron.parallel.expert_parallel import ExpertParallel
 
 
 @dataclass
@@ -34,6 +35,7 @@ class MoESettings:
     lbl_in_fp32: bool = False
     impl: str = "native"
     lore: LoREConfig | None = None
+    expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 1 and (layer_idx + 1) % self.expert_interval == 0
@@ -184,6 +186,7 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float)
         init_std=std,
         output_init_std=out_std,
         impl=moe.impl,
+        expert_parallel=moe.expert_parallel,
     )
 
 

@@ -1,10 +1,13 @@
 """Atomic checkpoints in GPT-NeoX's layout: `SAVE/global_stepN/` and `SAVE/latest` naming the newest.
 
-Model and optimizer go through torch.distributed.checkpoint (DCP), so the same code serves one
-process, DDP and (later) sharded FSDP states. Each rank also writes a small `rank{r}.pt` with what
-only it knows (RNG states, data position). A checkpoint is first written to a hidden temporary
-folder, fsynced, then renamed; `latest` is replaced last, so a crash at any moment leaves the
-previous checkpoint and `latest` intact.
+Model and optimizer go through torch.distributed.checkpoint (DCP): every rank writes and reads only
+its own shards, in parallel, and nothing is gathered on one rank. A checkpoint loads into any layout
+(world size, expert-parallel size, ZeRO stage): DCP reshards plain and FSDP-sharded tensors by their
+global shapes, and expert tensors, whose stacked shape depends on how many experts a rank holds, are
+stored as one entry per global expert (`...experts.w_up_EDF/expert5`), which every layout agrees on.
+Each rank also writes a small `rank{r}.pt` with what only it knows (RNG states). A checkpoint is first
+written to a hidden temporary folder, fsynced, then renamed; `latest` is replaced last, so a crash at
+any moment leaves the previous checkpoint and `latest` intact.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from megatron.parallel import DistInfo, barrier
+from megatron.parallel.data_parallel import expert_parameter_names
 
 log = logging.getLogger("megatron.checkpoint")
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -48,6 +53,46 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     _fsync_path(path.parent)
 
 
+def _expert_block(tensor: torch.Tensor, index: int, num_local: int) -> torch.Tensor:
+    """Expert `index`'s block of rows of a stacked expert tensor, as a view (so DCP loads in place)."""
+    rows = tensor.shape[0] // num_local
+    if not isinstance(tensor, DTensor):
+        return tensor[index * rows:(index + 1) * rows]
+    if any(getattr(p, "dim", None) == 0 for p in tensor.placements):
+        raise ValueError("expert tensors must not be sharded along the expert dimension")
+    shape = torch.Size((rows, *tensor.shape[1:]))
+    block = tensor.to_local()[index * rows:(index + 1) * rows]
+    return DTensor.from_local(block, tensor.device_mesh, tensor.placements, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _split_experts(values: dict[str, Any], experts: dict[str, range]) -> dict[str, Any]:
+    """The same entries, with every stacked expert tensor split into one entry per global expert."""
+    out = {}
+    for key, value in values.items():
+        ids = experts.get(key)
+        if ids is None:
+            out[key] = value
+        elif isinstance(value, dict):  # an optimizer's per-parameter state: exp_avg, exp_avg_sq, step
+            for i, expert in enumerate(ids):
+                out[f"{key}/expert{expert}"] = {
+                    name: _expert_block(t, i, len(ids)) if torch.is_tensor(t) and t.ndim > 0 else t
+                    for name, t in value.items()
+                }
+        else:
+            for i, expert in enumerate(ids):
+                out[f"{key}/expert{expert}"] = _expert_block(value, i, len(ids))
+    return out
+
+
+def layout_free_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, what DCP writes/reads): the last views the first two per expert."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    experts = expert_parameter_names(model)
+    optim_view = {**optim_state, "state": _split_experts(optim_state["state"], experts)}
+    return model_state, optim_state, {"model": _split_experts(model_state, experts), "optim": optim_view}
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -67,8 +112,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    _, _, state = layout_free_state(model, optimizer)
+    dcp.save(state, checkpoint_id=tmp)
     with open(tmp / f"rank{dist_info.rank}.pt", "wb") as f:
         torch.save(rank_state, f)
         f.flush()
@@ -128,13 +173,15 @@ def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, dist_info: DistInfo
 ) -> dict[str, Any]:
     """Loads model and optimizer in place; returns this rank's saved state (RNG, step, data position)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    model_state, optim_state, state = layout_free_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)  # in place, into views of model_state and optim_state
+    optim_state["param_groups"] = state["optim"]["param_groups"]
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     rank_file = path / f"rank{dist_info.rank}.pt"
-    if not rank_file.is_file():
-        log.warning("%s has no state for rank %d (saved with another world size); using rank 0's",
-                    path, dist_info.rank)
-        rank_file = path / "rank0.pt"
-    return torch.load(rank_file, weights_only=False)
+    if rank_file.is_file():
+        return torch.load(rank_file, weights_only=False)
+    log.info("%s has no state for rank %d (saved with another world size): rank 0's step and data "
+             "position, a fresh random stream", path, dist_info.rank)
+    state = torch.load(path / "rank0.pt", weights_only=False)
+    state["rng"] = None
+    return state

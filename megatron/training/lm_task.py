@@ -20,8 +20,16 @@ from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
+from megatron.parallel.expert_parallel import ExpertParallel
 
 log = logging.getLogger("megatron.lm")
+
+
+def share_per_expert(load_EM: torch.Tensor) -> torch.Tensor:
+    """Rows rescaled to sum to 1: the mean LoRE shares over the micro-batches and ranks that gave the
+    expert rows (with expert parallelism, only the ranks holding it do)."""
+    totals = load_EM.sum(dim=1, keepdim=True)
+    return torch.where(totals > 0, load_EM / totals.clamp_min(1e-12), load_EM)
 
 
 class RoutingAccumulator:
@@ -53,7 +61,7 @@ class RoutingAccumulator:
             dataclasses.replace(
                 aux,
                 expert_load_E=all_reduce_mean(load / self.count),
-                lore_load_EM=None if lore is None else all_reduce_mean(lore / self.count),
+                lore_load_EM=None if lore is None else share_per_expert(all_reduce_mean(lore)),
             )
             for aux, load, lore in zip(self.last, self.expert_load, self.lore_load)
         ]
@@ -62,7 +70,7 @@ class RoutingAccumulator:
 
 
 class LMTask:
-    def __init__(self, args, dist_info: DistInfo):
+    def __init__(self, args, dist_info: DistInfo, expert_parallel: ExpertParallel | None = None):
         self.args, self.dist = args, dist_info
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
         if args.prepare_data:
@@ -70,7 +78,7 @@ class LMTask:
                 ensure_bundled_dataset(args.prepare_data, args.data_path, args.tokenizer_type, args.vocab_file)
             barrier()
         vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
-        self.model: nn.Module = GPT(gpt_config_from_args(args, vocab))
+        self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
         self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
         self.global_batch = args.train_batch_size

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from megatron.parallel import DistInfo, all_reduce_mean
+from megatron.parallel.data_parallel import ParallelModel
+from megatron.parallel.mesh import ParallelDims
 from megatron.training import checkpoint as ckpt
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
@@ -57,19 +58,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A distinct random stream per rank (dropout, jitter) after the shared-seed model init."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
 class Trainer:
-    def __init__(self, task: Task, args, dist_info: DistInfo, metrics: MetricsLogger):
+    def __init__(self, task: Task, args, dist_info: DistInfo, metrics: MetricsLogger, dims: ParallelDims | None = None):
         self.task, self.args, self.dist, self.metrics = task, args, dist_info, metrics
         self.device = dist_info.device
         self.model = task.model.to(self.device)
-        opt = args.optimizer.params
+        dims = dims or ParallelDims(dist_info.world_size, 1, dist_info.rank)
+        param_dtype = torch.bfloat16 if args.precision == "bfloat16" and self.device.type == "cuda" else None
+        self.parallel = ParallelModel(self.model, dims, args.zero_stage, param_dtype,
+                                      task.ddp_find_unused_parameters)
+        opt = args.optimizer.params  # built after sharding: FSDP2 turns the parameters into DTensors
         self.optimizer = build_optimizer(
             self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device
-        )
-        self.ddp_model = (
-            DistributedDataParallel(self.model, find_unused_parameters=task.ddp_find_unused_parameters)
-            if dist_info.is_distributed
-            else self.model
         )
         self.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
@@ -93,7 +98,10 @@ class Trainer:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.dist)
         self.step = state["step"]
         self.task.load_state_dict(state["task"])
-        restore_rng_state(state["rng"])
+        if state.get("rng") is not None:
+            restore_rng_state(state["rng"])
+        else:  # saved with another world size: a fresh stream per rank, a function of seed, rank and step
+            seed_everything(rank_seed(self.args.seed, self.dist.rank, self.step))
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -117,23 +125,20 @@ class Trainer:
         lr = lr_at(self.step + 1, args.optimizer.params.lr, args.min_lr, self.warmup_iters,
                    args.lr_decay_iters, args.lr_decay_style)
         set_lr(self.optimizer, lr)
-        self.ddp_model.train()
+        self.parallel.module.train()
         accum = args.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = self.task.train_batch(self.step, micro)
-            sync = micro == accum - 1 or not self.dist.is_distributed
-            no_sync = contextlib.nullcontext() if sync else self.ddp_model.no_sync()
-            with no_sync:
+            with self.parallel.gradient_sync(enabled=micro == accum - 1):
                 with self.autocast():
-                    loss, step_metrics = self.task.loss(self.ddp_model, batch)
+                    loss, step_metrics = self.task.loss(self.parallel.module, batch)
                 self.scaler.scale(loss / accum).backward()
             for key, value in step_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+        self.parallel.reduce_gradients()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), args.gradient_clipping if args.gradient_clipping > 0 else float("inf")
-        )
+        grad_norm = self.parallel.clip_grad_norm_(args.gradient_clipping)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -144,7 +149,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        self.ddp_model.eval()
+        self.parallel.module.eval()
         with torch.no_grad(), self.autocast():
             return self.task.evaluate(self.model)
 

@@ -1,6 +1,7 @@
 """Token dispatchers: group token slots by expert, and put expert outputs back in token order.
 
-Shape legend: T tokens, K slots per token, N = T*K sorted rows, D hidden, E experts.
+Shape legend: T tokens, K slots per token, N = T*K sorted rows, D hidden, E experts, L experts on this
+rank, S source ranks.
 
 A dispatch is two steps kept apart on purpose: a *permutation* (sort the T*K token slots by expert, a
 stable argsort, so rows of one expert are contiguous and keep token order) and an *exchange* (move the
@@ -12,10 +13,18 @@ parallelism code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from megatron.model.moe.router import Routing
+from megatron.parallel.expert_parallel import (
+    ExpertParallel,
+    all_gather_counts,
+    all_to_all,
+    experts_per_rank,
+    source_to_expert_major,
+)
 
 
 @dataclass
@@ -25,18 +34,15 @@ class DispatchContext:
     token_of_row_N: torch.Tensor  # which token each sorted row came from
     weight_of_row_N: torch.Tensor  # that slot's gate value
     num_tokens: int
+    exchange: Any = None  # what the exchange needs to undo itself (kept here, not on the dispatcher,
+    # so that activation checkpointing's recomputed forward pairs with its own combine)
 
 
-def sort_by_expert(
-    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, DispatchContext]:
-    """The permutation step: token of each expert-sorted row, its gate, and the rows per expert."""
+def sort_by_expert(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> DispatchContext:
+    """The permutation step: the token of each expert-sorted row, and its gate."""
     top_k = expert_ids_TK.shape[1]
-    flat_ids_N = expert_ids_TK.flatten()
-    order_N = torch.argsort(flat_ids_N, stable=True)
-    tokens_per_expert_E = torch.bincount(flat_ids_N, minlength=num_experts)
-    ctx = DispatchContext(order_N // top_k, weights_TK.flatten()[order_N], expert_ids_TK.shape[0])
-    return tokens_per_expert_E, ctx
+    order_N = torch.argsort(expert_ids_TK.flatten(), stable=True)
+    return DispatchContext(order_N // top_k, weights_TK.flatten()[order_N], expert_ids_TK.shape[0])
 
 
 class TokenDispatcher:
@@ -45,30 +51,76 @@ class TokenDispatcher:
     def dispatch(
         self, x_TD: torch.Tensor, routing: Routing
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Returns the rows sorted by expert, the rows per expert [E], and the context for `combine`."""
-        num_experts = routing.probs_TE.shape[-1]
-        tokens_per_expert_E, ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK, num_experts)
+        """Returns the rows of this rank's experts grouped by expert, their counts [L], and the context."""
+        ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK)
         x_ND = x_TD.index_select(0, ctx.token_of_row_N)
-        return (*self.exchange(x_ND, tokens_per_expert_E), ctx)
+        x_ND, tokens_per_local_expert_L, ctx.exchange = self.exchange(x_ND, routing.tokens_per_expert_E)
+        return x_ND, tokens_per_local_expert_L, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Brings rows back, weights each by its gate and sums every token's K rows: [T, D]."""
-        y_ND = self.exchange_back(y_ND)
+        y_ND = self.exchange_back(y_ND, ctx.exchange)
         weighted_ND = y_ND * ctx.weight_of_row_N.unsqueeze(1)
         return y_ND.new_zeros(ctx.num_tokens, y_ND.shape[1]).index_add(0, ctx.token_of_row_N, weighted_ND)
 
-    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Rows sorted by expert -> rows of this rank's experts (grouped by expert), their counts, and state."""
         raise NotImplementedError
 
-    def exchange_back(self, y_ND: torch.Tensor) -> torch.Tensor:
+    def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
         raise NotImplementedError
 
 
 class LocalDispatcher(TokenDispatcher):
     """No exchange: every expert lives in this process (the baseline the parallel variants vary)."""
 
-    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x_ND, tokens_per_expert_E
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return x_ND, tokens_per_expert_E, None
 
-    def exchange_back(self, y_ND: torch.Tensor) -> torch.Tensor:
+    def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
         return y_ND
+
+
+@dataclass
+class _AllToAllState:
+    send_splits: list[int]  # rows this rank sends to each EP rank
+    recv_splits: list[int]  # rows it receives from each
+    expert_major_order: torch.Tensor  # received rows -> rows grouped by local expert
+
+
+class AllToAllDispatcher(TokenDispatcher):
+    """Expert parallelism: rows travel to the EP rank that holds their expert, and back after the experts.
+
+    First the per-expert row counts are exchanged (one all-gather of E integers per rank), then the rows
+    with one `all_to_all_single` of uneven splits, differentiable (its backward is the reverse exchange).
+    Received rows arrive grouped by source rank and are regrouped by local expert, so the experts see
+    exactly what the local dispatcher would give them. Dropless: every row is sent, none is dropped.
+
+    Host syncs (on GPUs): the split sizes go to the host once per dispatch (`.tolist()`), because
+    `all_to_all_single` takes its split sizes as Python integers; the counts for the experts stay on the device.
+    """
+
+    def __init__(self, expert_parallel: ExpertParallel, num_experts: int):
+        self.group = expert_parallel.group
+        self.local_experts = expert_parallel.local_experts(num_experts)
+        self.experts_per_rank = experts_per_rank(num_experts, expert_parallel.size)
+
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        counts_SE = all_gather_counts(tokens_per_expert_E, self.group)
+        counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
+        rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
+        send_splits, recv_splits = rows_per_rank_P.tolist(), counts_SL.sum(dim=1).tolist()  # the host sync
+        received_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        order = source_to_expert_major(counts_SL)
+        state = _AllToAllState(send_splits, recv_splits, order)
+        return received_ND.index_select(0, order), counts_SL.sum(dim=0), state
+
+    def exchange_back(self, y_ND: torch.Tensor, state: _AllToAllState) -> torch.Tensor:
+        received_order_ND = torch.empty_like(y_ND).index_copy(0, state.expert_major_order, y_ND)
+        return all_to_all(received_order_ND, state.send_splits, state.recv_splits, self.group)
+
+
+def build_dispatcher(expert_parallel: ExpertParallel | None, num_experts: int) -> TokenDispatcher:
+    if expert_parallel is None or expert_parallel.size == 1:
+        return LocalDispatcher()
+    return AllToAllDispatcher(expert_parallel, num_experts)

@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
+def normal_init_slice(shape: tuple[int, ...], std: float, rows: range | None = None) -> torch.Tensor:
+    """N(0, std^2) draws for the full `shape`, keeping only `rows` of dim 0 (this rank's experts).
+
+    Drawing the full tensor and slicing it makes every layout start from the weights one rank would
+    have: the same random stream, consumed the same way, whatever the expert-parallel size.
+    """
+    full = torch.empty(shape)
+    nn.init.normal_(full, std=std)
+    return full if rows is None or len(rows) == shape[0] else full[rows.start:rows.stop].clone()
+
+
 class _GroupedMM(torch.autograd.Function):
     """F.grouped_mm with a backward that accepts any incoming gradient.
 
@@ -116,7 +127,11 @@ def accumulate_grouped_matmul(
 
 
 class GroupedExperts(nn.Module):
-    """E two-layer MLPs, `act(x W_up[e]) W_down[e]`, over rows grouped by expert (dropless)."""
+    """E two-layer MLPs, `act(x W_up[e]) W_down[e]`, over rows grouped by expert (dropless).
+
+    With expert parallelism the module holds only `local_experts` (a range of the E global ids); its
+    weights' leading dimension runs over those.
+    """
 
     def __init__(
         self,
@@ -127,14 +142,15 @@ class GroupedExperts(nn.Module):
         init_std: float = 0.02,
         output_init_std: float = 0.02,
         use_grouped_mm: bool | None = None,
+        local_experts: range | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation: {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
-        self.w_down_EFD = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
-        nn.init.normal_(self.w_up_EDF, std=init_std)
-        nn.init.normal_(self.w_down_EFD, std=output_init_std)
+        self.local_experts = range(num_experts) if local_experts is None else local_experts
+        d, f = hidden_size, ffn_hidden_size
+        self.w_up_EDF = nn.Parameter(normal_init_slice((num_experts, d, f), init_std, self.local_experts))
+        self.w_down_EFD = nn.Parameter(normal_init_slice((num_experts, f, d), output_init_std, self.local_experts))
         self.act = ACTIVATIONS[activation]
         self.use_grouped_mm = use_grouped_mm  # None: grouped_mm where available, False: the loop
 

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from megatron.model.moe.dispatcher import LocalDispatcher
+from megatron.model.moe.dispatcher import build_dispatcher
 from megatron.model.moe.experts import GroupedExperts
 from megatron.model.moe.lore import LoREBank, LoREConfig
 from megatron.model.moe.router import TopKRouter
+from megatron.parallel.expert_parallel import ExpertParallel
 
 
 @dataclass
@@ -24,7 +26,8 @@ class MoEAux:
     z_loss: torch.Tensor
     lore_balancing_loss: torch.Tensor
     expert_load_E: torch.Tensor  # share of token-assignments per expert (detached)
-    lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached)
+    lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached); all-zero rows
+    # for experts that got no rows here (with expert parallelism, every expert held on another rank)
 
 
 def moe_param_counts(
@@ -57,37 +60,55 @@ class MoELayer(nn.Module):
         init_std: float = 0.02,
         output_init_std: float = 0.02,
         impl: str = "native",
-        dispatcher=None,
         use_grouped_mm: bool | None = None,
+        expert_parallel: ExpertParallel | None = None,
     ):
+        """With `expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
+        exchanges rows with the other EP ranks; the router stays whole (every rank routes its own tokens)."""
         super().__init__()
         self.num_experts = num_experts
+        self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
         self.router = TopKRouter(hidden_size, num_experts, top_k, jitter_eps, renormalize, lbl_in_fp32, init_std)
         if impl == "megablocks":
             from megatron.model.moe.megablocks import MegablocksExperts
 
             self.experts = MegablocksExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                             output_init_std)
+                                             output_init_std, self.local_experts)
         elif impl == "native":
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                          output_init_std, use_grouped_mm)
+                                          output_init_std, use_grouped_mm, self.local_experts)
         else:
             raise ValueError(f"moe_impl: {impl!r} is not one of native, megablocks")
-        self.lore = LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std) if lore else None
-        self.dispatcher = dispatcher or LocalDispatcher()
+        self.lore = (
+            LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts)
+            if lore else None
+        )
+        self.dispatcher = build_dispatcher(expert_parallel, num_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
-        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, routing)
-        y_ND, lore_aux = self.experts(x_ND, tokens_per_expert_E, self.lore)
+        x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing)
+        y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         zero = routing.z_loss.new_zeros(())
         aux = MoEAux(
             load_balancing_loss=routing.load_balancing_loss,
             z_loss=routing.z_loss,
             lore_balancing_loss=lore_aux["lore_balancing_loss"] if lore_aux else zero,
-            expert_load_E=(tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
-            lore_load_EM=lore_aux["lore_load_EM"] if lore_aux else None,
+            expert_load_E=(routing.tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
+            lore_load_EM=self._all_experts(lore_aux["lore_load_EM"]) if lore_aux else None,
         )
         return y_TD.view_as(x), aux
+
+    def expert_parts(self) -> list[nn.Module]:
+        """The submodules whose parameters belong to experts: their leading dimension runs over
+        `local_experts`, an equal block of rows per expert. Parallelism and checkpoints split them per expert."""
+        return [part for part in (self.experts, self.lore) if part is not None]
+
+    def _all_experts(self, load_LM: torch.Tensor | None) -> torch.Tensor | None:
+        """A per-local-expert statistic placed in an [E, ...] table (zero rows for other ranks' experts)."""
+        if load_LM is None or len(self.local_experts) == self.num_experts:
+            return load_LM
+        before, after = self.local_experts.start, self.num_experts - self.local_experts.stop
+        return F.pad(load_LM, (0, 0, before, after))

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.moe.experts import accumulate_grouped_matmul, grouped_matmul
+from megatron.model.moe.experts import accumulate_grouped_matmul, grouped_matmul, normal_init_slice
 
 MODES = ("entangled", "router_free", "standalone")
 B_INIT_SCALE = 0.1
@@ -87,29 +87,34 @@ class LoREBank(nn.Module):
         renormalize: bool = False,
         init_std: float = 0.02,
         b_init_std: float | None = None,
+        local_experts: range | None = None,
     ):
+        """`num_experts` is the layer's global count; the bank holds the LoREs of `local_experts` only."""
         super().__init__()
         self.config = LoREConfig(num_lores, rank, top_l, mode, renormalize)
-        self.num_experts = num_experts
+        local = range(num_experts) if local_experts is None else local_experts
+        self.num_experts = len(local)
         self.entangled = mode != "standalone"
         self.routed = mode != "router_free"
         groups, group_rank = (num_lores, rank) if self.routed else (1, num_lores * rank)
         out_size = ffn_hidden_size if self.entangled else hidden_size
         self.lores_per_expert = groups
         b_std = init_std * B_INIT_SCALE if b_init_std is None else b_init_std
-        self.A = nn.Parameter(torch.randn(num_experts, groups, hidden_size, group_rank) * init_std)
-        self.B = nn.Parameter(torch.randn(num_experts, groups, group_rank, out_size) * b_std)
+        self.A = nn.Parameter(normal_init_slice((num_experts, groups, hidden_size, group_rank), init_std, local))
+        self.B = nn.Parameter(normal_init_slice((num_experts, groups, group_rank, out_size), b_std, local))
         if self.routed:
-            # One linear D -> E*M holds every expert's LoRE router; a row of expert e reads slice e.
-            self.router = nn.Linear(hidden_size, num_experts * num_lores, bias=False)
-            nn.init.normal_(self.router.weight, std=init_std)
+            # One linear D -> E*M holds every (local) expert's LoRE router; a row of expert e reads slice e.
+            # skip_init: Linear's own init would draw a layout-dependent amount from the random stream
+            self.router = nn.utils.skip_init(nn.Linear, hidden_size, self.num_experts * num_lores, bias=False)
+            weight = normal_init_slice((num_experts, num_lores, hidden_size), init_std, local)
+            self.router.weight.data.copy_(weight.flatten(0, 1))
 
     @classmethod
     def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
-                    init_std: float = 0.02) -> LoREBank:
+                    init_std: float = 0.02, local_experts: range | None = None) -> LoREBank:
         c = config
         return cls(num_experts, c.num_lores, c.rank, hidden_size, ffn_hidden_size, c.top_l, c.mode,
-                   c.renormalize, init_std)
+                   c.renormalize, init_std, local_experts=local_experts)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from megatron.model.moe.experts import ACTIVATIONS
+from megatron.model.moe.experts import ACTIVATIONS, normal_init_slice
 
 NEEDS = "moe_impl: megablocks needs CUDA and the megablocks package (pip install megablocks; it pins torch 2.7.0)"
 
@@ -52,7 +52,7 @@ class MegablocksExperts(nn.Module):
     """Experts in Megablocks' layout, run with the grouped GEMM of its dMoE grouped MLP (`gg.ops.gmm`)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
-                 init_std: float, output_init_std: float):
+                 init_std: float, output_init_std: float, local_experts: range | None = None):
         super().__init__()
         if not torch.cuda.is_available():
             raise RuntimeError(NEEDS)
@@ -63,9 +63,13 @@ class MegablocksExperts(nn.Module):
         if gg.ops is None:
             raise RuntimeError(NEEDS)
         self.gmm = gg.ops.gmm
-        self.num_experts = num_experts
-        self.w1 = nn.Parameter(torch.randn(num_experts * ffn_hidden_size, hidden_size) * init_std)
-        self.w2 = nn.Parameter(torch.randn(num_experts * ffn_hidden_size, hidden_size) * output_init_std)
+        local = range(num_experts) if local_experts is None else local_experts
+        self.num_experts = len(local)  # held here; with expert parallelism a slice of the layer's experts
+        # the same draws as the native layout (so a seed gives the same model on either backend), stored [E*F, D]
+        w_up_EDF = normal_init_slice((num_experts, hidden_size, ffn_hidden_size), init_std, local)
+        w_down_EFD = normal_init_slice((num_experts, ffn_hidden_size, hidden_size), output_init_std, local)
+        self.w1 = nn.Parameter(w_up_EDF.transpose(1, 2).reshape(-1, hidden_size).contiguous())
+        self.w2 = nn.Parameter(w_down_EFD.reshape(-1, hidden_size).contiguous())
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None):

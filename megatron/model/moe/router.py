@@ -17,18 +17,22 @@ class Routing:
     expert_ids_TK: torch.Tensor  # long
     weights_TK: torch.Tensor  # gate values the expert outputs are scaled by
     probs_TE: torch.Tensor  # full softmax, fp32
+    tokens_per_expert_E: torch.Tensor  # token slots routed to each expert (long)
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, counts_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer: `E * sum_e f_e * P_e`.
 
     f_e is the share of the T*K token-to-expert assignments that went to e (not differentiable) and
     P_e the mean router probability of e; the loss is 1 when both are uniform and grows with imbalance.
     """
     num_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts)
+    if counts_E is None:
+        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / expert_ids_TK.numel()
     return num_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
 
@@ -65,10 +69,12 @@ class TopKRouter(nn.Module):
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         lbl_probs = probs_TE if self.lbl_in_fp32 else probs_TE.to(x_TD.dtype)
+        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=probs_TE.shape[-1])
         return Routing(
             expert_ids_TK=expert_ids_TK,
             weights_TK=weights_TK.to(x_TD.dtype),
             probs_TE=probs_TE,
-            load_balancing_loss=load_balancing_loss(lbl_probs, expert_ids_TK).float(),
+            tokens_per_expert_E=counts_E,
+            load_balancing_loss=load_balancing_loss(lbl_probs, expert_ids_TK, counts_E).float(),
             z_loss=z_loss(logits_TE),
         )

@@ -1,0 +1,146 @@
+"""Data parallelism around the model: DDP or FSDP2 (ZeRO stages), with expert parallelism, as one object.
+
+What "the same model on one rank with the same global batch" asks of the gradients: the loss is the
+mean of the W ranks' losses, so a non-expert gradient is the mean over all W ranks. An expert's gradient
+on one rank already sums the contributions of every token its EP group sent it (the all-to-all's
+backward brings them back), so it is summed over the ranks holding the same expert and divided by W.
+
+GPT-NeoX's `zero_optimization.stage` maps onto this as:
+- 0: DDP. Parameters, gradients and AdamW state replicated (experts: replicated within their EP slot).
+- 1, 2: FSDP2 without resharding after forward: parameters, gradients and optimizer state sharded at
+  rest; a layer's parameters, once gathered for forward, stay gathered until its backward (ZeRO-2; a
+  separate stage 1, which keeps full gradients, would only use more memory).
+- 3: FSDP2 resharding after forward: parameters are gathered again for backward (ZeRO-3).
+Non-expert parameters are sharded over all ranks, expert parameters over the ranks holding the same
+experts, along a dimension other than the expert one (so each expert stays whole on its EP rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron.parallel.mesh import ParallelDims
+
+
+def expert_modules(model: nn.Module) -> dict[str, tuple[nn.Module, range]]:
+    """Every module holding experts' weights (experts, LoRE banks), by name, with the global expert ids
+    its parameters' leading dimension runs over (in order, an equal block of rows per expert)."""
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "expert_parts"):  # an MoE layer
+            for part in module.expert_parts():
+                part_name = next(n for n, child in module.named_children() if child is part)
+                found[f"{name}.{part_name}" if name else part_name] = (part, module.local_experts)
+    return found
+
+
+def expert_parameter_names(model: nn.Module) -> dict[str, range]:
+    """Fully qualified name of every expert-owned parameter -> the global expert ids it holds."""
+    names = {}
+    for prefix, (module, experts) in expert_modules(model).items():
+        for name, _ in module.named_parameters():
+            names[f"{prefix}.{name}"] = experts
+    return names
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class ParallelModel:
+    """The model as the trainer drives it: call `module`, sync gradients, reduce them, clip them."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, zero_stage: int = 0,
+                 param_dtype: torch.dtype | None = None, find_unused_parameters: bool = False):
+        self.model, self.dims, self.zero_stage = model, dims, zero_stage
+        expert_names = expert_parameter_names(model)
+        self.sharded = dims.world_size > 1 and zero_stage > 0
+        self.expert_params = [p for n, p in model.named_parameters() if n in expert_names]
+        # how many ranks hold a copy of each gradient element once gradients are reduced (for the norm)
+        if self.sharded or dims.world_size == 1:
+            replicas = {id(p): 1 for p in model.parameters()}
+        else:
+            replicas = {id(p): dims.world_size for p in model.parameters()}
+            if dims.ep_size > 1:
+                replicas.update({id(p): dims.edp_size for p in self.expert_params})
+        self._replicas = replicas
+        if dims.world_size == 1:
+            self.module = model
+        elif self.sharded:
+            shard_with_fsdp(model, dims, reshard_after_forward=zero_stage == 3, param_dtype=param_dtype)
+            self.module = model
+        else:
+            if dims.ep_size > 1:  # experts differ per EP rank: DDP must leave them to `reduce_gradients`
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
+            self.module = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+
+    def gradient_sync(self, enabled: bool):
+        """Context for one micro-batch's backward: reduce gradients only on the last one."""
+        if enabled or self.dims.world_size == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return _fsdp_no_sync(self.model)
+        return self.module.no_sync()
+
+    def reduce_gradients(self) -> None:
+        """After the last backward of a step: the expert part of the reduction DDP/FSDP cannot do."""
+        if self.dims.ep_size == 1 or not self.expert_params:
+            return
+        grads = [p.grad for p in self.expert_params if p.grad is not None]
+        if self.sharded:  # FSDP averaged over the expert replicas (edp); the mean is over all W ranks
+            torch._foreach_mul_([_local(g) for g in grads], 1.0 / self.dims.ep_size)
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dims.expert_mesh["edp"].get_group())
+        flat /= self.dims.world_size
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """The global L2 norm of all gradients (each element counted once whatever the layout); scales
+        the gradients down to `max_norm` as torch.nn.utils.clip_grad_norm_ does; returns the norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        grads = [_local(p.grad) for p in params]
+        norms = torch._foreach_norm(grads)
+        weights = torch.tensor([1.0 / self._replicas[id(p)] for p in params], device=grads[0].device)
+        total_sq = (torch.stack(norms).float().square() * weights).sum()
+        if self.dims.world_size > 1:
+            dist.all_reduce(total_sq)
+        total = total_sq.sqrt()
+        if max_norm > 0 and torch.isfinite(total):
+            clip = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, clip.to(grads[0].dtype))
+        return float(total)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    assert isinstance(model, FSDPModule)
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def shard_with_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool,
+                    param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 in place: experts over their replicas, every transformer block and the root over all ranks."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    expert_mesh = dims.expert_mesh["edp"]
+    for module, _ in expert_modules(model).values():
+        # shard dim 1, never the expert dim, so a rank's experts stay whole (and split per expert in checkpoints)
+        fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
+                    shard_placement_fn=lambda p: Shard(1) if p.ndim > 1 else Shard(0))
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)

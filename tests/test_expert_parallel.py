@@ -1,0 +1,98 @@
+"""Expert parallelism: placement, the row regrouping, and the MoE layer on 2 gloo ranks against 1 rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_on_ranks
+
+from megatron.model.moe import LoREConfig, MoELayer
+from megatron.parallel.expert_parallel import (
+    ExpertParallel,
+    experts_per_rank,
+    local_expert_range,
+    source_to_expert_major,
+)
+
+
+@pytest.mark.parametrize("experts, ranks, expected", [
+    (8, 8, [1] * 8), (21, 8, [3, 3, 3, 3, 3, 2, 2, 2]), (18, 8, [3, 3, 2, 2, 2, 2, 2, 2]), (5, 2, [3, 2]),
+    (4, 1, [4]),
+])
+def test_placement_is_balanced_and_contiguous(experts, ranks, expected):
+    assert experts_per_rank(experts, ranks) == expected
+    ranges = [local_expert_range(experts, ranks, r) for r in range(ranks)]
+    assert [e for r in ranges for e in r] == list(range(experts))
+
+
+def test_placement_needs_an_expert_per_rank():
+    with pytest.raises(ValueError, match="between 1 and moe_num_experts 2"):
+        experts_per_rank(2, 4)
+
+
+def test_received_rows_are_regrouped_by_expert_then_source():
+    counts_SL = torch.tensor([[2, 0, 1], [1, 3, 0]])  # source 0 sent 2 rows of expert 0, none of 1, 1 of 2
+    labels = [(s, e) for s in range(2) for e in range(3) for _ in range(int(counts_SL[s, e]))]
+    order = source_to_expert_major(counts_SL)
+    assert [labels[i] for i in order] == sorted(labels, key=lambda se: (se[1], se[0]))
+    assert source_to_expert_major(torch.zeros(2, 3, dtype=torch.long)).numel() == 0
+
+
+LAYER_CASES = {
+    "plain_top1": dict(num_experts=4, top_k=1),
+    "plain_top2_uneven": dict(num_experts=5, top_k=2),
+    "entangled_l1": dict(num_experts=4, top_k=1, lore=LoREConfig(4, 3, top_l=1)),
+    "entangled_l2_top2_uneven": dict(num_experts=5, top_k=2, lore=LoREConfig(4, 3, top_l=2)),
+    "router_free": dict(num_experts=4, top_k=1, lore=LoREConfig(4, 3, mode="router_free")),
+    "standalone_top2": dict(num_experts=4, top_k=2, lore=LoREConfig(4, 3, mode="standalone")),
+    "expert_without_rows": dict(num_experts=4, top_k=2, starve=[3]),
+    "all_rows_to_rank0": dict(num_experts=4, top_k=2, starve=[2, 3], lore=LoREConfig(4, 3, top_l=2)),
+}
+
+
+def _layers_and_input(case: dict, expert_parallel: ExpertParallel):
+    case = dict(case)
+    starve = case.pop("starve", [])
+    layers = []
+    for ep in (None, expert_parallel):
+        torch.manual_seed(0)
+        layer = MoELayer(hidden_size=16, ffn_hidden_size=24, **case, expert_parallel=ep)
+        with torch.no_grad():
+            layer.router.gate.weight[starve] = -1.0  # inputs are positive: these experts never win
+        layers.append(layer)
+    torch.manual_seed(1)
+    x = torch.rand(2 * 12, 16) + 0.1
+    return layers[0], layers[1], x
+
+
+def _compare_layer(rank: int, world: int, name: str) -> None:
+    torch.set_default_dtype(torch.float64)  # so that only a real difference, not rounding, can fail
+    ep = ExpertParallel(world, rank, dist.group.WORLD)
+    full, part, x = _layers_and_input(LAYER_CASES[name], ep)
+    weights = torch.linspace(-1.0, 1.0, x.shape[0]).unsqueeze(1)
+    mine = slice(rank * 12, (rank + 1) * 12)
+
+    y_full, _ = full(x)
+    (y_full * weights).sum().backward()
+    y_part, _ = part(x[mine])
+    (y_part * weights[mine]).sum().backward()
+    torch.testing.assert_close(y_part, y_full[mine], atol=1e-10, rtol=1e-10)
+
+    local = part.local_experts
+    full_params = dict(full.named_parameters())
+    for pname, param in part.named_parameters():
+        expected = full_params[pname].grad
+        if pname.startswith(("experts.", "lore.")):  # this rank's experts saw every rank's rows
+            rows = expected.shape[0] // full.num_experts
+            expected = expected[local.start * rows:local.stop * rows]
+            got = param.grad
+        else:  # replicated: each rank holds its tokens' share of the gradient
+            got = param.grad.clone()
+            dist.all_reduce(got)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{name}: {p}: {m}")
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_moe_layer_on_two_ranks_equals_one_rank(name):
+    run_on_ranks(_compare_layer, 2, name)
