@@ -104,10 +104,11 @@ class LoREBank(nn.Module):
         self.B = nn.Parameter(normal_init_slice((num_experts, groups, group_rank, out_size), b_std, local))
         if self.routed:
             # One linear D -> E*M holds every (local) expert's LoRE router; a row of expert e reads slice e.
-            # skip_init: Linear's own init would draw a layout-dependent amount from the random stream
-            self.router = nn.utils.skip_init(nn.Linear, hidden_size, self.num_experts * num_lores, bias=False)
+            # made on meta, then given its weight: Linear's own init would draw a layout-dependent amount
+            # from the random stream
+            self.router = nn.Linear(hidden_size, self.num_experts * num_lores, bias=False, device="meta")
             weight = normal_init_slice((num_experts, num_lores, hidden_size), init_std, local)
-            self.router.weight.data.copy_(weight.flatten(0, 1))
+            self.router.weight = nn.Parameter(weight.flatten(0, 1))
 
     @classmethod
     def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
