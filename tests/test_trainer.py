@@ -1,6 +1,5 @@
 """End to end through train.py: exact resume, DDP equivalence, metrics format, falling loss."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,53 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-
-from megatron.data.indexed_dataset import IndexedDatasetBuilder
+from runs import read_metrics, train_losses, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory) -> str:
-    """A small corpus of byte-level 'documents' with learnable structure (repeated phrases)."""
-    rng = np.random.default_rng(0)
-    phrases = [rng.integers(0, 256, size=rng.integers(5, 12)) for _ in range(20)]
-    prefix = tmp_path_factory.mktemp("data") / "corpus_text_document"
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", np.uint16)
-    for _ in range(120):
-        doc = np.concatenate([phrases[i] for i in rng.integers(0, 20, size=12)] + [np.array([256])])
-        builder.add_document(doc.astype(np.uint16))
-    builder.finalize(f"{prefix}.idx")
-    return str(prefix)
-
-
-def write_config(tmp_path: Path, data_prefix: str, **overrides) -> Path:
-    config = {
-        "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, "min_lr": 3e-4, "warmup": 0.2,
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_iters": 8,
-        "tokenizer_type": "CharLevelTokenizer", "data_path": data_prefix, "split": "90,10,0",
-        "eval_interval": 4, "eval_iters": 2, "log_interval": 1, "checkpoint_factor": 4,
-        "save": str(tmp_path / "ckpt"), "load": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
-        "seed": 7,
-    }
-    config.update(overrides)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def read_metrics(log_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
 
 MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_zloss_coeff": 0.001}
 

@@ -228,8 +228,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, std: float, out_std: float) -> None:
-        """GPT-NeoX init: normal(std) for inputs, output projections use the output init method."""
+        """GPT-NeoX init: normal(std) for inputs, output projections use the output init method.
+
+        MoE layers are left alone: they initialise their own weights with the stds they were given, drawn
+        so that every expert-parallel layout gets the same weights (a draw here would depend on the layout).
+        """
+        moe_layers = tuple(f"{name}." for name, module in self.named_modules() if isinstance(module, MoELayer))
         for name, module in self.named_modules():
+            if name.startswith(moe_layers):
+                continue
             if isinstance(module, nn.Linear):
                 is_output = name.endswith(("attention.dense", "mlp.down"))
                 nn.init.normal_(module.weight, std=out_std if is_output else std)
@@ -237,7 +244,6 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
-        # MoE layers initialise their own stacked weights with the stds they were given.
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
         """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order."""

@@ -62,15 +62,6 @@ class ParallelModel:
         self.model, self.dims, self.zero_stage = model, dims, zero_stage
         expert_names = expert_parameter_names(model)
         self.sharded = dims.world_size > 1 and zero_stage > 0
-        self.expert_params = [p for n, p in model.named_parameters() if n in expert_names]
-        # how many ranks hold a copy of each gradient element once gradients are reduced (for the norm)
-        if self.sharded or dims.world_size == 1:
-            replicas = {id(p): 1 for p in model.parameters()}
-        else:
-            replicas = {id(p): dims.world_size for p in model.parameters()}
-            if dims.ep_size > 1:
-                replicas.update({id(p): dims.edp_size for p in self.expert_params})
-        self._replicas = replicas
         if dims.world_size == 1:
             self.module = model
         elif self.sharded:
@@ -80,6 +71,14 @@ class ParallelModel:
             if dims.ep_size > 1:  # experts differ per EP rank: DDP must leave them to `reduce_gradients`
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
             self.module = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+        # after wrapping: FSDP2 replaces the parameter objects (by DTensors of the same names)
+        named = dict(model.named_parameters())
+        self.expert_params = [named[name] for name in expert_names]
+        # how many ranks hold a copy of each gradient element once gradients are reduced (for the norm)
+        replicas = dict.fromkeys(named, 1 if self.sharded else dims.world_size)
+        if not self.sharded and dims.ep_size > 1:
+            replicas.update(dict.fromkeys(expert_names, dims.edp_size))
+        self._replicas = [(named[name], count) for name, count in replicas.items()]
 
     def gradient_sync(self, enabled: bool):
         """Context for one micro-batch's backward: reduce gradients only on the last one."""
@@ -106,12 +105,12 @@ class ParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global L2 norm of all gradients (each element counted once whatever the layout); scales
         the gradients down to `max_norm` as torch.nn.utils.clip_grad_norm_ does; returns the norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
+        with_grads = [(p, count) for p, count in self._replicas if p.grad is not None]
+        if not with_grads:
             return 0.0
-        grads = [_local(p.grad) for p in params]
+        grads = [_local(p.grad) for p, _ in with_grads]
         norms = torch._foreach_norm(grads)
-        weights = torch.tensor([1.0 / self._replicas[id(p)] for p in params], device=grads[0].device)
+        weights = torch.tensor([1.0 / count for _, count in with_grads], device=grads[0].device)
         total_sq = (torch.stack(norms).float().square() * weights).sum()
         if self.dims.world_size > 1:
             dist.all_reduce(total_sq)

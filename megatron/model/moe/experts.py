@@ -162,4 +162,4 @@ class GroupedExperts(nn.Module):
         down = lambda h: grouped_matmul(h, self.w_down_EFD, tokens_per_expert_E, self.use_grouped_mm)
         if lore is None:
             return down(self.act(up(x_ND))), None
-        return lore.around_experts(x_ND, tokens_per_expert_E, up, self.act, down)
+        return lore(x_ND, tokens_per_expert_E, up, self.act, down)  # a call, so FSDP2 gathers its weights

@@ -121,7 +121,7 @@ class LoREBank(nn.Module):
         c = self.config
         return f"mode={c.mode}, experts={self.num_experts}, lores={c.num_lores}, rank={c.rank}, top_l={c.top_l}"
 
-    def around_experts(
+    def forward(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, up: Callable, act: Callable, down: Callable
     ) -> tuple[torch.Tensor, dict]:
         """The expert MLP `down(act(up(x)))` with the LoRE term hooked in; rows keep their order."""

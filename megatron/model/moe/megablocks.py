@@ -81,4 +81,4 @@ class MegablocksExperts(nn.Module):
         if lore is None:
             return down(self.act(up(x_ND))), None
         # the LoRE term lands between the first gmm and the activation, as in the native experts
-        return lore.around_experts(x_ND, tokens_per_expert_E, up, self.act, down)
+        return lore(x_ND, tokens_per_expert_E, up, self.act, down)  # a call, so FSDP2 gathers its weights
