@@ -3,6 +3,7 @@ and checkpoints that resume at any layout. Every multi-rank run is a real `torch
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("moe", [PLAIN_TOP2, STRUCT_L1, STRUCT_L2], ids=["plain_top2", "structmoe_l1", "structmoe_l2"])
+@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True}, STRUCT_L2],
+                         ids=["plain_top2", "structmoe_l1_recompute", "structmoe_l2"])
 def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
-    """EP=2 on 2 ranks with accumulation 2 == 1 rank with accumulation 4: losses and updated parameters."""
+    """EP=2 on 2 ranks with accumulation 2 == 1 rank with accumulation 4: losses and updated parameters
+    (with activation checkpointing too, whose recompute runs the exchange again during backward)."""
     one = write_config(tmp_path / "one", data_prefix, gradient_accumulation_steps=4, **STEPS, **moe)
     two = write_config(tmp_path / "two", data_prefix, gradient_accumulation_steps=2, moe_expert_parallel_size=2,
                        **STEPS, **moe)
@@ -103,3 +106,19 @@ def test_resume_across_layouts(tmp_path, data_prefix):
         expected[4:], abs=1e-5)
     assert_same_parameters(final_parameters(up), final_parameters(straight))
     assert_same_parameters(final_parameters(down), final_parameters(straight))
+
+
+def test_fp16_with_sharded_and_expert_parallel_gradients(tmp_path, data_prefix):
+    """GPT-NeoX's own configs pair fp16 with ZeRO: the loss scaler must agree across ranks whose gradients
+    differ (ShardedGradScaler), and half-precision expert outputs must combine into the fp32 stream."""
+    config = write_config(tmp_path, data_prefix, precision="fp16", zero_stage=1, moe_expert_parallel_size=2,
+                          gradient_accumulation_steps=1, **STRUCT_L1, **STEPS)
+    torchrun(config, 2)
+    losses = train_losses(read_metrics(tmp_path / "logs"))
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses.values())
+    assert losses[4] < losses[1]
+
+
+def test_bfloat16_autocast_through_moe_layers(tmp_path, data_prefix):
+    result = train.run([str(write_config(tmp_path, data_prefix, precision="bfloat16", **STRUCT_L2, **STEPS))])
+    assert all(math.isfinite(v) for v in result.losses) and result.losses[-1] < result.losses[0]

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -79,6 +80,13 @@ class ParallelModel:
         if not self.sharded and dims.ep_size > 1:
             replicas.update(dict.fromkeys(expert_names, dims.edp_size))
         self._replicas = [(named[name], count) for name, count in replicas.items()]
+
+    def grad_scaler(self, device_type: str, enabled: bool) -> torch.amp.GradScaler:
+        """The fp16 loss scaler. Where gradients differ per rank (sharded, or experts), an overflow on one
+        rank must skip the step on all of them: ShardedGradScaler all-reduces the overflow flag."""
+        if self.dims.world_size > 1 and (self.sharded or self.dims.ep_size > 1):
+            return ShardedGradScaler(device_type, enabled=enabled)
+        return torch.amp.GradScaler(device_type, enabled=enabled)
 
     def gradient_sync(self, enabled: bool):
         """Context for one micro-batch's backward: reduce gradients only on the last one."""

@@ -77,7 +77,7 @@ class Trainer:
             self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device
         )
         self.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        self.scaler = self.parallel.grad_scaler(self.device.type, enabled=args.precision == "fp16")
         self.step = 0
 
     # -- precision -------------------------------------------------------------------------------

@@ -60,8 +60,8 @@ class TokenDispatcher:
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Brings rows back, weights each by its gate and sums every token's K rows: [T, D]."""
         y_ND = self.exchange_back(y_ND, ctx.exchange)
-        weighted_ND = y_ND * ctx.weight_of_row_N.unsqueeze(1)
-        return y_ND.new_zeros(ctx.num_tokens, y_ND.shape[1]).index_add(0, ctx.token_of_row_N, weighted_ND)
+        weighted_ND = y_ND * ctx.weight_of_row_N.unsqueeze(1)  # under autocast: half rows x fp32 gates -> fp32
+        return weighted_ND.new_zeros(ctx.num_tokens, y_ND.shape[1]).index_add(0, ctx.token_of_row_N, weighted_ND)
 
     def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Rows sorted by expert -> rows of this rank's experts (grouped by expert), their counts, and state."""
