@@ -12,7 +12,7 @@ GPT-NeoX's `zero_optimization.stage` maps onto this as:
   separate stage 1, which keeps full gradients, would only use more memory).
 - 3: FSDP2 resharding after forward: parameters are gathered again for backward (ZeRO-3).
 Non-expert parameters are sharded over all ranks, expert parameters over the ranks holding the same
-experts, along a dimension other than the expert one (so each expert stays whole on its EP rank).
+experts, along their largest evenly divisible dimension other than the expert one (`expert_shard_dim`).
 """
 
 from __future__ import annotations
@@ -139,15 +139,25 @@ def _fsdp_no_sync(model: nn.Module):
         model.set_requires_gradient_sync(True)
 
 
+def expert_shard_dim(shape: tuple[int, ...] | torch.Size, shards: int) -> int:
+    """The dimension FSDP2 splits an expert tensor on: never 0 (a rank's experts stay whole, and split per
+    expert in checkpoints), and one that divides evenly (FSDP2 pads only dim 0): the largest such one."""
+    even = [d for d in range(1, len(shape)) if shape[d] % shards == 0]
+    if not even:
+        raise ValueError(f"an expert tensor of shape {tuple(shape)} has no dimension but the expert one that "
+                         f"{shards} ranks (world / moe_expert_parallel_size) divide evenly; raise "
+                         "moe_expert_parallel_size or pick a world size that divides the hidden size")
+    return max(even, key=lambda d: shape[d])
+
+
 def shard_with_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool,
                     param_dtype: torch.dtype | None = None) -> None:
     """FSDP2 in place: experts over their replicas, every transformer block and the root over all ranks."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     expert_mesh = dims.expert_mesh["edp"]
     for module, _ in expert_modules(model).values():
-        # shard dim 1, never the expert dim, so a rank's experts stay whole (and split per expert in checkpoints)
         fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
-                    shard_placement_fn=lambda p: Shard(1) if p.ndim > 1 else Shard(0))
+                    shard_placement_fn=lambda p: Shard(expert_shard_dim(p.shape, expert_mesh.size())))
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
