@@ -13,7 +13,7 @@ import torch
 
 from megatron.config import ConfigError, check_data_files, load_config, parse_command_line
 from megatron.parallel import destroy, init_distributed
-from megatron.parallel.distributed import ranks_from_env
+from megatron.parallel.distributed import describe_failure, ranks_from_env
 from megatron.parallel.mesh import build_parallel_dims
 from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.lm_task import LMTask
@@ -29,7 +29,7 @@ def run(argv: list[str]) -> TrainResult:
     config_paths, overrides = parse_command_line(argv)
     args = load_config(config_paths, overrides, data_parallel_size=world_size)
     check_data_files(args)
-    dist_info = init_distributed(args.device)
+    dist_info = init_distributed(args.device, args.distributed_timeout_minutes)
     dims = build_parallel_dims(dist_info, args.moe_expert_parallel_size)
     if dist_info.is_main:
         log.info("resolved config:\n%s", args.to_yaml())
@@ -65,6 +65,12 @@ def main() -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # another rank timed out or died: say so in one line, not a C++ backtrace
+        message = describe_failure(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,24 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def parse_command_line(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Positional arguments ending in .yml/.yaml are config files; the rest are `--key value` overrides."""
+    """Positional arguments ending in .yml/.yaml are config files; the rest are `--key value` overrides.
+
+    A launcher's `--local_rank=N` (or `--local_rank N`, `--local-rank=N`) is dropped wherever it stands:
+    deepspeed/launcher/launch.py runs `python -u train.py --local_rank=N CONFIG ...` unless given
+    --no_local_rank, and torch.distributed.launch passes --local-rank. The rank comes from the environment.
+    """
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i].split("=", 1)[0] in ("--local_rank", "--local-rank"):
+            takes_next = "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1].isdigit()
+            i += 2 if takes_next else 1
+            continue
+        kept.append(argv[i])
+        i += 1
     paths = []
-    for i, arg in enumerate(argv):
+    for i, arg in enumerate(kept):
         if arg.startswith("-"):
-            return paths, list(argv[i:])
+            return paths, kept[i:]
         if not arg.endswith((".yml", ".yaml")):
             raise ConfigError(f"{arg}: expected a .yml/.yaml config file or a --key value override")
         paths.append(arg)

@@ -105,6 +105,7 @@ class TrainingArgs(Strict):
     exit_interval: int | None = None  # NeoX: stop after this many steps of this run (a checkpoint is saved)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
+    distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -1,14 +1,21 @@
 """Process-group set-up from the launcher's environment, and the few collectives the trainer needs.
 
-Launchers name ranks differently: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, SLURM sets SLURM_PROCID/
-SLURM_NTASKS/SLURM_LOCALID, and the DeepSpeed/OpenMPI launcher sets OMPI_COMM_WORLD_*. Everything
-else in the package asks this module, never the environment.
+Launchers name ranks differently: torchrun and the `deepspeed` launcher (its default pdsh path and
+a single-node run both go through deepspeed/launcher/launch.py) set RANK/WORLD_SIZE/LOCAL_RANK and
+MASTER_ADDR/MASTER_PORT, SLURM sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and `deepspeed
+--launcher openmpi` (mpirun) sets OMPI_COMM_WORLD_*. Everything else in the package asks this module,
+never the environment.
+
+The rendezvous and every collective wait at most `distributed_timeout_minutes` (sub-groups too, when
+their mesh is built with `subgroup_backend_override`): a rank that dies or hangs makes the others fail
+with an error that `describe_failure` turns into one line.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,16 +61,70 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Joins the process group when launched with several ranks (gloo on CPU, NCCL on GPU)."""
+_timeout_minutes: float | None = None  # as given to the live process group, for describe_failure
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
+    """Joins the process group when launched with several ranks (gloo on CPU, NCCL on GPU).
+
+    `timeout_minutes` bounds the rendezvous and every collective on the default group: when another
+    rank dies or hangs, this one raises (gloo) or is torn down by the NCCL watchdog instead of waiting.
+    """
+    global _timeout_minutes
+    if timeout_minutes <= 0:
+        raise ValueError(f"distributed_timeout_minutes must be positive, got {timeout_minutes}")
     rank, world_size, local_rank = ranks_from_env()
     torch_device = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        _timeout_minutes = timeout_minutes  # before the rendezvous, which can time out too
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(rank, world_size, local_rank, torch_device)
+
+
+def subgroup_backend_override(mesh_shape: tuple[int, ...], mesh_dim_names: tuple[str, ...]) -> dict | None:
+    """`backend_override` for `init_device_mesh` that gives a mesh's sub-groups this run's timeout.
+
+    torch builds the sub-groups of a mesh dimension smaller than the world with the backend's default
+    timeout (gloo 30 min, NCCL 10 min), not the default group's; options carrying `_timeout` fix that.
+    Dimensions spanning the world reuse the default group and are left alone. None before init.
+    """
+    if _timeout_minutes is None or not dist.is_initialized():
+        return None
+    backend = dist.get_backend()
+    options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timedelta(minutes=_timeout_minutes)
+    world_size = dist.get_world_size()
+    return {name: (backend, options) for size, name in zip(mesh_shape, mesh_dim_names) if size != world_size}
+
+
+_TIMEOUT_WORDS = ("timed out", "timeout", "time out")
+_LOST_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+                    "socket closed")
+
+
+def describe_failure(err: BaseException) -> str | None:
+    """One line for an error that says another rank timed out or went away; None for any other error.
+
+    Only errors raised while a multi-rank group is (or was) up qualify, so a local bug is never
+    mistaken for a lost peer.
+    """
+    if _timeout_minutes is None or not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    first_line = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    lowered = text.lower()
+    rank = ranks_from_env()[0]
+    if any(word in lowered for word in _TIMEOUT_WORDS):
+        return (f"rank {rank}: distributed error: a collective or the rendezvous waited longer than "
+                f"distributed_timeout_minutes={_timeout_minutes:g}; another rank died or hangs (backend: {first_line})")
+    if any(word in lowered for word in _LOST_PEER_WORDS):
+        return (f"rank {rank}: distributed error: lost the connection to another rank, which probably died; "
+                f"see its output above (backend: {first_line})")
+    return None
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

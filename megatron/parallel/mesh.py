@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatron.parallel.distributed import DistInfo
+from megatron.parallel.distributed import DistInfo, subgroup_backend_override
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -53,6 +53,10 @@ def build_parallel_dims(dist_info: DistInfo, ep_size: int = 1) -> ParallelDims:
     if not dist_info.is_distributed:
         return ParallelDims(1, 1, 0)
     device = dist_info.device.type
-    world = init_device_mesh(device, (dist_info.world_size,), mesh_dim_names=("dp",))
-    experts = init_device_mesh(device, (dist_info.world_size // ep_size, ep_size), mesh_dim_names=("edp", "ep"))
-    return ParallelDims(dist_info.world_size, ep_size, dist_info.rank, world, experts)
+    meshes = []
+    for shape, names in (((dist_info.world_size,), ("dp",)),
+                         ((dist_info.world_size // ep_size, ep_size), ("edp", "ep"))):
+        # sub-groups get the run's distributed_timeout_minutes too (torch would give them the backend's default)
+        meshes.append(init_device_mesh(device, shape, mesh_dim_names=names,
+                                       backend_override=subgroup_backend_override(shape, names)))
+    return ParallelDims(dist_info.world_size, ep_size, dist_info.rank, *meshes)
