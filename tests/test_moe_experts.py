@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model.moe.experts import GroupedExperts, accumulate_grouped_matmul, grouped_matmul
+from megatron.model.moe.experts import GroupedExperts
+from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
 
 COUNTS = [[3, 0, 7, 0], [0, 0, 0, 10], [1, 2, 3, 4], [10, 0, 0, 0]]
 

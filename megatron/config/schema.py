@@ -71,7 +71,7 @@ class MoEArgs(Strict):
     moe_loss_coeff: float = Field(0.01, ge=0)
     moe_zloss_coeff: float = Field(0.0, ge=0)
     moe_renormalize_weights: bool = False
-    moe_impl: Literal["native", "megablocks"] = "native"
+    moe_impl: Literal["auto", "native", "grouped_gemm", "megablocks"] = "auto"  # auto: by GPU (moe/kernels.py)
     moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
     moe_ffn_hidden_size: int | None = None
     lore_num_experts: int = Field(0, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megatron.model.gpt import GPTConfig, MoESettings
 from megatron.model.moe import LoREConfig
+from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -27,7 +28,7 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         jitter_eps=args.moe_jitter_eps,
         renormalize=args.moe_renormalize_weights,
         lbl_in_fp32=args.moe_lbl_in_fp32,
-        impl=args.moe_impl,
+        impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
         lore=lore,
         expert_parallel=expert_parallel,
     )

@@ -33,7 +33,7 @@ class MoESettings:
     jitter_eps: float | None = None
     renormalize: bool = False
     lbl_in_fp32: bool = False
-    impl: str = "native"
+    impl: str = "auto"  # experts backend: auto, native, grouped_gemm, megablocks (moe/kernels.py)
     lore: LoREConfig | None = None
     expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from megatron.model.moe.dispatcher import build_dispatcher
 from megatron.model.moe.experts import GroupedExperts
+from megatron.model.moe.kernels import require_gmm, resolve_moe_impl
 from megatron.model.moe.lore import LoREBank, LoREConfig
 from megatron.model.moe.router import TopKRouter
 from megatron.parallel.expert_parallel import ExpertParallel
@@ -59,7 +60,7 @@ class MoELayer(nn.Module):
         lore: LoREConfig | None = None,
         init_std: float = 0.02,
         output_init_std: float = 0.02,
-        impl: str = "native",
+        impl: str = "auto",
         use_grouped_mm: bool | None = None,
         expert_parallel: ExpertParallel | None = None,
     ):
@@ -69,20 +70,24 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
         self.router = TopKRouter(hidden_size, num_experts, top_k, jitter_eps, renormalize, lbl_in_fp32, init_std)
+        # "auto" resolves here against this process's default device; a run passes the impl resolved for
+        # its own device (build.py). An unknown name is a ValueError.
+        impl = resolve_moe_impl(impl)
         if impl == "megablocks":
             from megatron.model.moe.megablocks import MegablocksExperts
 
             self.experts = MegablocksExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
                                              output_init_std, self.local_experts)
-        elif impl == "native":
+        else:  # native: torch's grouped_mm; grouped_gemm: the same experts on grouped_gemm's gmm
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                          output_init_std, use_grouped_mm, self.local_experts)
-        else:
-            raise ValueError(f"moe_impl: {impl!r} is not one of native, megablocks")
+                                          output_init_std, use_grouped_mm, self.local_experts,
+                                          gmm=require_gmm() if impl == "grouped_gemm" else None)
         self.lore = (
             LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts)
             if lore else None
         )
+        if self.lore is not None:
+            self.lore.gmm = self.experts.gmm  # the LoRE B term runs on the experts' grouped kernel
         self.dispatcher = build_dispatcher(expert_parallel, num_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.moe.experts import accumulate_grouped_matmul, grouped_matmul, normal_init_slice
+from megatron.model.moe.experts import normal_init_slice
+from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
 
 MODES = ("entangled", "router_free", "standalone")
 B_INIT_SCALE = 0.1
@@ -171,7 +172,9 @@ class LoREBank(nn.Module):
             xa_NR = grouped_matmul(x_ND, A_GDR, plan.rows_per_group_G)
             if plan.pi_slots is not None:
                 xa_NR = xa_NR * plan.pi_slots.unsqueeze(1)
-            return accumulate_grouped_matmul(out_NO, xa_NR, B_GRO, plan.rows_per_group_G)
+            # one grouped call on CUDA (gmm where the layer was given it), the in-place addmm loop on CPU
+            gmm = getattr(self, "gmm", None)  # set by MoELayer: grouped_gemm's kernel, or None for torch's
+            return accumulate_grouped_matmul(out_NO, xa_NR, B_GRO, plan.rows_per_group_G, gmm=gmm)
         xa_SR = grouped_matmul(x_ND.index_select(0, plan.slot_rows), A_GDR, plan.rows_per_group_G)
         term_SO = grouped_matmul(xa_SR * plan.pi_slots.unsqueeze(1), B_GRO, plan.rows_per_group_G)
         return out_NO.index_add(0, plan.slot_rows, term_SO)

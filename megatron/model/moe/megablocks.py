@@ -7,6 +7,10 @@ GELU; this backend uses the layer's own `activation`, so both backends compute t
 [E, D, F] and `w_down_EFD` [E, F, D]; the functions below convert a state dict either way, so a
 checkpoint moves between backends. The LoRE term goes where the native path puts it: between the first
 grouped GEMM and the activation.
+
+The kernel is `grouped_gemm.ops.gmm`, which Megablocks re-exports as `megablocks.grouped_gemm_util.ops.gmm`:
+the grouped_gemm package alone is enough. It takes bf16 only (under bf16 autocast the operands are cast,
+see kernels.py); other dtypes run torch's grouped_mm on the same weights.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from megatron.model.moe import kernels
 from megatron.model.moe.experts import ACTIVATIONS, normal_init_slice
+from megatron.model.moe.kernels import grouped_matmul
 
-NEEDS = "moe_impl: megablocks needs CUDA and the megablocks package (pip install megablocks; it pins torch 2.7.0)"
+NEEDS = ("moe_impl: megablocks needs CUDA and Megablocks' grouped GEMM kernel: pip install grouped_gemm "
+         "(or pip install megablocks, which brings it but pins torch 2.7.0)")
 
 
 def native_to_megablocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -49,20 +56,14 @@ def megablocks_to_native(state: dict[str, torch.Tensor], num_experts: int) -> di
 
 
 class MegablocksExperts(nn.Module):
-    """Experts in Megablocks' layout, run with the grouped GEMM of its dMoE grouped MLP (`gg.ops.gmm`)."""
+    """Experts in Megablocks' layout, run with the grouped GEMM of its dMoE grouped MLP (`gmm`)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
                  init_std: float, output_init_std: float, local_experts: range | None = None):
         super().__init__()
-        if not torch.cuda.is_available():
+        self.gmm = kernels.load_gmm() if torch.cuda.is_available() else None
+        if self.gmm is None:
             raise RuntimeError(NEEDS)
-        try:
-            from megablocks import grouped_gemm_util as gg
-        except ImportError as err:
-            raise RuntimeError(NEEDS) from err
-        if gg.ops is None:
-            raise RuntimeError(NEEDS)
-        self.gmm = gg.ops.gmm
         local = range(num_experts) if local_experts is None else local_experts
         self.num_experts = len(local)  # held here; with expert parallelism a slice of the layer's experts
         # the same draws as the native layout (so a seed gives the same model on either backend), stored [E*F, D]
@@ -73,11 +74,13 @@ class MegablocksExperts(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None):
-        batch_sizes = tokens_per_expert_E.cpu().to(torch.long)  # gmm takes the group sizes on the host
-        w1 = self.w1.view(self.num_experts, -1, self.w1.shape[-1])
-        w2 = self.w2.view(self.num_experts, -1, self.w2.shape[-1])
-        up = lambda x: self.gmm(x, w1, batch_sizes, trans_b=True)
-        down = lambda h: self.gmm(h, w2, batch_sizes)
+        w1_EDF = self.w1.view(self.num_experts, -1, self.w1.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w1
+        w2_EFD = self.w2.view(self.num_experts, -1, self.w2.shape[-1])
+        batch_sizes = None
+        if kernels.gmm_available(*kernels.autocast_operands(x_ND, w1_EDF)):
+            batch_sizes = tokens_per_expert_E.cpu()  # host sync: gmm takes the group sizes on the host
+        up = lambda x: grouped_matmul(x, w1_EDF, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
+        down = lambda h: grouped_matmul(h, w2_EFD, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
         if lore is None:
             return down(self.act(up(x_ND))), None
         # the LoRE term lands between the first gmm and the activation, as in the native experts
