@@ -73,11 +73,17 @@ def _compare_layer(rank: int, world: int, name: str) -> None:
     weights = torch.linspace(-1.0, 1.0, x.shape[0]).unsqueeze(1)
     mine = slice(rank * 12, (rank + 1) * 12)
 
-    y_full, _ = full(x)
-    (y_full * weights).sum().backward()
-    y_part, _ = part(x[mine])
-    (y_part * weights[mine]).sum().backward()
-    torch.testing.assert_close(y_part, y_full[mine], atol=1e-10, rtol=1e-10)
+    # one rank runs each rank's batch in turn; the objective includes the LoRE balancing loss, which is
+    # defined per batch (with expert parallelism, its parts are computed where the experts are)
+    halves = [slice(r * 12, (r + 1) * 12) for r in range(world)]
+    outputs = [full(x[half]) for half in halves]
+    sum(((y * weights[half]).sum() + aux.lore_balancing_loss for (y, aux), half in zip(outputs, halves))).backward()
+    y_part, aux_part = part(x[mine])
+    ((y_part * weights[mine]).sum() + aux_part.lore_balancing_loss).backward()
+    torch.testing.assert_close(y_part, outputs[rank][0], atol=1e-10, rtol=1e-10)
+    lore_loss = aux_part.lore_balancing_loss.detach().clone()
+    dist.all_reduce(lore_loss)
+    torch.testing.assert_close(lore_loss, sum(aux.lore_balancing_loss.detach() for _, aux in outputs))
 
     local = part.local_experts
     full_params = dict(full.named_parameters())

@@ -75,12 +75,25 @@ def test_top_1_regroups_rows_and_keeps_raw_pi():
 def test_lore_balancing_loss_and_load_on_a_hand_computed_case():
     # expert 0: 3 rows, all choose LoRE 0; expert 1: 1 row choosing LoRE 1
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
-    expert_of_row = torch.tensor([0, 0, 0, 1])
-    aux = lore_aux(probs, expert_of_row, torch.tensor([[3, 0], [0, 1]]), torch.tensor([3, 1]), top_l=1)
+    lore_ids = torch.tensor([[0], [0], [0], [1]])
+    slots_EM = torch.tensor([[3, 0], [0, 1]])
+    aux = lore_aux(probs, lore_ids, torch.tensor([[3, 1]]), torch.tensor([4]), slots_EM)
     # expert 0: f = [1, 0], P = [2.2/3, 0.8/3]: 2 * 2.2/3; expert 1: f = [0, 1], P = [0.2, 0.8]: 1.6
     # weighted by rows: (3 * 4.4/3 + 1 * 1.6) / 4 = 1.5
     assert aux["lore_balancing_loss"].item() == pytest.approx(1.5)
     assert aux["lore_load_EM"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_lore_balancing_loss_is_the_sum_of_the_source_batches_losses():
+    """The same rows from two batches (as expert parallelism delivers them: by expert, then source).
+    Batch 0 (2 rows): rows 0 and 1, expert 0, LoRE 0: f = [1, 0], P = [0.75, 0.25]: (2 * 1.5) / 2 = 1.5.
+    Batch 1 (2 rows): row 2 to expert 0 (LoRE 0, P = [0.7, 0.3]: 1.4), row 3 to expert 1 (LoRE 1, 1.6):
+    (1.4 + 1.6) / 2 = 1.5. In all 3.0, where one batch of the 4 rows gives 1.5."""
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    lore_ids = torch.tensor([[0], [0], [0], [1]])
+    rows_SE = torch.tensor([[2, 0], [1, 1]])  # expert 0: 2 rows from batch 0, then 1 from batch 1
+    aux = lore_aux(probs, lore_ids, rows_SE, torch.tensor([2, 2]), torch.tensor([[3, 0], [0, 1]]))
+    assert aux["lore_balancing_loss"].item() == pytest.approx(3.0)
 
 
 def test_gradients_reach_lores_and_both_routers():

@@ -24,8 +24,9 @@ import train  # noqa: E402
 
 ONE_RANK = DistInfo(0, 1, 0, torch.device("cpu"))
 PLAIN_TOP2 = {"moe_num_experts": 5, "moe_top_k": 2, "moe_zloss_coeff": 0.001}  # 5 experts: 3 + 2 on EP=2
-STRUCT_L1 = {"moe_num_experts": 4, "moe_top_k": 1, "lore_num_experts": 4, "lore_rank": 4, "lore_top_k": 1}
-STRUCT_L2 = {"moe_num_experts": 4, "moe_top_k": 2, "lore_num_experts": 4, "lore_rank": 4, "lore_top_k": 2}
+LORE = {"lore_num_experts": 4, "lore_rank": 4, "lore_loss_coeff": 0.01}  # the LoRE loss in the gradients too
+STRUCT_L1 = {"moe_num_experts": 4, "moe_top_k": 1, "lore_top_k": 1, **LORE}
+STRUCT_L2 = {"moe_num_experts": 4, "moe_top_k": 2, "lore_top_k": 2, **LORE}
 LR = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "min_lr": 1e-4}
 STEPS = {"train_iters": 4, "checkpoint_factor": 100, "eval_interval": 0, **LR}
 
@@ -61,9 +62,12 @@ def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
                        **STEPS, **moe)
     train.run([str(one)])
     torchrun(two, 2)
-    expected = train_losses(read_metrics(tmp_path / "one" / "logs"))
-    assert train_losses(read_metrics(tmp_path / "two" / "logs")) == pytest.approx(expected, abs=1e-5)
+    single, parallel = (read_metrics(tmp_path / name / "logs") for name in ("one", "two"))
+    expected = train_losses(single)
+    assert train_losses(parallel) == pytest.approx(expected, abs=1e-5)
     assert len(expected) == 4
+    for aux in ("moe/load_balancing_loss", "moe/z_loss", "moe/lore_balancing_loss"):  # averaged over ranks
+        assert [r[aux] for r in parallel] == pytest.approx([r[aux] for r in single], abs=1e-5), aux
     assert_same_parameters(final_parameters(two), final_parameters(one))
 
 

@@ -28,6 +28,16 @@ from megatron.parallel.expert_parallel import (
 
 
 @dataclass
+class RowSources:
+    """Whose batch the rows an expert received came from, for a loss defined per batch (the LoRE
+    balancing loss): rows of each local expert arrive ordered by source rank; rows_SL[s, l] came from
+    source s, whose batch routed total_rows_S[s] rows (token slots) in all, over every expert."""
+
+    rows_SL: torch.Tensor
+    total_rows_S: torch.Tensor
+
+
+@dataclass
 class DispatchContext:
     """What `combine` needs to undo `dispatch`."""
 
@@ -36,6 +46,7 @@ class DispatchContext:
     num_tokens: int
     exchange: Any = None  # what the exchange needs to undo itself (kept here, not on the dispatcher,
     # so that activation checkpointing's recomputed forward pairs with its own combine)
+    sources: RowSources | None = None  # None: every row is from this rank's batch
 
 
 def sort_by_expert(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> DispatchContext:
@@ -54,7 +65,7 @@ class TokenDispatcher:
         """Returns the rows of this rank's experts grouped by expert, their counts [L], and the context."""
         ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK)
         x_ND = x_TD.index_select(0, ctx.token_of_row_N)
-        x_ND, tokens_per_local_expert_L, ctx.exchange = self.exchange(x_ND, routing.tokens_per_expert_E)
+        x_ND, tokens_per_local_expert_L, ctx.sources, ctx.exchange = self.exchange(x_ND, routing.tokens_per_expert_E)
         return x_ND, tokens_per_local_expert_L, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
@@ -63,8 +74,11 @@ class TokenDispatcher:
         weighted_ND = y_ND * ctx.weight_of_row_N.unsqueeze(1)  # under autocast: half rows x fp32 gates -> fp32
         return weighted_ND.new_zeros(ctx.num_tokens, y_ND.shape[1]).index_add(0, ctx.token_of_row_N, weighted_ND)
 
-    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Rows sorted by expert -> rows of this rank's experts (grouped by expert), their counts, and state."""
+    def exchange(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
+        """Rows sorted by expert -> rows of this rank's experts (grouped by expert), their counts, where
+        they came from, and the state `exchange_back` needs."""
         raise NotImplementedError
 
     def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
@@ -74,8 +88,10 @@ class TokenDispatcher:
 class LocalDispatcher(TokenDispatcher):
     """No exchange: every expert lives in this process (the baseline the parallel variants vary)."""
 
-    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return x_ND, tokens_per_expert_E, None
+    def exchange(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
+        return x_ND, tokens_per_expert_E, None, None
 
     def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
         return y_ND
@@ -105,7 +121,9 @@ class AllToAllDispatcher(TokenDispatcher):
         self.local_experts = expert_parallel.local_experts(num_experts)
         self.experts_per_rank = experts_per_rank(num_experts, expert_parallel.size)
 
-    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def exchange(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
         counts_SE = all_gather_counts(tokens_per_expert_E, self.group)
         counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
         rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
@@ -113,7 +131,8 @@ class AllToAllDispatcher(TokenDispatcher):
         received_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
         order = source_to_expert_major(counts_SL)
         state = _AllToAllState(send_splits, recv_splits, order)
-        return received_ND.index_select(0, order), counts_SL.sum(dim=0), state
+        sources = RowSources(counts_SL, counts_SE.sum(dim=1))
+        return received_ND.index_select(0, order), counts_SL.sum(dim=0), sources, state
 
     def exchange_back(self, y_ND: torch.Tensor, state: _AllToAllState) -> torch.Tensor:
         received_order_ND = torch.empty_like(y_ND).index_copy(0, state.expert_major_order, y_ND)

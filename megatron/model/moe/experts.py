@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from megatron.model.moe.kernels import autocast_operands, gmm_available, grouped_matmul
 
 if TYPE_CHECKING:
+    from megatron.model.moe.dispatcher import RowSources
     from megatron.model.moe.lore import LoREBank
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -70,9 +71,11 @@ class GroupedExperts(nn.Module):
         self.gmm = gmm
 
     def forward(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore: LoREBank | None = None
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore: LoREBank | None = None,
+        sources: RowSources | None = None,
     ) -> tuple[torch.Tensor, dict | None]:
-        """Rows of expert e are the tokens_per_expert_E[e] rows after those of experts < e."""
+        """Rows of expert e are the tokens_per_expert_E[e] rows after those of experts < e; `sources`
+        says whose batch they came from (for the LoRE balancing loss; None: all from this rank's)."""
         sizes = None
         if self.gmm is not None and self.use_grouped_mm is not False and gmm_available(
             *autocast_operands(x_ND, self.w_up_EDF)
@@ -82,4 +85,4 @@ class GroupedExperts(nn.Module):
         down = lambda h: grouped_matmul(h, self.w_down_EFD, tokens_per_expert_E, self.use_grouped_mm, self.gmm, sizes)
         if lore is None:
             return down(self.act(up(x_ND))), None
-        return lore(x_ND, tokens_per_expert_E, up, self.act, down)  # a call, so FSDP2 gathers its weights
+        return lore(x_ND, tokens_per_expert_E, up, self.act, down, sources)  # a call: FSDP2 gathers its weights

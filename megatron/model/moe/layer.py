@@ -82,19 +82,18 @@ class MoELayer(nn.Module):
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
                                           output_init_std, use_grouped_mm, self.local_experts,
                                           gmm=require_gmm() if impl == "grouped_gemm" else None)
-        self.lore = (
-            LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts)
+        self.lore = (  # the LoRE B term runs on the experts' grouped kernel
+            LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts,
+                                 gmm=self.experts.gmm)
             if lore else None
         )
-        if self.lore is not None:
-            self.lore.gmm = self.experts.gmm  # the LoRE B term runs on the experts' grouped kernel
         self.dispatcher = build_dispatcher(expert_parallel, num_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
         x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing)
-        y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore)
+        y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore, ctx.sources)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         zero = routing.z_loss.new_zeros(())
         aux = MoEAux(

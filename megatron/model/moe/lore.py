@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model.moe.dispatcher import RowSources
 from megatron.model.moe.experts import normal_init_slice
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
 
@@ -89,9 +90,12 @@ class LoREBank(nn.Module):
         init_std: float = 0.02,
         b_init_std: float | None = None,
         local_experts: range | None = None,
+        gmm: Callable | None = None,
     ):
-        """`num_experts` is the layer's global count; the bank holds the LoREs of `local_experts` only."""
+        """`num_experts` is the layer's global count; the bank holds the LoREs of `local_experts` only.
+        gmm: grouped_gemm's kernel for the B term on CUDA (the experts' one); None: torch's grouped_mm."""
         super().__init__()
+        self.gmm = gmm
         self.config = LoREConfig(num_lores, rank, top_l, mode, renormalize)
         local = range(num_experts) if local_experts is None else local_experts
         self.num_experts = len(local)
@@ -113,20 +117,22 @@ class LoREBank(nn.Module):
 
     @classmethod
     def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
-                    init_std: float = 0.02, local_experts: range | None = None) -> LoREBank:
+                    init_std: float = 0.02, local_experts: range | None = None,
+                    gmm: Callable | None = None) -> LoREBank:
         c = config
         return cls(num_experts, c.num_lores, c.rank, hidden_size, ffn_hidden_size, c.top_l, c.mode,
-                   c.renormalize, init_std, local_experts=local_experts)
+                   c.renormalize, init_std, local_experts=local_experts, gmm=gmm)
 
     def extra_repr(self) -> str:
         c = self.config
         return f"mode={c.mode}, experts={self.num_experts}, lores={c.num_lores}, rank={c.rank}, top_l={c.top_l}"
 
     def forward(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, up: Callable, act: Callable, down: Callable
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, up: Callable, act: Callable, down: Callable,
+        sources: RowSources | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """The expert MLP `down(act(up(x)))` with the LoRE term hooked in; rows keep their order."""
-        plan = self.plan(x_ND, tokens_per_expert_E)
+        plan = self.plan(x_ND, tokens_per_expert_E, sources)
         if plan.row_order_N is not None:  # rows regrouped by (expert, LoRE); still expert-major
             x_ND = x_ND.index_select(0, plan.row_order_N)
         h_NF = up(x_ND)
@@ -139,7 +145,9 @@ class LoREBank(nn.Module):
             y_ND = torch.empty_like(y_ND).index_copy(0, plan.row_order_N, y_ND)
         return y_ND, plan.aux
 
-    def plan(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> LoREPlan:
+    def plan(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, sources: RowSources | None = None
+    ) -> LoREPlan:
         """Secondary routing: each row's top-l LoREs among its expert's M, their pi, and the aux."""
         E, M, L = self.num_experts, self.lores_per_expert, self.config.top_l
         if not self.routed:
@@ -156,7 +164,9 @@ class LoREBank(nn.Module):
         expert_of_row_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), tokens_per_expert_E)
         group_NL = expert_of_row_N.unsqueeze(1) * M + lore_ids_NL
         rows_per_group_G = torch.bincount(group_NL.flatten(), minlength=E * M)
-        aux = lore_aux(probs_NM, expert_of_row_N, rows_per_group_G.view(E, M), tokens_per_expert_E, L)
+        if sources is None:  # every row from this rank's batch
+            sources = RowSources(tokens_per_expert_E.unsqueeze(0), tokens_per_expert_E.sum().unsqueeze(0))
+        aux = lore_aux(probs_NM, lore_ids_NL, sources.rows_SL, sources.total_rows_S, rows_per_group_G.view(E, M))
         pi_NL = pi_NL.to(x_ND.dtype)
         if L == 1:
             row_order_N = torch.argsort(group_NL.squeeze(1), stable=True)
@@ -173,8 +183,7 @@ class LoREBank(nn.Module):
             if plan.pi_slots is not None:
                 xa_NR = xa_NR * plan.pi_slots.unsqueeze(1)
             # one grouped call on CUDA (gmm where the layer was given it), the in-place addmm loop on CPU
-            gmm = getattr(self, "gmm", None)  # set by MoELayer: grouped_gemm's kernel, or None for torch's
-            return accumulate_grouped_matmul(out_NO, xa_NR, B_GRO, plan.rows_per_group_G, gmm=gmm)
+            return accumulate_grouped_matmul(out_NO, xa_NR, B_GRO, plan.rows_per_group_G, gmm=self.gmm)
         xa_SR = grouped_matmul(x_ND.index_select(0, plan.slot_rows), A_GDR, plan.rows_per_group_G)
         term_SO = grouped_matmul(xa_SR * plan.pi_slots.unsqueeze(1), B_GRO, plan.rows_per_group_G)
         return out_NO.index_add(0, plan.slot_rows, term_SO)
@@ -182,21 +191,33 @@ class LoREBank(nn.Module):
 
 def lore_aux(
     probs_NM: torch.Tensor,
-    expert_of_row_N: torch.Tensor,
-    rows_per_group_EM: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    top_l: int,
+    lore_ids_NL: torch.Tensor,
+    rows_SE: torch.Tensor,
+    total_rows_S: torch.Tensor,
+    slots_per_group_EM: torch.Tensor,
 ) -> dict:
-    """LoRE load per expert and the Switch balancing loss within each expert, averaged weighted by rows.
+    """The Switch balancing loss within each expert, per source batch, and each expert's LoRE load.
 
-    For expert e with n_e rows: f_ei = (slots of e choosing LoRE i) / (n_e * l), P_ei = mean over e's rows
-    of pi_i, loss_e = M * sum_i f_ei * P_ei; the layer's loss is sum_e n_e loss_e / sum_e n_e.
+    Rows are grouped by expert, then by source batch: segment g = (e, s) holds the n_g = rows_SE[s, e] rows
+    expert e got from batch s, which routed N_s = total_rows_S[s] rows in all. With f_gi = (slots of g
+    choosing LoRE i) / (n_g l) and P_gi = the mean of pi_i over g's rows, loss_g = M sum_i f_gi P_gi, and
+
+        loss = sum_g n_g loss_g / N_s.
+
+    One rank has one source and N = sum_e n_e: the within-expert loss weighted by rows. With expert
+    parallelism each EP rank adds its experts' share of every source batch's loss, so the sum over ranks
+    is the sum of the per-batch losses one rank would compute, which is what the trainer's mean over
+    ranks and micro-batches sees.
     """
-    M = probs_NM.shape[-1]
-    rows_E = tokens_per_expert_E.float()
-    load_EM = rows_per_group_EM.float() / (rows_E * top_l).clamp_min(1).unsqueeze(1)
-    sum_prob_EM = probs_NM.new_zeros(rows_per_group_EM.shape).index_add(0, expert_of_row_N, probs_NM)
-    mean_prob_EM = sum_prob_EM / rows_E.clamp_min(1).unsqueeze(1)
-    per_expert_E = M * (load_EM * mean_prob_EM).sum(dim=1)
-    loss = (per_expert_E * rows_E).sum() / rows_E.sum().clamp_min(1)
+    M, top_l = probs_NM.shape[-1], lore_ids_NL.shape[-1]
+    S, E = rows_SE.shape
+    rows_G = rows_SE.T.flatten()  # g = e * S + s: the rows' order
+    segment_N = torch.repeat_interleave(torch.arange(E * S, device=probs_NM.device), rows_G,
+                                        output_size=probs_NM.shape[0])
+    slots_GM = torch.bincount((segment_N.unsqueeze(1) * M + lore_ids_NL).flatten(), minlength=E * S * M)
+    sum_prob_GM = probs_NM.new_zeros(E * S, M).index_add(0, segment_N, probs_NM)
+    denominators_G = (rows_G * total_rows_S.repeat(E)).to(probs_NM.dtype).clamp_min(1)
+    loss = (M / top_l) * ((slots_GM.view(E * S, M) * sum_prob_GM).sum(dim=1) / denominators_G).sum()
+    rows_E = rows_SE.sum(dim=0).float()
+    load_EM = slots_per_group_EM.float() / (rows_E * top_l).clamp_min(1).unsqueeze(1)
     return {"lore_balancing_loss": loss, "lore_load_EM": load_EM.detach()}

@@ -73,7 +73,7 @@ class MegablocksExperts(nn.Module):
         self.w2 = nn.Parameter(w_down_EFD.reshape(-1, hidden_size).contiguous())
         self.act = ACTIVATIONS[activation]
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None):
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None, sources=None):
         w1_EDF = self.w1.view(self.num_experts, -1, self.w1.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w1
         w2_EFD = self.w2.view(self.num_experts, -1, self.w2.shape[-1])
         batch_sizes = None
@@ -84,4 +84,4 @@ class MegablocksExperts(nn.Module):
         if lore is None:
             return down(self.act(up(x_ND))), None
         # the LoRE term lands between the first gmm and the activation, as in the native experts
-        return lore(x_ND, tokens_per_expert_E, up, self.act, down)  # a call, so FSDP2 gathers its weights
+        return lore(x_ND, tokens_per_expert_E, up, self.act, down, sources)  # a call: FSDP2 gathers its weights
