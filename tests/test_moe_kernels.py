@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from reference import per_group_reference
 
 from megatron.model.moe import LoREConfig, MoELayer, kernels
 from megatron.model.moe.kernels import (
@@ -22,14 +23,6 @@ from megatron.model.moe.kernels import (
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def per_group_reference(x, w, counts):
-    blocks, start = [], 0
-    for g, n in enumerate(counts):
-        blocks.append(x[start:start + n] @ w[g])
-        start += n
-    return torch.cat(blocks)
 
 
 class FakeGmm:

@@ -75,15 +75,16 @@ def all_gather_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     return gathered.view(size, -1)
 
 
-def source_to_expert_major(counts_SL: torch.Tensor) -> torch.Tensor:
+def source_to_expert_major(counts_SL: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Row order that turns received rows (blocks by source, then expert) into blocks by expert, then source.
 
     counts_SL[s, l] rows came from source s for local expert l; the result indexes the received rows.
+    `total` (the number of rows, if the caller has it on the host) saves a device-to-host sync.
     """
     flat = counts_SL.flatten()
     starts_SL = (torch.cumsum(flat, 0) - flat).view_as(counts_SL)
     counts_LS, starts_LS = counts_SL.T.flatten(), starts_SL.T.flatten()
-    total = int(flat.sum())
+    total = int(flat.sum()) if total is None else total
     block_start = torch.repeat_interleave(starts_LS, counts_LS, output_size=total)
     position_in_block = torch.arange(total, device=counts_SL.device) - torch.repeat_interleave(
         torch.cumsum(counts_LS, 0) - counts_LS, counts_LS, output_size=total

@@ -127,9 +127,10 @@ class AllToAllDispatcher(TokenDispatcher):
         counts_SE = all_gather_counts(tokens_per_expert_E, self.group)
         counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
         rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
-        send_splits, recv_splits = rows_per_rank_P.tolist(), counts_SL.sum(dim=1).tolist()  # the host sync
+        splits = torch.cat([rows_per_rank_P, counts_SL.sum(dim=1)]).tolist()  # the one host sync
+        send_splits, recv_splits = splits[:len(rows_per_rank_P)], splits[len(rows_per_rank_P):]
         received_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
-        order = source_to_expert_major(counts_SL)
+        order = source_to_expert_major(counts_SL, total=sum(recv_splits))
         state = _AllToAllState(send_splits, recv_splits, order)
         sources = RowSources(counts_SL, counts_SE.sum(dim=1))
         return received_ND.index_select(0, order), counts_SL.sum(dim=0), sources, state

@@ -23,9 +23,9 @@ work), and why each is there:
 - `TopKRouter.forward` (router.py) and `LoREBank.plan` (lore.py): `torch.bincount` on CUDA reads its
   input's min and max on the host (`.cpu()` / `.item()` inside torch) to size the output; the plan's
   `repeat_interleave` without `output_size` reads the total row count the same way.
-- `AllToAllDispatcher.exchange` (dispatcher.py, expert parallelism only): the send and receive split
-  sizes `.tolist()`, because `all_to_all_single` takes Python ints; `source_to_expert_major`
-  (expert_parallel.py) reads the received row count with `int(tensor)` to size its index.
+- `AllToAllDispatcher.exchange` (dispatcher.py, expert parallelism only): one `.tolist()` of the send and
+  receive split sizes, because `all_to_all_single` takes Python ints (the received row count that sizes
+  the regrouping index comes from those, not from another sync).
 - gmm (`grouped_gemm` and `megablocks` backends): the group sizes go to the host (`.cpu()`), because a
   default grouped_gemm build plans its per-group GEMMs on the host (only a CUTLASS build takes them on
   the device). The experts do it once per forward for both projections, the LoRE B term once more; the
