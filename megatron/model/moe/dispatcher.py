@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megatron.model.moe.lsh import Compression, CrossPolytopeHash, LSHConfig, compress, decompress
 from megatron.model.moe.router import Routing
 from megatron.parallel.expert_parallel import (
     ExpertParallel,
@@ -140,7 +141,37 @@ class AllToAllDispatcher(TokenDispatcher):
         return all_to_all(received_order_ND, state.send_splits, state.recv_splits, self.group)
 
 
-def build_dispatcher(expert_parallel: ExpertParallel | None, num_experts: int) -> TokenDispatcher:
+class LSHDispatcher(TokenDispatcher):
+    """LSH-MoE: the rows bound for each expert are replaced by their bucket centroids before the exchange,
+    and each row gets back its centroid's output (+ its residual, with compensation) after it.
+
+    It wraps another dispatcher's exchange (local or all-to-all), so compression works the same with
+    and without expert parallelism; the experts (and their LoRE routers) see centroids. See lsh.py.
+    Host sync: `torch.unique` sizes its output on the host.
+    """
+
+    def __init__(self, inner: TokenDispatcher, hidden_size: int, config: LSHConfig):
+        self.inner, self.config = inner, config
+        self.hasher = CrossPolytopeHash(hidden_size, config)
+
+    def exchange(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
+        centroids_CD, centroids_per_expert_E, compression = compress(
+            x_ND, tokens_per_expert_E, self.hasher, self.config.error_compensation)
+        x_local, counts_L, sources, inner_state = self.inner.exchange(centroids_CD, centroids_per_expert_E)
+        return x_local, counts_L, sources, (compression, inner_state)
+
+    def exchange_back(self, y_ND: torch.Tensor, state: tuple[Compression, Any]) -> torch.Tensor:
+        compression, inner_state = state
+        return decompress(self.inner.exchange_back(y_ND, inner_state), compression)
+
+
+def build_dispatcher(
+    expert_parallel: ExpertParallel | None, num_experts: int, hidden_size: int = 0, lsh: LSHConfig | None = None
+) -> TokenDispatcher:
     if expert_parallel is None or expert_parallel.size == 1:
-        return LocalDispatcher()
-    return AllToAllDispatcher(expert_parallel, num_experts)
+        dispatcher: TokenDispatcher = LocalDispatcher()
+    else:
+        dispatcher = AllToAllDispatcher(expert_parallel, num_experts)
+    return dispatcher if lsh is None else LSHDispatcher(dispatcher, hidden_size, lsh)

@@ -15,6 +15,7 @@ from megatron.model.moe.dispatcher import build_dispatcher
 from megatron.model.moe.experts import GroupedExperts
 from megatron.model.moe.kernels import require_gmm, resolve_moe_impl
 from megatron.model.moe.lore import LoREBank, LoREConfig
+from megatron.model.moe.lsh import LSHConfig
 from megatron.model.moe.router import TopKRouter
 from megatron.parallel.expert_parallel import ExpertParallel
 
@@ -63,6 +64,7 @@ class MoELayer(nn.Module):
         impl: str = "auto",
         use_grouped_mm: bool | None = None,
         expert_parallel: ExpertParallel | None = None,
+        lsh: LSHConfig | None = None,
     ):
         """With `expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
         exchanges rows with the other EP ranks; the router stays whole (every rank routes its own tokens)."""
@@ -87,7 +89,7 @@ class MoELayer(nn.Module):
                                  gmm=self.experts.gmm)
             if lore else None
         )
-        self.dispatcher = build_dispatcher(expert_parallel, num_experts)
+        self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, lsh)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
