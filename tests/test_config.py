@@ -98,6 +98,10 @@ def test_real_neox_config_loads_with_ignored_keys_reported():
     ("moe_expert_parallel_size: 2\n", 2, "needs an MoE model"),
     ("zero_optimization: {stage: 4}\n", 1, "zero_stage: input should be less than or equal to 3"),
     ("zero_optimization: {stage: 1}\nzero_stage: 3\n", 1, "zero_optimization.stage contradicts zero_stage"),
+    ("lsh_compression: true\n", 1, "lsh_compression needs an MoE model"),
+    ("moe_num_experts: 4\nlsh_compression: true\nlsh_num_hashes: 9\n", 1, "do not fit a 40-bit key"),
+    ("moe_num_experts: 4\nmoe_expert_interval: 2\nlsh_compression: true\nlsh_layers: [0]\n", 1,
+     r"lsh_layers: 0 is not an MoE layer \(MoE layers: \[1\]\)"),
 ])
 def test_layout_errors_name_the_key(tmp_path, text, world, message):
     with pytest.raises(ConfigError, match=message):

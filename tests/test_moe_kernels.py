@@ -151,17 +151,19 @@ def test_load_gmm_takes_grouped_gemm_ops_gmm_or_none(monkeypatch):
 
 
 def test_build_resolves_for_the_run_device(fake_device):
+    from megatron.config import load_config
     from megatron.model.build import moe_settings_from_args
 
-    fields = dict(moe_num_experts=4, lore_num_experts=0, moe_top_k=1, moe_expert_interval=1, moe_ffn_hidden_size=None,
-                  moe_jitter_eps=None, moe_renormalize_weights=False, moe_lbl_in_fp32=False, moe_impl="auto")
+    def impl(device: str, moe_impl: str = "auto") -> str:
+        args = load_config([], ["--moe_num_experts", "4", "--moe_impl", moe_impl, "--device", device])
+        return moe_settings_from_args(args).impl
+
     fake_device(True, A100, FakeGmm())
-    assert moe_settings_from_args(types.SimpleNamespace(**fields, device="cuda")).impl == "grouped_gemm"
-    assert moe_settings_from_args(types.SimpleNamespace(**fields, device="cpu")).impl == "native"
+    assert impl("cuda") == "grouped_gemm"
+    assert impl("cpu") == "native"
     fake_device(True, H100, FakeGmm())
-    assert moe_settings_from_args(types.SimpleNamespace(**fields, device="auto")).impl == "native"
-    fields["moe_impl"] = "megablocks"
-    assert moe_settings_from_args(types.SimpleNamespace(**fields, device="cpu")).impl == "megablocks"
+    assert impl("auto") == "native"
+    assert impl("cpu", "megablocks") == "megablocks"
 
 
 def test_grouped_gemm_impl_needs_cuda_and_the_package(fake_device):

@@ -52,8 +52,12 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True}, STRUCT_L2],
-                         ids=["plain_top2", "structmoe_l1_recompute", "structmoe_l2"])
+LSH = {"lsh_compression": True, "lsh_num_hashes": 1, "lsh_hash_dim": 4}  # 8 buckets per expert: heavy
+
+
+@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True}, STRUCT_L2,
+                                 {**STRUCT_L1, **LSH}],
+                         ids=["plain_top2", "structmoe_l1_recompute", "structmoe_l2", "structmoe_lsh"])
 def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
     """EP=2 on 2 ranks with accumulation 2 == 1 rank with accumulation 4: losses and updated parameters
     (with activation checkpointing too, whose recompute runs the exchange again during backward)."""
@@ -68,6 +72,11 @@ def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
     assert len(expected) == 4
     for aux in ("moe/load_balancing_loss", "moe/z_loss", "moe/lore_balancing_loss"):  # averaged over ranks
         assert [r[aux] for r in parallel] == pytest.approx([r[aux] for r in single], abs=1e-5), aux
+    if moe.get("lsh_compression"):  # each rank compresses its own batch, as one rank does per micro-batch
+        rates = [r["moe/layer0/lsh_compression_rate"] for r in parallel]
+        assert rates == pytest.approx([r["moe/layer0/lsh_compression_rate"] for r in single], abs=1e-9)
+        assert all(0 < rate < 0.5 for rate in rates)
+        assert all(r["moe/layer0/exchange_bytes_sent"] > 0 for r in parallel)
     assert_same_parameters(final_parameters(two), final_parameters(one))
 
 

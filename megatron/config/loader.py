@@ -251,6 +251,16 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
                               "every EP rank must hold at least one expert")
         if data_parallel_size % ep:
             raise ConfigError(f"moe_expert_parallel_size {ep} must divide the number of ranks {data_parallel_size}")
+    if args.lsh_compression:
+        if not args.is_moe:
+            raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")
+        if (2 * args.lsh_hash_dim) ** args.lsh_num_hashes >= 2**40:
+            raise ConfigError(f"lsh_num_hashes {args.lsh_num_hashes} x lsh_hash_dim {args.lsh_hash_dim}: "
+                              f"(2 x {args.lsh_hash_dim})^{args.lsh_num_hashes} buckets do not fit a 40-bit key")
+        moe_layers = [i for i in range(args.num_layers) if (i + 1) % args.moe_expert_interval == 0]
+        for layer in args.lsh_layers or []:
+            if layer not in moe_layers:
+                raise ConfigError(f"lsh_layers: {layer} is not an MoE layer (MoE layers: {moe_layers})")
     if args.prepare_data and not args.data_path:
         raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
 

@@ -80,6 +80,12 @@ class MoEArgs(Strict):
     lore_mode: Literal["entangled", "router_free", "standalone"] = "entangled"
     lore_loss_coeff: float = Field(0.0, ge=0)
     lore_renormalize_weights: bool = False
+    # LSH-MoE (ours): rows bound for each expert replaced by cross-polytope LSH bucket centroids
+    lsh_compression: bool = False
+    lsh_num_hashes: int = Field(2, ge=1)
+    lsh_hash_dim: int = Field(16, ge=1)  # rotation output dims: 2 x this many buckets per hash
+    lsh_error_compensation: bool = True  # each row gets back E(centroid) + (x - centroid)
+    lsh_layers: list[int] | None = None  # transformer layer indices of the MoE layers to compress; None: all
 
 
 class OptimizerArgs(Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron.model.gpt import GPTConfig, MoESettings
 from megatron.model.moe import LoREConfig
 from megatron.model.moe.kernels import resolve_moe_impl
+from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -31,6 +32,9 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
         lore=lore,
         expert_parallel=expert_parallel,
+        lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed)
+        if args.lsh_compression else None,
+        lsh_layers=args.lsh_layers,
     )
 
 

@@ -9,6 +9,7 @@ the loss: nothing is stashed in globals.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.moe import LoREConfig, MoEAux, MoELayer
 from megatron.model.moe.experts import ACTIVATIONS
+from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -36,6 +38,14 @@ class MoESettings:
     impl: str = "auto"  # experts backend: auto, native, grouped_gemm, megablocks (moe/kernels.py)
     lore: LoREConfig | None = None
     expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
+    lsh: LSHConfig | None = None  # LSH-MoE compression of the exchange; None: exact
+    lsh_layers: list[int] | None = None  # which (MoE) layers compress; None: all
+
+    def lsh_for_layer(self, layer_idx: int) -> LSHConfig | None:
+        """The layer's LSH settings, with a rotation of its own (seed + layer index), or None."""
+        if self.lsh is None or (self.lsh_layers is not None and layer_idx not in self.lsh_layers):
+            return None
+        return dataclasses.replace(self.lsh, seed=self.lsh.seed + layer_idx)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.num_experts > 1 and (layer_idx + 1) % self.expert_interval == 0
@@ -187,6 +197,7 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float)
         output_init_std=out_std,
         impl=moe.impl,
         expert_parallel=moe.expert_parallel,
+        lsh=moe.lsh_for_layer(layer_idx),
     )
 
 

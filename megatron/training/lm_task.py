@@ -32,6 +32,13 @@ def share_per_expert(load_EM: torch.Tensor) -> torch.Tensor:
     return torch.where(totals > 0, load_EM / totals.clamp_min(1e-12), load_EM)
 
 
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not values:
+        return values
+    means = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, means.tolist()))
+
+
 class RoutingAccumulator:
     """Averages each MoE layer's expert (and LoRE) load over a log interval."""
 
@@ -39,6 +46,7 @@ class RoutingAccumulator:
         self.last: list[MoEAux] = []
         self.expert_load: list[torch.Tensor] = []
         self.lore_load: list[torch.Tensor | None] = []
+        self.dispatch: list[dict[str, float]] = []  # per layer: sums of the exchange's statistics
         self.count = 0
 
     def add(self, aux_list: list[MoEAux]) -> None:
@@ -48,7 +56,10 @@ class RoutingAccumulator:
             self.expert_load = [torch.zeros_like(aux.expert_load_E) for aux in aux_list]
             self.lore_load = [None if aux.lore_load_EM is None else torch.zeros_like(aux.lore_load_EM)
                               for aux in aux_list]
+            self.dispatch = [dict.fromkeys(aux.dispatch_stats, 0.0) for aux in aux_list]
         for i, aux in enumerate(aux_list):
+            for key, value in aux.dispatch_stats.items():
+                self.dispatch[i][key] += value
             self.expert_load[i] += aux.expert_load_E.detach()
             if aux.lore_load_EM is not None:
                 self.lore_load[i] += aux.lore_load_EM.detach()
@@ -62,8 +73,9 @@ class RoutingAccumulator:
                 aux,
                 expert_load_E=all_reduce_mean(load / self.count),
                 lore_load_EM=None if lore is None else share_per_expert(all_reduce_mean(lore)),
+                dispatch_stats=mean_over_ranks({k: v / self.count for k, v in sums.items()}, load.device),
             )
-            for aux, load, lore in zip(self.last, self.expert_load, self.lore_load)
+            for aux, load, lore, sums in zip(self.last, self.expert_load, self.lore_load, self.dispatch)
         ]
         self.count = 0
         return routing_stats(averaged)

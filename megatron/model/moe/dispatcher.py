@@ -12,7 +12,7 @@ parallelism code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,18 @@ class RowSources:
 
 
 @dataclass
+class Exchanged:
+    """What an exchange hands the experts (rows of this rank's experts, grouped by expert, and their
+    counts), where the rows came from, the state `exchange_back` needs, and statistics to log."""
+
+    rows_ND: torch.Tensor
+    tokens_per_expert_L: torch.Tensor
+    sources: RowSources | None = None  # None: every row is from this rank's batch
+    state: Any = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DispatchContext:
     """What `combine` needs to undo `dispatch`."""
 
@@ -48,6 +60,7 @@ class DispatchContext:
     exchange: Any = None  # what the exchange needs to undo itself (kept here, not on the dispatcher,
     # so that activation checkpointing's recomputed forward pairs with its own combine)
     sources: RowSources | None = None  # None: every row is from this rank's batch
+    stats: dict[str, float] = field(default_factory=dict)  # the exchange's, per layer (e.g. compression rate)
 
 
 def sort_by_expert(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> DispatchContext:
@@ -66,8 +79,9 @@ class TokenDispatcher:
         """Returns the rows of this rank's experts grouped by expert, their counts [L], and the context."""
         ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK)
         x_ND = x_TD.index_select(0, ctx.token_of_row_N)
-        x_ND, tokens_per_local_expert_L, ctx.sources, ctx.exchange = self.exchange(x_ND, routing.tokens_per_expert_E)
-        return x_ND, tokens_per_local_expert_L, ctx
+        exchanged = self.exchange(x_ND, routing.tokens_per_expert_E)
+        ctx.exchange, ctx.sources, ctx.stats = exchanged.state, exchanged.sources, exchanged.stats
+        return exchanged.rows_ND, exchanged.tokens_per_expert_L, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
         """Brings rows back, weights each by its gate and sums every token's K rows: [T, D]."""
@@ -75,11 +89,8 @@ class TokenDispatcher:
         weighted_ND = y_ND * ctx.weight_of_row_N.unsqueeze(1)  # under autocast: half rows x fp32 gates -> fp32
         return weighted_ND.new_zeros(ctx.num_tokens, y_ND.shape[1]).index_add(0, ctx.token_of_row_N, weighted_ND)
 
-    def exchange(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
-        """Rows sorted by expert -> rows of this rank's experts (grouped by expert), their counts, where
-        they came from, and the state `exchange_back` needs."""
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
+        """Rows sorted by expert (and the rows per expert [E]) -> what this rank's experts get."""
         raise NotImplementedError
 
     def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
@@ -89,10 +100,8 @@ class TokenDispatcher:
 class LocalDispatcher(TokenDispatcher):
     """No exchange: every expert lives in this process (the baseline the parallel variants vary)."""
 
-    def exchange(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
-        return x_ND, tokens_per_expert_E, None, None
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
+        return Exchanged(x_ND, tokens_per_expert_E)
 
     def exchange_back(self, y_ND: torch.Tensor, state: Any) -> torch.Tensor:
         return y_ND
@@ -118,13 +127,11 @@ class AllToAllDispatcher(TokenDispatcher):
     """
 
     def __init__(self, expert_parallel: ExpertParallel, num_experts: int):
-        self.group = expert_parallel.group
+        self.group, self.ep_rank = expert_parallel.group, expert_parallel.rank
         self.local_experts = expert_parallel.local_experts(num_experts)
         self.experts_per_rank = experts_per_rank(num_experts, expert_parallel.size)
 
-    def exchange(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
         counts_SE = all_gather_counts(tokens_per_expert_E, self.group)
         counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
         rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
@@ -134,7 +141,9 @@ class AllToAllDispatcher(TokenDispatcher):
         order = source_to_expert_major(counts_SL, total=sum(recv_splits))
         state = _AllToAllState(send_splits, recv_splits, order)
         sources = RowSources(counts_SL, counts_SE.sum(dim=1))
-        return received_ND.index_select(0, order), counts_SL.sum(dim=0), sources, state
+        crossing = sum(send_splits) - send_splits[self.ep_rank]
+        stats = {"exchange_bytes_sent": float(crossing * x_ND.shape[1] * x_ND.element_size())}  # each way
+        return Exchanged(received_ND.index_select(0, order), counts_SL.sum(dim=0), sources, state, stats)
 
     def exchange_back(self, y_ND: torch.Tensor, state: _AllToAllState) -> torch.Tensor:
         received_order_ND = torch.empty_like(y_ND).index_copy(0, state.expert_major_order, y_ND)
@@ -154,13 +163,13 @@ class LSHDispatcher(TokenDispatcher):
         self.inner, self.config = inner, config
         self.hasher = CrossPolytopeHash(hidden_size, config)
 
-    def exchange(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, RowSources | None, Any]:
+    def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
         centroids_CD, centroids_per_expert_E, compression = compress(
             x_ND, tokens_per_expert_E, self.hasher, self.config.error_compensation)
-        x_local, counts_L, sources, inner_state = self.inner.exchange(centroids_CD, centroids_per_expert_E)
-        return x_local, counts_L, sources, (compression, inner_state)
+        inner = self.inner.exchange(centroids_CD, centroids_per_expert_E)
+        inner.state = (compression, inner.state)
+        inner.stats["lsh_compression_rate"] = centroids_CD.shape[0] / max(x_ND.shape[0], 1)
+        return inner
 
     def exchange_back(self, y_ND: torch.Tensor, state: tuple[Compression, Any]) -> torch.Tensor:
         compression, inner_state = state

@@ -5,7 +5,7 @@ Shape legend: B batch, S sequence, T tokens, D hidden, F expert FFN width, E exp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,7 @@ class MoEAux:
     expert_load_E: torch.Tensor  # share of token-assignments per expert (detached)
     lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached); all-zero rows
     # for experts that got no rows here (with expert parallelism, every expert held on another rank)
+    dispatch_stats: dict[str, float] = field(default_factory=dict)  # the exchange's (bytes, compression)
 
 
 def moe_param_counts(
@@ -104,6 +105,7 @@ class MoELayer(nn.Module):
             lore_balancing_loss=lore_aux["lore_balancing_loss"] if lore_aux else zero,
             expert_load_E=(routing.tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
             lore_load_EM=self._all_experts(lore_aux["lore_load_EM"]) if lore_aux else None,
+            dispatch_stats=ctx.stats,
         )
         return y_TD.view_as(x), aux
 

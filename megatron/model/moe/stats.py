@@ -24,6 +24,8 @@ def routing_stats(aux_list: list) -> dict[str, Any]:
     for i, aux in enumerate(aux_list):
         stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(aux.expert_load_E))
         stats[f"moe/layer{i}/expert_load"] = [round(float(v), 5) for v in aux.expert_load_E]
+        for key, value in aux.dispatch_stats.items():  # e.g. exchange_bytes_sent, lsh_compression_rate
+            stats[f"moe/layer{i}/{key}"] = float(value)
         if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
             stats[f"moe/layer{i}/lore_load"] = [[round(float(v), 4) for v in row] for row in aux.lore_load_EM]
             used = aux.lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
