@@ -47,3 +47,24 @@ def torchrun(config: Path, nproc: int = 2, *overrides: str, timeout: int = 300) 
     if result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def assert_grads_match_one_rank(full, part, label: str = "") -> None:
+    """An expert-parallel MoE layer's gradients against the same layer on one rank that saw every batch.
+
+    This rank's experts saw every rank's rows, so their gradients equal the one-rank layer's rows for
+    those experts; replicated parameters hold this rank's share, so their sum over ranks equals it.
+    Both layers must have run backward in float64 (the tolerance is for rounding only).
+    """
+    import torch
+
+    full_params = dict(full.named_parameters())
+    for name, param in part.named_parameters():
+        expected = full_params[name].grad
+        if name.startswith(("experts.", "lore.")):
+            rows = expected.shape[0] // full.num_experts
+            expected, got = expected[part.local_experts.start * rows:part.local_experts.stop * rows], param.grad
+        else:
+            got = param.grad.clone()
+            dist.all_reduce(got)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{label}: {n}: {m}")

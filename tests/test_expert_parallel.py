@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_on_ranks
+from distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
 from megatron.parallel.expert_parallel import (
@@ -85,18 +85,7 @@ def _compare_layer(rank: int, world: int, name: str) -> None:
     dist.all_reduce(lore_loss)
     torch.testing.assert_close(lore_loss, sum(aux.lore_balancing_loss.detach() for _, aux in outputs))
 
-    local = part.local_experts
-    full_params = dict(full.named_parameters())
-    for pname, param in part.named_parameters():
-        expected = full_params[pname].grad
-        if pname.startswith(("experts.", "lore.")):  # this rank's experts saw every rank's rows
-            rows = expected.shape[0] // full.num_experts
-            expected = expected[local.start * rows:local.stop * rows]
-            got = param.grad
-        else:  # replicated: each rank holds its tokens' share of the gradient
-            got = param.grad.clone()
-            dist.all_reduce(got)
-        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8, msg=lambda m, p=pname: f"{name}: {p}: {m}")
+    assert_grads_match_one_rank(full, part, name)
 
 
 @pytest.mark.parametrize("name", list(LAYER_CASES))

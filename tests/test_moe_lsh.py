@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import run_on_ranks
+from distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
 from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig, compress, decompress
@@ -131,17 +131,7 @@ def _compressed_on_ranks(rank: int, world: int) -> None:
     y_part, _ = part(x[halves[rank]])
     (y_part * weights[halves[rank]]).sum().backward()
     torch.testing.assert_close(y_part, outputs[rank][0], atol=1e-10, rtol=1e-10)
-    full_params = dict(full.named_parameters())
-    for name, param in part.named_parameters():
-        expected = full_params[name].grad
-        if name.startswith(("experts.", "lore.")):
-            rows = expected.shape[0] // full.num_experts
-            expected = expected[part.local_experts.start * rows:part.local_experts.stop * rows]
-            got = param.grad
-        else:
-            got = param.grad.clone()
-            dist.all_reduce(got)
-        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
+    assert_grads_match_one_rank(full, part, "lsh")
 
 
 def test_two_rank_compressed_exchange_equals_one_rank():
