@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
-from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig, compress, decompress
+from megatron.model.moe.lsh import CompressionErrorProbe, CrossPolytopeHash, LSHConfig, compress, decompress
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -136,3 +138,39 @@ def _compressed_on_ranks(rank: int, world: int) -> None:
 
 def test_two_rank_compressed_exchange_equals_one_rank():
     run_on_ranks(_compressed_on_ranks, 2)
+
+
+def test_error_probe_measures_against_the_exact_layer():
+    coarse = LSHConfig(num_hashes=1, hash_dim=2)
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=coarse)
+    probe = CompressionErrorProbe(layer)
+    x = torch.randn(40, 8)
+    y_before, _ = layer(x)  # not armed: nothing measured
+    assert probe.pop() == {}
+    probe.arm()
+    y_armed, _ = layer(x)
+    errors = probe.pop()
+    assert torch.equal(y_armed, y_before)  # measuring leaves the training forward alone
+    exact_layer, plain_layer = (MoELayer(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=lsh)
+                                for lsh in (None, dataclasses.replace(coarse, error_compensation=False)))
+    exact_layer.load_state_dict(layer.state_dict())
+    plain_layer.load_state_dict(layer.state_dict())
+    exact = exact_layer(x)[0]
+    expected = {"with_compensation": y_before, "without_compensation": plain_layer(x)[0]}
+    for name, y in expected.items():
+        want = float(((y - exact).norm() / exact.norm()).detach())
+        assert errors[f"moe/layer0/lsh_error_{name}"] == pytest.approx(want, rel=1e-5)
+        assert want > 0
+    # at init the experts' outputs are ~1e-3 while x - c is O(1): the residual swamps the output
+    assert errors["moe/layer0/lsh_error_with_compensation"] > 10 * errors["moe/layer0/lsh_error_without_compensation"]
+
+
+def test_error_probe_reads_zero_without_collisions():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, 2, lsh=FINE)
+    probe = CompressionErrorProbe(layer)
+    probe.arm()
+    layer(torch.randn(40, 16))
+    assert probe.pop() == {"moe/layer0/lsh_error_with_compensation": 0.0,
+                           "moe/layer0/lsh_error_without_compensation": 0.0}

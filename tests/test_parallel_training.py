@@ -52,7 +52,7 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-LSH = {"lsh_compression": True, "lsh_num_hashes": 1, "lsh_hash_dim": 4}  # 8 buckets per expert: heavy
+LSH = {"lsh_compression": True, "lsh_num_hashes": 1, "lsh_hash_dim": 4, "lsh_error_interval": 2}  # 8 buckets
 
 
 @pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True}, STRUCT_L2,
@@ -77,6 +77,9 @@ def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
         assert rates == pytest.approx([r["moe/layer0/lsh_compression_rate"] for r in single], abs=1e-9)
         assert all(0 < rate < 0.5 for rate in rates)
         assert all(r["moe/layer0/exchange_bytes_sent"] > 0 for r in parallel)
+        measured = [r for r in parallel if "moe/layer0/lsh_error_with_compensation" in r]
+        assert [r["step"] for r in measured] == [2, 4]  # every lsh_error_interval steps
+        assert all(r["moe/layer0/lsh_error_without_compensation"] > 0 for r in measured)
     assert_same_parameters(final_parameters(two), final_parameters(one))
 
 

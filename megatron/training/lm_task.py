@@ -18,6 +18,7 @@ from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
+from megatron.model.moe.lsh import CompressionErrorProbe
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
@@ -111,6 +112,8 @@ class LMTask:
             test_weights=args.test_data_weights,
         )
         self.routing = RoutingAccumulator()
+        self.error_interval = args.lsh_error_interval if args.lsh_compression else 0
+        self.error_probe = CompressionErrorProbe(self.model) if self.error_interval else None
         self.aux_coeffs = {
             "load_balancing_loss": args.moe_loss_coeff,
             "z_loss": args.moe_zloss_coeff,
@@ -126,6 +129,8 @@ class LMTask:
         """Samples of a global step are laid out micro-batch-major, then rank: with the same global
         batch, one rank with accumulation sees exactly the samples that several ranks see together."""
         slot = micro_batch * self.dist.world_size + self.dist.rank
+        if self.error_probe is not None and micro_batch == 0 and (step + 1) % self.error_interval == 0:
+            self.error_probe.arm()  # this batch's forward also measures the compression error
         return self._stack(self.train_data, step * self.global_batch + slot * self.micro_batch)
 
     def tokens_per_step(self) -> int:
@@ -148,7 +153,11 @@ class LMTask:
         return total, metrics
 
     def interval_metrics(self) -> dict[str, Any]:
-        return self.routing.pop()
+        metrics = self.routing.pop()
+        if self.error_probe is not None:
+            device = self.dist.device
+            metrics.update(mean_over_ranks(self.error_probe.pop(), device))
+        return metrics
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> dict[str, float]:

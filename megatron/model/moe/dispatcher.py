@@ -12,6 +12,8 @@ parallelism code.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +172,12 @@ class LSHDispatcher(TokenDispatcher):
         inner.state = (compression, inner.state)
         inner.stats["lsh_compression_rate"] = centroids_CD.shape[0] / max(x_ND.shape[0], 1)
         return inner
+
+    def with_compensation(self, compensate: bool) -> LSHDispatcher:
+        """The same buckets (the same rotation), with or without the residual compensation."""
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, error_compensation=compensate)
+        return other
 
     def exchange_back(self, y_ND: torch.Tensor, state: tuple[Compression, Any]) -> torch.Tensor:
         compression, inner_state = state

@@ -114,3 +114,63 @@ def decompress(y_CD: torch.Tensor, compression: Compression) -> torch.Tensor:
     if compression.residual_ND is not None:
         y_ND = y_ND + compression.residual_ND.to(y_ND.dtype)
     return y_ND
+
+
+def relative_error(y: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((y.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-12))
+
+
+class CompressionErrorProbe:
+    """Every so often, how far each compressing MoE layer's output is from the exact exchange's.
+
+    `arm()` before a forward; during it, each compressing layer (found by its dispatcher's `inner`) is run
+    again on the same input, in eval mode (no router jitter) and without gradients, three ways: the exact
+    exchange, compressed with and compressed without compensation. It runs inside the layer's forward, so
+    sharded weights are still gathered; with expert parallelism every rank measures at the same step, so
+    the extra exchanges pair up. `pop()` returns the relative errors ||y - y_exact|| / ||y_exact|| of the
+    layer output, averaged over the measurements since the last pop, per MoE layer (its index among the
+    MoE layers, as in the routing statistics).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = [m for m in model.modules() if hasattr(m, "expert_parts")]  # MoE layers, in order
+        self.armed: set[int] = set()
+        self.errors: dict[str, list[float]] = {}
+        for index, layer in enumerate(self.layers):
+            if hasattr(layer.dispatcher, "inner"):
+                layer.register_forward_hook(self._hook(index))
+
+    def arm(self) -> None:
+        self.armed = {i for i, layer in enumerate(self.layers) if hasattr(layer.dispatcher, "inner")}
+
+    def _hook(self, index: int):
+        def measure(layer, args, output):
+            if index not in self.armed:
+                return
+            self.armed.discard(index)  # once per arming (activation recompute calls forward again)
+            x = args[0].detach()
+            compressing, was_training = layer.dispatcher, layer.training
+            variants = {"exact": compressing.inner, "with_compensation": compressing.with_compensation(True),
+                        "without_compensation": compressing.with_compensation(False)}
+            outputs = {}
+            try:
+                layer.eval()
+                with torch.no_grad():
+                    for name, dispatcher in variants.items():
+                        layer.dispatcher = dispatcher
+                        outputs[name] = layer(x)[0].float()
+            finally:
+                layer.dispatcher = compressing
+                layer.train(was_training)
+            exact = outputs.pop("exact")
+            for name, y in outputs.items():
+                self._add(f"moe/layer{index}/lsh_error_{name}", relative_error(y, exact))
+        return measure
+
+    def _add(self, key: str, value: float) -> None:
+        self.errors.setdefault(key, []).append(value)
+
+    def pop(self) -> dict[str, float]:
+        means = {key: sum(values) / len(values) for key, values in self.errors.items()}
+        self.errors = {}
+        return means
