@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from megatron.config.schema import NeoXArgs
+from megatron.model.moe.lsh import LSHConfig
 
 log = logging.getLogger("megatron.config")
 COMMAND_LINE = "command line"
@@ -254,9 +255,10 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     if args.lsh_compression:
         if not args.is_moe:
             raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")
-        if (2 * args.lsh_hash_dim) ** args.lsh_num_hashes >= 2**40:
-            raise ConfigError(f"lsh_num_hashes {args.lsh_num_hashes} x lsh_hash_dim {args.lsh_hash_dim}: "
-                              f"(2 x {args.lsh_hash_dim})^{args.lsh_num_hashes} buckets do not fit a 40-bit key")
+        try:  # the LSH settings' own checks, as a config error
+            LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         moe_layers = [i for i in range(args.num_layers) if (i + 1) % args.moe_expert_interval == 0]
         for layer in args.lsh_layers or []:
             if layer not in moe_layers:

@@ -74,7 +74,6 @@ class Compression:
 
     centroid_of_row_N: torch.Tensor
     residual_ND: torch.Tensor | None  # x - c per row, kept on the source rank; None without compensation
-    num_rows: int
 
 
 def compress(
@@ -105,7 +104,7 @@ def compress(
         # so without collisions the layer is the exact layer bit for bit
         shared_N = (rows_per_centroid_C > 1).index_select(0, centroid_of_row_N).unsqueeze(1)
         residual_ND = torch.where(shared_N, x_ND - centroids_CD.index_select(0, centroid_of_row_N), 0.0)
-    return centroids_CD, centroids_per_expert_E, Compression(centroid_of_row_N, residual_ND, x_ND.shape[0])
+    return centroids_CD, centroids_per_expert_E, Compression(centroid_of_row_N, residual_ND)
 
 
 def decompress(y_CD: torch.Tensor, compression: Compression) -> torch.Tensor:
@@ -133,15 +132,15 @@ class CompressionErrorProbe:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.layers = [m for m in model.modules() if hasattr(m, "expert_parts")]  # MoE layers, in order
+        moe_layers = [m for m in model.modules() if hasattr(m, "expert_parts")]  # in order
+        self.compressing = {i for i, layer in enumerate(moe_layers) if hasattr(layer.dispatcher, "inner")}
         self.armed: set[int] = set()
         self.errors: dict[str, list[float]] = {}
-        for index, layer in enumerate(self.layers):
-            if hasattr(layer.dispatcher, "inner"):
-                layer.register_forward_hook(self._hook(index))
+        for index in self.compressing:
+            moe_layers[index].register_forward_hook(self._hook(index))
 
     def arm(self) -> None:
-        self.armed = {i for i, layer in enumerate(self.layers) if hasattr(layer.dispatcher, "inner")}
+        self.armed = set(self.compressing)
 
     def _hook(self, index: int):
         def measure(layer, args, output):
