@@ -24,6 +24,26 @@ def test_hash_is_invariant_to_positive_scaling():
     assert not torch.equal(hasher(-x), keys)  # a negative scale flips the signs
 
 
+def test_rotation_refresh_is_a_function_of_the_step():
+    config = LSHConfig(num_hashes=2, hash_dim=4, seed=7, rotation_refresh_interval=3)
+    walked, jumped = CrossPolytopeHash(16, config), CrossPolytopeHash(16, config)
+    first = walked.rotation_DK.clone()
+    for step in range(3):
+        walked.at_step(step)
+        assert torch.equal(walked.rotation_DK, first)
+    walked.at_step(3)
+    assert not torch.allclose(walked.rotation_DK, first)
+    for step in range(4, 8):
+        walked.at_step(step)
+    jumped.at_step(7)  # a resumed run lands on step 7 directly
+    assert torch.equal(walked.rotation_DK, jumped.rotation_DK)
+    jumped.at_step(2)
+    assert torch.equal(jumped.rotation_DK, first)
+    never = CrossPolytopeHash(16, dataclasses.replace(config, rotation_refresh_interval=0))
+    never.at_step(10**6)
+    assert torch.equal(never.rotation_DK, first)
+
+
 def test_close_vectors_share_buckets_and_far_ones_rarely_do():
     hasher = CrossPolytopeHash(64, LSHConfig(num_hashes=2, hash_dim=16, seed=2))
     torch.manual_seed(0)

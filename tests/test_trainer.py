@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from runs import read_metrics, train_losses, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,9 +15,11 @@ sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 
 MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_zloss_coeff": 0.001}
+# the rotation changes at steps 3 and 6, on both sides of the resume at step 4
+LSH_REFRESHED = {**MOE, "lsh_compression": True, "lsh_hash_dim": 4, "lsh_rotation_refresh_interval": 3}
 
 
-@pytest.mark.parametrize("extra", [{}, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("extra", [{}, MOE, LSH_REFRESHED], ids=["dense", "moe", "lsh-refreshed"])
 def test_resume_continues_exactly(tmp_path, data_prefix, extra):
     straight = train.run([str(write_config(tmp_path / "a", data_prefix, **extra))])
     config = write_config(tmp_path / "b", data_prefix, **extra)

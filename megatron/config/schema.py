@@ -85,6 +85,7 @@ class MoEArgs(Strict):
     lsh_num_hashes: int = Field(2, ge=1)
     lsh_hash_dim: int = Field(16, ge=1)  # rotation output dims: 2 x this many buckets per hash
     lsh_error_compensation: bool = True  # each row gets back E(centroid) + (x - centroid)
+    lsh_rotation_refresh_interval: int = Field(0, ge=0)  # new random rotation every N steps; 0: never
     lsh_layers: list[int] | None = None  # transformer layer indices of the MoE layers to compress; None: all
     lsh_error_interval: int = Field(0, ge=0)  # every N steps log the output error vs the exact layer; 0: never
 

@@ -32,8 +32,8 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
         lore=lore,
         expert_parallel=expert_parallel,
-        lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed)
-        if args.lsh_compression else None,
+        lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed,
+                      args.lsh_rotation_refresh_interval) if args.lsh_compression else None,
         lsh_layers=args.lsh_layers,
     )
 

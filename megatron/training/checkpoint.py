@@ -23,7 +23,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from megatron.parallel import DistInfo, barrier
@@ -185,3 +190,10 @@ def load_checkpoint(
     state = torch.load(path / "rank0.pt", weights_only=False)
     state["rng"] = None
     return state
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """The model's weights only (no optimizer state is read), for evaluation, analysis and export."""
+    model_state = get_model_state_dict(model)
+    dcp.load({"model": _split_experts(model_state, expert_parameter_names(model))}, checkpoint_id=path)
+    set_model_state_dict(model, model_state)

@@ -18,7 +18,7 @@ from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
-from megatron.model.moe.lsh import CompressionErrorProbe
+from megatron.model.moe.lsh import CompressionErrorProbe, hashers_of
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
@@ -114,6 +114,7 @@ class LMTask:
         self.routing = RoutingAccumulator()
         self.error_interval = args.lsh_error_interval if args.lsh_compression else 0
         self.error_probe = CompressionErrorProbe(self.model) if self.error_interval else None
+        self.lsh_hashers = hashers_of(self.model) if args.lsh_rotation_refresh_interval else []
         self.aux_coeffs = {
             "load_balancing_loss": args.moe_loss_coeff,
             "z_loss": args.moe_zloss_coeff,
@@ -129,6 +130,8 @@ class LMTask:
         """Samples of a global step are laid out micro-batch-major, then rank: with the same global
         batch, one rank with accumulation sees exactly the samples that several ranks see together."""
         slot = micro_batch * self.dist.world_size + self.dist.rank
+        for hasher in self.lsh_hashers:
+            hasher.at_step(step)
         if self.error_probe is not None and micro_batch == 0 and (step + 1) % self.error_interval == 0:
             self.error_probe.arm()  # this batch's forward also measures the compression error
         return self._stack(self.train_data, step * self.global_batch + slot * self.micro_batch)

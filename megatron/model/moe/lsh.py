@@ -34,6 +34,7 @@ class LSHConfig:
     hash_dim: int = 16  # R: 2R buckets per hash; larger is finer (more centroids, less error)
     error_compensation: bool = True
     seed: int = 0
+    rotation_refresh_interval: int = 0  # draw a new rotation every N training steps; 0: one for the whole run
 
     def __post_init__(self):
         if self.num_hashes < 1 or self.hash_dim < 1:
@@ -48,13 +49,29 @@ class LSHConfig:
 
 
 class CrossPolytopeHash:
-    """Bucket keys in [0, (2R)^H) for rows of width D; the rotation is drawn once from `seed`."""
+    """Bucket keys in [0, (2R)^H) for rows of width D.
+
+    The rotation is a function of `seed` and the refresh period the training step is in (`at_step`), so
+    every rank draws the same one and a resumed run hashes exactly as an uninterrupted one.
+    """
 
     def __init__(self, hidden_size: int, config: LSHConfig):
-        self.config = config
-        generator = torch.Generator().manual_seed(config.seed)
-        self.rotation_DK = torch.randn(hidden_size, config.num_hashes * config.hash_dim, generator=generator,
-                                       dtype=torch.float32)  # hashes in fp32 whatever the model precision
+        self.config, self.hidden_size = config, hidden_size
+        self.period = 0
+        self.rotation_DK = self._draw(0)
+
+    def _draw(self, period: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed + period * 1_000_003)  # apart from layer seeds
+        return torch.randn(self.hidden_size, self.config.num_hashes * self.config.hash_dim, generator=generator,
+                           dtype=torch.float32)  # hashes in fp32 whatever the model precision
+
+    def at_step(self, step: int) -> None:
+        """Use the rotation of the refresh period `step` falls in (a no-op without refreshing)."""
+        interval = self.config.rotation_refresh_interval
+        period = step // interval if interval else 0
+        if period != self.period:
+            self.period = period
+            self.rotation_DK = self._draw(period).to(self.rotation_DK.device)
 
     def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
         if self.rotation_DK.device != x_ND.device:
@@ -119,6 +136,38 @@ def relative_error(y: torch.Tensor, exact: torch.Tensor) -> float:
     return float((y.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-12))
 
 
+def hashers_of(model: torch.nn.Module) -> list[CrossPolytopeHash]:
+    """The hash of every compressing MoE layer of a model, in layer order."""
+    return [m.dispatcher.hasher for m in model.modules() if hasattr(getattr(m, "dispatcher", None), "hasher")]
+
+
+def outputs_under(layer: torch.nn.Module, x: torch.Tensor, dispatchers: dict) -> dict[str, tuple]:
+    """The MoE layer's (output, aux) on x with each dispatcher in turn: eval mode (no router jitter), no
+    gradients, and the layer's own dispatcher and mode put back afterwards."""
+    own, was_training = layer.dispatcher, layer.training
+    outputs = {}
+    try:
+        layer.eval()
+        with torch.no_grad():
+            for name, dispatcher in dispatchers.items():
+                layer.dispatcher = dispatcher
+                outputs[name] = layer(x)
+    finally:
+        layer.dispatcher = own
+        layer.train(was_training)
+    return outputs
+
+
+def compression_errors(layer: torch.nn.Module, x: torch.Tensor, compressing) -> dict[str, float]:
+    """Relative output error of an LSH dispatcher against its exact inner exchange, with and without the
+    compensation, on the same rows and the same buckets."""
+    outputs = outputs_under(layer, x, {"exact": compressing.inner,
+                                       "with_compensation": compressing.with_compensation(True),
+                                       "without_compensation": compressing.with_compensation(False)})
+    exact = outputs.pop("exact")[0]
+    return {name: relative_error(y, exact) for name, (y, _) in outputs.items()}
+
+
 class CompressionErrorProbe:
     """Every so often, how far each compressing MoE layer's output is from the exact exchange's.
 
@@ -147,23 +196,8 @@ class CompressionErrorProbe:
             if index not in self.armed:
                 return
             self.armed.discard(index)  # once per arming (activation recompute calls forward again)
-            x = args[0].detach()
-            compressing, was_training = layer.dispatcher, layer.training
-            variants = {"exact": compressing.inner, "with_compensation": compressing.with_compensation(True),
-                        "without_compensation": compressing.with_compensation(False)}
-            outputs = {}
-            try:
-                layer.eval()
-                with torch.no_grad():
-                    for name, dispatcher in variants.items():
-                        layer.dispatcher = dispatcher
-                        outputs[name] = layer(x)[0].float()
-            finally:
-                layer.dispatcher = compressing
-                layer.train(was_training)
-            exact = outputs.pop("exact")
-            for name, y in outputs.items():
-                self._add(f"moe/layer{index}/lsh_error_{name}", relative_error(y, exact))
+            for name, error in compression_errors(layer, args[0].detach(), layer.dispatcher).items():
+                self._add(f"moe/layer{index}/lsh_error_{name}", error)
         return measure
 
     def _add(self, key: str, value: float) -> None:

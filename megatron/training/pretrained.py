@@ -1,0 +1,37 @@
+"""A trained language model back from its checkpoint folder, on one process, for analysis and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron.config import ConfigError, NeoXArgs, load_config
+from megatron.config.loader import read_yaml
+from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.model.build import gpt_config_from_args
+from megatron.model.gpt import GPT
+from megatron.training import checkpoint as ckpt
+
+
+def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[NeoXArgs, GPT, Path]:
+    """(the run's resolved config, the model with its trained weights, the checkpoint folder read).
+
+    `load` is a save folder (its `latest` is read) or one `global_stepN` folder. The config is the one
+    saved beside the weights; `overrides` (`--key value` pairs) change what does not touch the weights,
+    such as LSH settings. Expert and ZeRO layouts of the run do not matter: the model is built whole.
+    """
+    path = ckpt.resolve_checkpoint(load)
+    if path is None:
+        raise ConfigError(f"{load}: no checkpoint (expected a save folder with `latest` or a global_stepN folder)")
+    config = path / "config.yml"
+    if not config.is_file():
+        raise ConfigError(f"{path}: no config.yml beside the weights")
+    saved = read_yaml(str(config))
+    per_rank = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"]
+    world = saved["train_batch_size"] // per_rank  # the run's data-parallel size, for the batch-size check
+    args = load_config([str(config)], [*overrides, "--moe_expert_parallel_size", "1", "--zero_stage", "0"],
+                       data_parallel_size=world)
+    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
+                              args.make_vocab_size_divisible_by)
+    model = GPT(gpt_config_from_args(args, vocab))
+    ckpt.load_model_weights(path, model)
+    return args, model.eval(), path
