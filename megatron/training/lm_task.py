@@ -175,6 +175,9 @@ class LMTask:
         val_loss = float(all_reduce_mean(torch.stack(losses).mean()))
         return {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
 
+    def lr_scales(self) -> dict[str, float]:
+        return {}
+
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}  # batches are a function of the step: nothing else to remember

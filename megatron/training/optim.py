@@ -15,18 +15,30 @@ def build_optimizer(
     eps: float,
     weight_decay: float,
     device: torch.device,
+    lr_scales: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW; biases, norms and 1-D parameters get no weight decay (as in GPT-NeoX).
 
-    torch's fused kernel is used where the device has one (CUDA); elsewhere the foreach kernel.
+    `lr_scales` names parameters that follow the schedule at a multiple of the learning rate (Remix-DiT's
+    mixing coefficients); they get no weight decay either, as they are not weights. torch's fused kernel
+    is used where the device has one (CUDA); elsewhere the foreach kernel.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+    lr_scales = lr_scales or {}
+    unknown = set(lr_scales) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr_scales: {sorted(unknown)[0]} is not a parameter of the model")
+    decay, no_decay, scaled = [], [], {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in lr_scales:
+            scaled.setdefault(lr_scales[name], []).append(param)
+        else:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({"params": params, "weight_decay": 0.0, "lr_scale": scale} for scale, params in scaled.items()),
     ]
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
@@ -61,4 +73,4 @@ def lr_at(
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
