@@ -36,7 +36,8 @@ def run(argv: list[str]) -> TrainResult:
     seed_everything(args.seed)  # the same on every rank: the same initial weights
     if dist_info.device.type == "cpu":
         torch.set_float32_matmul_precision("highest")
-        keep_freed_memory_in_process()
+        if not args.lsh_compression:  # LSH's centroid counts change every step: a never-trimmed heap fragments
+            keep_freed_memory_in_process()
     task = LMTask(args, dist_info, dims.expert_parallel())
     seed_everything(rank_seed(args.seed, dist_info.rank))  # then a stream per rank (dropout, jitter)
     n_params = sum(p.numel() for p in task.model.parameters())
