@@ -18,9 +18,19 @@ from megatron.parallel.mesh import build_parallel_dims
 from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
+from megatron.training.task import Task
 from megatron.training.trainer import Trainer, TrainResult, rank_seed, seed_everything
 
 log = logging.getLogger("megatron")
+
+
+def build_task(args, dist_info, dims) -> Task:
+    """The model family of the config: a GPT language model (default) or a (Remix-)DiT."""
+    if args.model_type == "dit":
+        from megatron.training.dit_task import DiTTask
+
+        return DiTTask(args, dist_info)
+    return LMTask(args, dist_info, dims.expert_parallel())
 
 
 def run(argv: list[str]) -> TrainResult:
@@ -38,7 +48,7 @@ def run(argv: list[str]) -> TrainResult:
         torch.set_float32_matmul_precision("highest")
         if not args.lsh_compression:  # LSH's centroid counts change every step: a never-trimmed heap fragments
             keep_freed_memory_in_process()
-    task = LMTask(args, dist_info, dims.expert_parallel())
+    task = build_task(args, dist_info, dims)
     seed_everything(rank_seed(args.seed, dist_info.rank))  # then a stream per rank (dropout, jitter)
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info("model: %.2fM parameters on rank 0 of %s (%d rank(s), expert-parallel %d, ZeRO stage %d)",

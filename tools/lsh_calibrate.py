@@ -172,7 +172,10 @@ def plot(report: dict, settings: list[tuple[int, int]], target: float, path: Pat
                       [layer_mean(results, t, setting, "error_without_compensation") for t in token_counts],
                       marker="x", color="C3")
     left.axhline(target, color="gray", linestyle="--", linewidth=1)
-    left.set(xscale="log", yscale="log", xlabel="tokens per exchange (one rank, one micro-batch)",
+    left.set_xscale("log")
+    left.set_xticks(token_counts, [str(t) for t in token_counts], minor=False)
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    left.set(yscale="log", xlabel="tokens per exchange (one rank, one micro-batch)",
              ylabel="compression rate (centroids / rows)", title="compression per setting (hashes x dims)")
     left.legend(fontsize=7, ncol=2)
     right.scatter([], [], marker="o", color="C0", label="with compensation")

@@ -265,6 +265,24 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
                 raise ConfigError(f"lsh_layers: {layer} is not an MoE layer (MoE layers: {moe_layers})")
     if args.prepare_data and not args.data_path:
         raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
+    if args.model_type == "dit":
+        check_dit(args)
+
+
+def check_dit(args: NeoXArgs) -> None:
+    if args.image_size % args.patch_size:
+        raise ConfigError(f"image_size {args.image_size} is not divisible by patch_size {args.patch_size}")
+    if args.beta_start >= args.beta_end:
+        raise ConfigError(f"beta_start {args.beta_start} must be below beta_end {args.beta_end}")
+    if args.is_moe or args.lsh_compression:
+        raise ConfigError("model_type dit: MoE keys (moe_num_experts, lsh_compression) are for GPT models")
+    if args.image_dataset in ("folder", "latents") and not args.image_path:
+        raise ConfigError(f"image_dataset {args.image_dataset} needs image_path")
+    if args.image_dataset == "latents" and not args.image_labels_path:
+        raise ConfigError("image_dataset latents needs image_labels_path (a .npy of integer labels)")
+    if args.remix_num_basis:
+        if args.remix_num_experts > args.diffusion_steps:
+            raise ConfigError(f"remix_num_experts {args.remix_num_experts} > diffusion_steps {args.diffusion_steps}")
 
 
 def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), data_parallel_size: int = 1) -> NeoXArgs:
@@ -301,6 +319,12 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
 
 def check_data_files(args: NeoXArgs) -> None:
     """Every dataset prefix must exist (unless the bundled corpus is to be built) and so must vocab_file."""
+    if args.model_type == "dit":
+        for key in ("image_path", "image_labels_path", "remix_init_from"):
+            path = getattr(args, key)
+            if path and not Path(path).exists():
+                raise ConfigError(f"{key}: {path} does not exist")
+        return
     if args.vocab_file and not Path(args.vocab_file).is_file():
         raise ConfigError(f"vocab_file: {args.vocab_file} does not exist")
     if args.tokenizer_type == "GPT2BPETokenizer" and not (args.merge_file and Path(args.merge_file).is_file()):

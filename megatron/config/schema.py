@@ -33,6 +33,7 @@ class OptimizerSpec(Strict):
 
 
 class ModelArgs(Strict):
+    model_type: Literal["gpt", "dit"] = "gpt"  # ours: the model family (dit: see DiffusionArgs)
     num_layers: int = Field(2, ge=1)
     hidden_size: int = Field(128, ge=1)
     num_attention_heads: int = Field(4, ge=1)
@@ -88,6 +89,40 @@ class MoEArgs(Strict):
     lsh_rotation_refresh_interval: int = Field(0, ge=0)  # new random rotation every N steps; 0: never
     lsh_layers: list[int] | None = None  # transformer layer indices of the MoE layers to compress; None: all
     lsh_error_interval: int = Field(0, ge=0)  # every N steps log the output error vs the exact layer; 0: never
+
+
+class DiffusionArgs(Strict):
+    """Ours: the DiT family (model_type: dit). Depth, width and heads are num_layers, hidden_size and
+    num_attention_heads, as for GPT models."""
+
+    image_size: int = Field(16, ge=1)
+    image_channels: int = Field(1, ge=1)
+    patch_size: int = Field(2, ge=1)
+    num_classes: int = Field(10, ge=1)
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1)  # label dropout for classifier-free guidance
+    mlp_ratio: float = Field(4.0, gt=0)
+    learn_sigma: bool = False  # predict the variance too (improved DDPM's hybrid loss)
+    diffusion_steps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    image_dataset: Literal["digits", "folder", "latents"] = "digits"  # digits: scikit-learn's 8x8, bundled
+    image_path: str | None = None  # folder: class subfolders of images; latents: a .npy [N, C, H, W]
+    image_labels_path: str | None = None  # latents: a .npy of N integer labels
+    image_valid_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_timestep_intervals: int = Field(10, ge=1)  # validation loss reported per this many equal intervals
+    fd_samples: int = Field(0, ge=0)  # at each evaluation, sample this many images for the Frechet distance
+    sample_steps: int = Field(50, ge=1)  # DDIM steps for evaluation samples
+    cfg_scale: float = Field(1.0, ge=0)  # classifier-free guidance of evaluation samples; 1: none
+    # Remix-DiT: K basis models mixed into N timestep experts
+    remix_num_basis: int = Field(0, ge=0)  # K; 0: a plain DiT
+    remix_num_experts: int = Field(20, ge=1)  # N equal timestep intervals
+    remix_mixer: Literal["softmax", "raw", "oracle"] = "softmax"
+    remix_coeff_scope: Literal["global", "local"] = "global"
+    remix_prior_weight: float = Field(1.0, ge=0)  # gamma at step 0 of the prior cross-entropy
+    remix_prior_anneal_iters: int | None = Field(None, ge=0)  # gamma reaches 0 here; None: half of train_iters
+    remix_coeff_lr: float | None = Field(None, gt=0)  # learning rate of the coefficients; None: the model's
+    remix_expert_draw: Literal["step", "rank", "micro_batch"] = "step"  # who draws its own expert
+    remix_init_from: str | None = None  # a plain DiT to copy into every basis: our save folder or an official .pt
 
 
 class OptimizerArgs(Strict):
@@ -167,7 +202,8 @@ class LoggingArgs(Strict):
 
 
 # pydantic lists fields of the last base first: this order prints model keys first.
-class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArgs, MoEArgs, ModelArgs):
+class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArgs, DiffusionArgs, MoEArgs,
+               ModelArgs):
     """Every key the framework understands. Build it with `load_config`, which also checks combinations."""
 
     @property

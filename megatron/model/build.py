@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from megatron.model.dit import DiTConfig
 from megatron.model.gpt import GPTConfig, MoESettings
 from megatron.model.moe import LoREConfig
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
+from megatron.model.remix import RemixConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -64,4 +66,24 @@ def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertPa
         checkpoint_activations=args.checkpoint_activations,
         attention_impl=args.attention_impl,
         moe=moe_settings_from_args(args, expert_parallel),
+    )
+
+
+def dit_config_from_args(args) -> DiTConfig:
+    remix = None
+    if args.remix_num_basis:
+        remix = RemixConfig(num_basis=args.remix_num_basis, num_experts=args.remix_num_experts,
+                            num_timesteps=args.diffusion_steps, mixer=args.remix_mixer, scope=args.remix_coeff_scope)
+    return DiTConfig(
+        image_size=args.image_size,
+        in_channels=args.image_channels,
+        patch_size=args.patch_size,
+        depth=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        mlp_ratio=args.mlp_ratio,
+        num_classes=args.num_classes,
+        class_dropout_prob=args.class_dropout_prob,
+        learn_sigma=args.learn_sigma,
+        remix=remix,
     )

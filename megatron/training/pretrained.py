@@ -1,18 +1,21 @@
-"""A trained language model back from its checkpoint folder, on one process, for analysis and export."""
+"""A trained model (GPT or DiT) back from its checkpoint folder, on one process, for analysis and export."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch.nn as nn
+
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import read_yaml
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
-from megatron.model.build import gpt_config_from_args
+from megatron.model.build import dit_config_from_args, gpt_config_from_args
+from megatron.model.dit import DiT
 from megatron.model.gpt import GPT
 from megatron.training import checkpoint as ckpt
 
 
-def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[NeoXArgs, GPT, Path]:
+def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[NeoXArgs, nn.Module, Path]:
     """(the run's resolved config, the model with its trained weights, the checkpoint folder read).
 
     `load` is a save folder (its `latest` is read) or one `global_stepN` folder. The config is the one
@@ -30,8 +33,11 @@ def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = (
     world = saved["train_batch_size"] // per_rank  # the run's data-parallel size, for the batch-size check
     args = load_config([str(config)], [*overrides, "--moe_expert_parallel_size", "1", "--zero_stage", "0"],
                        data_parallel_size=world)
-    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
-                              args.make_vocab_size_divisible_by)
-    model = GPT(gpt_config_from_args(args, vocab))
+    if args.model_type == "dit":
+        model: nn.Module = DiT(dit_config_from_args(args))
+    else:
+        vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
+                                  args.make_vocab_size_divisible_by)
+        model = GPT(gpt_config_from_args(args, vocab))
     ckpt.load_model_weights(path, model)
     return args, model.eval(), path
