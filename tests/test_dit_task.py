@@ -109,3 +109,12 @@ def test_bad_dit_configs_are_one_line_errors(tmp_path):
         load_config([str(dit_config(tmp_path, image_size=10, patch_size=4))])
     with pytest.raises(ConfigError, match="image_channels 3"):
         task_for(tmp_path, image_channels=3)
+
+
+def test_evaluation_samples_a_grid_and_a_frechet_distance(tmp_path):
+    result = train.run([str(dit_config(tmp_path, train_iters=4, fd_samples=20, sample_steps=2))])
+    assert (tmp_path / "logs" / "samples" / "step4.png").is_file()
+    assert result.last_eval["val/fd"] > 0 and result.last_eval["val/fd_stderr"] > 0
+    assert set(result.last_eval) >= {f"val/loss_t{i}" for i in range(10)}
+    per_interval = [result.last_eval[f"val/loss_t{i}"] for i in range(10)]
+    assert result.last_eval["val/loss"] == pytest.approx(sum(per_interval) / 10)

@@ -98,6 +98,7 @@ class DiTTask:
         self.anneal_iters = (args.remix_prior_anneal_iters if args.remix_prior_anneal_iters is not None
                              else args.train_iters // 2)
         self.evaluator = None  # the Frechet-distance classifier, trained on first use
+        self.steps_done = 0
 
     # -- batches ---------------------------------------------------------------------------------
     def draw_expert(self, step: int, micro_batch: int) -> int:
@@ -107,6 +108,7 @@ class DiTTask:
 
     def train_batch(self, step: int, micro_batch: int) -> DiffusionBatch:
         args, slot = self.args, micro_batch * self.dist.world_size + self.dist.rank
+        self.steps_done = step + 1  # for naming evaluation samples
         index_B = batch_indices(len(self.train_data), self.micro_batch, step, slot, args.seed,
                                 slots_per_step=self.global_batch // self.micro_batch)
         generator = seeded(args.seed, 29, step, slot)
@@ -202,7 +204,12 @@ class DiTTask:
                                               seed=self.args.seed)
         labels_B = torch.arange(self.args.fd_samples) % self.train_data.num_classes
         images = self.sample(model, labels_B, self.args.seed).cpu()
-        self.last_samples = images
+        if self.dist.is_main and self.args.log_dir:
+            from megatron.evaluation.grids import save_image_grid
+
+            classes = self.train_data.num_classes  # labels cycle over the classes: one class per column
+            save_image_grid(images[:10 * classes], Path(self.args.log_dir) / "samples" / f"step{self.steps_done}.png",
+                            nrow=classes)
         return {f"val/{k}": v for k, v in self.evaluator.evaluate(images, labels_B).items()}
 
     # -- optimizer and state ---------------------------------------------------------------------
