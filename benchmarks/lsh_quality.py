@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # tools/sweep.py runs the config x seed grid
 MODELS = {"moe": "configs/tiny_moe.yml", "structmoe": "configs/tiny_structmoe.yml"}
 ARMS = {
     "off": [],
@@ -37,45 +35,12 @@ def run_dir(out: Path, model: str, arm: str, seed: int) -> Path:
     return out / f"{model}_{arm}_s{seed}"
 
 
-def finished(folder: Path, steps: int) -> bool:
-    return (folder / f"global_step{steps}").is_dir()
+def make_runs(opts: argparse.Namespace, seeds: list[int]) -> list:
+    from sweep import make_run
 
-
-def command(model: str, arm: str, seed: int, folder: Path, steps: int) -> list[str]:
-    return [sys.executable, "train.py", MODELS[model], *ARMS[arm], "--seed", str(seed),
-            "--train_iters", str(steps), "--checkpoint_factor", str(min(200, steps)),
-            "--save", str(folder), "--load", str(folder), "--log_dir", str(folder / "logs"),
-            "--tensorboard_dir", str(folder / "tensorboard")]
-
-
-def run_all(jobs: list[tuple[str, str, int]], opts: argparse.Namespace) -> None:
-    """Runs the unfinished jobs, `opts.jobs` at a time, one thread each (the machine has few cores)."""
-    todo = [job for job in jobs if not finished(run_dir(opts.out, *job), opts.steps)]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // opts.jobs))}
-    running: list[tuple[subprocess.Popen, tuple, float]] = []
-    done = 0
-    while todo or running:
-        while todo and len(running) < opts.jobs:
-            job = todo.pop(0)
-            folder = run_dir(opts.out, *job)
-            folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "train.log", "a")
-            process = subprocess.Popen(command(*job, folder, opts.steps), cwd=REPO, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT)
-            running.append((process, job, time.time()))
-        time.sleep(2)
-        for entry in list(running):
-            process, job, started = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            done += 1
-            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-            print(f"[{done}/{done + len(todo) + len(running)}] {run_dir(opts.out, *job).name}: {status} "
-                  f"in {time.time() - started:.0f} s", flush=True)
-            if process.returncode != 0:
-                raise SystemExit(f"see {run_dir(opts.out, *job) / 'train.log'}")
+    overrides = ["--train_iters", str(opts.steps), "--checkpoint_factor", str(min(200, opts.steps))]
+    return [make_run(MODELS[model], seed, opts.out, [*ARMS[arm], *overrides], name=f"{model}_{arm}")
+            for seed in seeds for arm in ARMS for model in MODELS]
 
 
 def read_run(folder: Path) -> dict:
@@ -172,8 +137,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "lsh_quality.png")
     opts = parser.parse_args()
     seeds = [1234 + i for i in range(opts.seeds)]
-    jobs = [(model, arm, seed) for seed in seeds for arm in ARMS for model in MODELS]
-    run_all(jobs, opts)
+    from sweep import run_all
+
+    run_all(make_runs(opts, seeds), opts.jobs, cwd=REPO)
     summary = summarize(opts, seeds)
     print_summary(summary, seeds)
     plot(summary, opts.plot)

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from runs import read_metrics, train_losses
 
 from megatron.config import ConfigError, load_config
 from megatron.model.remix import expert_of_timestep, timestep_interval
 from megatron.parallel import DistInfo
 from megatron.training.dit_task import DiTTask, prior_weight_at
-from runs import read_metrics, train_losses
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import write_config
 
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel import DistInfo
 from megatron.training.lm_task import LMTask
 from megatron.training.pretrained import load_pretrained
-from runs import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
