@@ -1,6 +1,7 @@
 """Remix-DiT (Fang, Ma & Wang, NeurIPS 2024): N timestep experts mixed from K basis weights.
 
-Shape legend: N experts, K basis models, L remixed linears of a model, O out features, I in features.
+Shape legend: N experts, K basis models, L remixed linears of a model, O out features, I in features;
+(ExpertSwitch) B batch, C/H/W image dims, R the rows of one expert.
 
 Expert n serves the timesteps [floor(nT/N), floor((n+1)T/N)) and runs with W_n = sum_k c[n, k] W_k in every
 remixed linear, where c is a learned [N, K] coefficient table. Mixing happens in weight space, so an expert's
@@ -10,7 +11,9 @@ DiT for inference.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -187,3 +190,98 @@ def mixed_state_dict(model: DiT, n: int) -> dict[str, torch.Tensor]:
         if bias_O is not None:
             state[f"{name}.bias"] = bias_O
     return state
+
+
+class ExpertSwitch(nn.Module):
+    """A Remix-DiT as N plain DiTs, one per timestep interval: every expert's weights are mixed once, so a sampling
+    step costs one plain DiT (no mixing per call), at N times a plain DiT's memory.
+
+    `config` is the experts' plain DiTConfig (samplers read `config.num_classes`); `intervals[n]` is expert n's
+    [lo, hi), contiguous from 0 to `num_timesteps`. Built from a model (`from_remix`) or from exported files
+    (tools/export_remix_experts.py's `load_exported_experts`).
+    """
+
+    def __init__(self, experts: Sequence[DiT], intervals: Sequence[tuple[int, int]]):
+        super().__init__()
+        if not experts or len(experts) != len(intervals):
+            raise ValueError(f"ExpertSwitch: {len(experts)} experts for {len(intervals)} intervals "
+                             f"(expected as many, at least one)")
+        for n, expert in enumerate(experts):
+            if expert.config.remix is not None:
+                raise ValueError(f"ExpertSwitch: expert {n} is a Remix-DiT (expected plain DiTs)")
+            if expert.config != experts[0].config:
+                raise ValueError(f"ExpertSwitch: expert {n}'s config {expert.config} differs from expert 0's "
+                                 f"{experts[0].config}")
+        previous_hi = 0
+        for n, (lo, hi) in enumerate(intervals):
+            if lo != previous_hi or hi <= lo:
+                raise ValueError(f"ExpertSwitch: expert {n}'s interval [{lo}, {hi}) (expected [{previous_hi}, hi) "
+                                 f"with hi > {previous_hi}: intervals contiguous from 0)")
+            previous_hi = hi
+        self.experts = nn.ModuleList(experts)
+        self.config = experts[0].config
+        self.intervals = [(int(lo), int(hi)) for lo, hi in intervals]
+        self.num_timesteps = self.intervals[-1][1]
+        # expert n holds bounds[n-1] <= t < bounds[n]: torch.bucketize(t, bounds, right=True)
+        self.register_buffer("bounds", torch.tensor([hi for _, hi in self.intervals[:-1]], dtype=torch.long),
+                             persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_remix(cls, model: DiT) -> ExpertSwitch:
+        """Every expert of a Remix-DiT mixed into its own plain DiT (`mixed_state_dict`), on the model's device
+        and dtype and in its train/eval mode."""
+        from megatron.model.dit import DiT
+
+        remix = model.config.remix
+        if remix is None:
+            raise ValueError("ExpertSwitch.from_remix: the model is a plain DiT (config.remix is None), it has no "
+                             "experts")
+        plain = dataclasses.replace(model.config, remix=None)
+        experts = []
+        for n in range(remix.num_experts):
+            expert = DiT(plain)
+            expert.load_state_dict(mixed_state_dict(model, n))
+            experts.append(expert)
+        weight = next(model.parameters())
+        switch = cls(experts, [timestep_interval(n, remix) for n in range(remix.num_experts)])
+        return switch.to(weight.device, weight.dtype).train(model.training)
+
+    def expert_of(self, t_B: torch.Tensor) -> torch.Tensor:
+        """[B] the expert whose interval holds each timestep."""
+        if t_B.is_floating_point() or t_B.is_complex():
+            raise ValueError(f"timesteps: dtype {t_B.dtype} (expected integer timesteps in [0, {self.num_timesteps}))")
+        if t_B.numel() and (int(t_B.min()) < 0 or int(t_B.max()) >= self.num_timesteps):
+            raise ValueError(f"timesteps: range [{int(t_B.min())}, {int(t_B.max())}] (expected within "
+                             f"[0, {self.num_timesteps}))")
+        if len(self.experts) == 1:
+            return torch.zeros_like(t_B, dtype=torch.long)
+        return torch.bucketize(t_B.long(), self.bounds.to(t_B.device), right=True)
+
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(out [B, C_out, H, W], {}) as DiT.forward: a batch of one expert (a sampling step) runs that plain DiT
+        alone; rows of several experts run as one forward per expert, scattered back."""
+        expert_B = self.expert_of(t_B)
+        experts = expert_B.unique().tolist() or [0]  # an empty batch goes through expert 0
+        if len(experts) == 1:
+            return self.experts[experts[0]](x_BCHW, t_B, y_B)[0], {}
+        out = None
+        for n in experts:
+            rows_R = (expert_B == n).nonzero().squeeze(1)
+            out_R, _ = self.experts[n](x_BCHW[rows_R], t_B[rows_R], y_B[rows_R])
+            out = out_R.new_zeros((t_B.shape[0], *out_R.shape[1:])) if out is None else out
+            out = out.index_copy(0, rows_R, out_R)
+        return out, {}
+
+    def forward_with_cfg(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,
+                         cfg_scale: float) -> torch.Tensor:
+        """DiT.forward_with_cfg's convention: the batch is [conditional half; null-class half], only the first half
+        of x is read, both output halves carry uncond + s (cond - uncond) on the first C channels and the variance
+        channels (learn_sigma) pass through."""
+        half = x_BCHW[: x_BCHW.shape[0] // 2]
+        out, _ = self.forward(torch.cat([half, half]), t_B, y_B)
+        C = self.config.in_channels
+        cond_eps, uncond_eps = out[:, :C].chunk(2)
+        guided_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([guided_eps, guided_eps]), out[:, C:]], dim=1)
