@@ -42,6 +42,9 @@ def vocab_size_of(args) -> int:
 
 
 def count_parameters(args) -> ParamCounts:
+    if getattr(args, "model_type", "gpt") != "gpt":
+        raise ValueError(f"model_type {args.model_type}: closed-form counts are for GPT models (train.py logs "
+                         "a DiT's parameter count at start)")
     d, layers = args.hidden_size, args.num_layers
     vocab = vocab_size_of(args)
     counts = ParamCounts()
