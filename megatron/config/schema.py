@@ -45,7 +45,10 @@ class ModelArgs(Strict):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = 1e-5
     rms_norm_epsilon: float = 1e-8
-    activation: Literal["gelu", "relu", "silu"] = "gelu"
+    activation: Literal["gelu", "relu", "silu", "swiglu", "geglu"] = "gelu"
+    mlp_multiple_of: int = Field(1, ge=1)  # NeoX: gated MLP widths (2/3 of intermediate_size) rounded up to this
+    use_bias_in_mlp: bool = True
+    num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
     gpt_j_residual: bool = False
     no_weight_tying: bool = False
     make_vocab_size_divisible_by: int = Field(128, ge=1)
@@ -66,7 +69,8 @@ class MoEArgs(Strict):
     moe_num_experts: int = Field(1, ge=1)
     moe_top_k: int = Field(1, ge=1)
     moe_expert_interval: int = Field(1, ge=1)
-    moe_router_type: Literal["topk"] = "topk"
+    moe_router_type: Literal["topk", "sinkhorn"] = "topk"
+    moe_num_shared_experts: int = Field(0, ge=0)  # ours (DeepSeekMoE/Qwen-MoE): always-on experts beside the routed
     moe_jitter_eps: float | None = None
     moe_lbl_in_fp32: bool = False
     moe_loss_coeff: float = Field(0.01, ge=0)
