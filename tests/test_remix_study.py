@@ -88,3 +88,12 @@ def test_bad_baseline_and_empty_folder_are_one_line_errors(sweep, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no NAME_sSEED run folders"):
         remix_study.main([str(tmp_path / "empty"), "--output", str(tmp_path / "y.png")])
+
+
+def test_run_without_evaluation_is_skipped(sweep, capsys):
+    main, _ = sweep
+    (main / "remix_s4" / "logs").mkdir(parents=True)
+    (main / "remix_s4" / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    configs = remix_study.collect([main])
+    assert sorted(configs["remix"].runs) == [1, 2, 3]
+    assert "remix_s4" in capsys.readouterr().err

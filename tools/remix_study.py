@@ -97,7 +97,11 @@ def collect(folders: list[Path]) -> dict[str, ConfigRuns]:
         several = len({folder for folder, _, _ in entries}) > 1  # the same config swept in several folders
         for folder, seed, run in entries:
             label = f"{name}@{folder.name}" if several else name
-            configs.setdefault(label, ConfigRuns(label)).runs[seed] = read_run(run, seed)
+            try:
+                configs.setdefault(label, ConfigRuns(label)).runs[seed] = read_run(run, seed)
+            except ValueError as err:  # a run still before its first evaluation
+                print(f"remix_study: skipped {err}", file=sys.stderr)
+    configs = {name: config for name, config in configs.items() if config.runs}
     if not configs:
         raise FileNotFoundError(f"no NAME_sSEED run folders with logs/metrics.jsonl under {[str(f) for f in folders]}")
     return configs
