@@ -121,3 +121,19 @@ def test_bad_files_give_one_line_errors(tmp_path: Path) -> None:
         MMapIndexedDataset(prefix)
     with pytest.raises(ValueError, match="no GPT-NeoX dtype code"):
         IndexedDatasetBuilder(str(tmp_path / "y.bin"), np.uint32)
+
+
+@pytest.mark.parametrize("keep_fraction, extra", [(0.5, 0), (0.0, 0), (1.0, 2)])
+def test_bin_size_must_match_the_index(tmp_path: Path, keep_fraction: float, extra: int) -> None:
+    """A half-copied .bin (or one with bytes the index does not know) is refused at open, naming both sizes."""
+    sizes = [5, 3, 7]
+    tokens = np.arange(sum(sizes), dtype=np.uint16)
+    (tmp_path / "d.idx").write_bytes(expected_idx(8, sizes, 2, [0, 3]))
+    full = tokens.tobytes()
+    (tmp_path / "d.bin").write_bytes(full)
+    assert MMapIndexedDataset(str(tmp_path / "d")).get(2).tolist() == tokens[8:].tolist()  # intact: opens
+    damaged = full[: int(len(full) * keep_fraction)] + bytes(extra)
+    (tmp_path / "d.bin").write_bytes(damaged)
+    kind = "truncated" if extra == 0 else "longer than its index"
+    with pytest.raises(ValueError, match=rf"d\.bin: {kind} \({len(damaged)} bytes, .*d\.idx says {len(full)}\)"):
+        MMapIndexedDataset(str(tmp_path / "d"))

@@ -130,8 +130,19 @@ class MMapIndexedDataset:
         self.doc_idx = np.frombuffer(
             index, dtype=np.int64, count=doc_count, offset=header + self.sizes.nbytes + self.pointers.nbytes
         )
+        self._check_bin_size(idx_path, bin_path)
         self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if Path(bin_path).stat().st_size else (
             np.zeros(0, dtype=self.dtype))
+
+    def _check_bin_size(self, idx_path: str, bin_path: str) -> None:
+        """The .bin must end exactly where the index's last item ends: a half-copied .bin would otherwise give short
+        slices past the end of the memory map, silently building samples from the wrong tokens."""
+        expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if len(self.sizes) else 0
+        actual = Path(bin_path).stat().st_size
+        if actual != expected:
+            kind = "truncated" if actual < expected else "longer than its index"
+            raise ValueError(f"{bin_path}: {kind} ({actual} bytes, {idx_path} says {expected}): "
+                             "re-copy or re-run tools/preprocess_data.py")
 
     def __len__(self) -> int:
         return len(self.sizes)
