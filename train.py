@@ -1,4 +1,4 @@
-"""Entry point: python train.py CONFIG.yml [MORE.yml ...] [--key value ...]
+"""Entry point: python train.py CONFIG.yml [MORE.yml ...] [--key value ...] [--debug]
 
 Loads and checks the config, joins the process group (under torchrun), builds the task and runs
 the one trainer loop. Works the same on one CPU and under torchrun/SLURM on many GPUs.
@@ -70,15 +70,28 @@ def run(argv: list[str]) -> TrainResult:
         destroy()
 
 
+# Bad input found after the config (a damaged dataset, a checkpoint of another model, a missing file) surfaces as
+# one of these, with a message naming the file and what was expected: shown as one line unless --debug.
+INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, EOFError)
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     try:
-        run(sys.argv[1:])
+        run(argv)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except INPUT_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {err} ({type(err).__name__}; --debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
     except RuntimeError as err:  # another rank timed out or died: say so in one line, not a C++ backtrace
         message = describe_failure(err)
-        if message is None:
+        if message is None or debug:
             raise
         print(message, file=sys.stderr)
         sys.exit(3)
