@@ -19,7 +19,7 @@ from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
 from megatron.training.task import Task
-from megatron.training.trainer import Trainer, TrainResult, rank_seed, seed_everything
+from megatron.training.trainer import NonFiniteTraining, Trainer, TrainResult, rank_seed, seed_everything
 
 log = logging.getLogger("megatron")
 
@@ -89,6 +89,9 @@ def main() -> None:
             raise
         print(f"error: {err} ({type(err).__name__}; --debug shows the traceback)", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteTraining as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(4)
     except RuntimeError as err:  # another rank timed out or died: say so in one line, not a C++ backtrace
         message = describe_failure(err)
         if message is None or debug:

@@ -153,6 +153,7 @@ class TrainingArgs(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
     distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
+    max_consecutive_nonfinite: int = Field(10, ge=1)  # ours: non-finite steps are skipped; this many in a row stop
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -28,6 +28,10 @@ from megatron.training.task import Task
 log = logging.getLogger("megatron.trainer")
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm: the run stops without saving."""
+
+
 @dataclass
 class TrainResult:
     final_step: int
@@ -79,6 +83,8 @@ class Trainer:
         self.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
         self.scaler = self.parallel.grad_scaler(self.device.type, enabled=args.precision == "fp16")
         self.step = 0
+        self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
+        self.nonfinite_streak = 0  # of them, the consecutive ones up to now
 
     # -- precision -------------------------------------------------------------------------------
     def autocast(self):
@@ -104,6 +110,7 @@ class Trainer:
             seed_everything(rank_seed(self.args.seed, self.dist.rank, self.step))
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> None:
@@ -112,6 +119,7 @@ class Trainer:
             "task": self.task.state_dict(),
             "rng": capture_rng_state(),
             "scaler": self.scaler.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
         }
         path = ckpt.save_checkpoint(
             self.args.save, self.step, self.model, self.optimizer, state, self.args.to_yaml(),
@@ -128,24 +136,47 @@ class Trainer:
         self.parallel.module.train()
         accum = args.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
+        total_loss = torch.zeros((), device=self.device)
         for micro in range(accum):
             batch = self.task.train_batch(self.step, micro)
             with self.parallel.gradient_sync(enabled=micro == accum - 1):
                 with self.autocast():
                     loss, step_metrics = self.task.loss(self.parallel.module, batch)
                 self.scaler.scale(loss / accum).backward()
+            total_loss += loss.detach().float() / accum
             for key, value in step_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
         self.parallel.reduce_gradients()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = self.parallel.clip_grad_norm_(args.gradient_clipping)
-        self.scaler.step(self.optimizer)
+        grad_norm = float(self.parallel.clip_grad_norm_(args.gradient_clipping))
+        keys = sorted(sums)
+        averaged = all_reduce_mean(torch.stack([total_loss] + [sums[k] for k in keys])).tolist()
+        # Every rank sees the same averaged loss and global norm, so all skip together. With fp16 the scaler owns
+        # overflowing gradients (it skips those steps and lowers the scale); only a non-finite loss counts here.
+        finite = math.isfinite(averaged[0]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        keys = sorted(sums)
-        averaged = all_reduce_mean(torch.stack([sums[k] for k in keys])).tolist() if keys else []
-        return {**dict(zip(keys, averaged)), "lr": lr, "grad_norm": float(grad_norm)}
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.nonfinite_total += 0 if finite else 1
+        return {**dict(zip(keys, averaged[1:])), "lr": lr, "grad_norm": grad_norm,
+                "nonfinite_steps": float(not finite)}
+
+    def check_nonfinite(self) -> None:
+        """A skipped step is a warning; `max_consecutive_nonfinite` in a row stop the run, keeping the checkpoints."""
+        if self.nonfinite_streak == 0:
+            return
+        limit = self.args.max_consecutive_nonfinite
+        log.warning("step %d: non-finite loss or gradient norm: step skipped (%d in a row, %d in the run; the run "
+                    "stops at %d in a row)", self.step, self.nonfinite_streak, self.nonfinite_total, limit)
+        if self.nonfinite_streak >= limit:
+            latest = ckpt.resolve_checkpoint(self.args.save) if self.args.save else None
+            raise NonFiniteTraining(
+                f"{self.nonfinite_streak} consecutive steps (to step {self.step}) had a non-finite loss or gradient "
+                f"norm (max_consecutive_nonfinite {limit}): stopped without saving; the last good checkpoint is "
+                f"{latest or 'none (nothing was saved)'}; lower the learning rate or enable gradient_clipping")
 
     # -- the loop --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -168,45 +199,50 @@ class Trainer:
         run_start = time.perf_counter()
         progress = tqdm(total=args.train_iters, initial=self.step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-        while self.step < args.train_iters:
-            step_metrics = self.train_step()
-            losses.append(step_metrics.get("loss", math.nan))
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            for key, value in step_metrics.items():
-                interval[key] = interval.get(key, 0.0) + value
-            interval_steps += 1
+        try:  # the bar ends its line even when the run stops on an error, so the error gets a line of its own
+            while self.step < args.train_iters:
+                step_metrics = self.train_step()
+                losses.append(step_metrics.get("loss", math.nan))
+                self.check_nonfinite()
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                for key, value in step_metrics.items():
+                    interval[key] = interval.get(key, 0.0) + value
+                interval_steps += 1
 
-            if self.step % args.log_interval == 0 or self.step == args.train_iters:
-                started = time.perf_counter()
-                elapsed = started - interval_start
-                record = {k: v / interval_steps for k, v in interval.items()}
-                record["lr"] = step_metrics["lr"]
-                record["tokens"] = self.step * self.task.tokens_per_step()
-                record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
-                record.update(self.task.interval_metrics())
-                self.metrics.log(self.step, record)
-                interval, interval_steps = {}, 0
-                overhead["logging"] += time.perf_counter() - started
-                interval_start = time.perf_counter()
+                if self.step % args.log_interval == 0 or self.step == args.train_iters:
+                    started = time.perf_counter()
+                    elapsed = started - interval_start
+                    record = {k: v / interval_steps for k, v in interval.items()}
+                    record["nonfinite_steps"] = interval.get("nonfinite_steps", 0.0)  # a count, not a mean
+                    record["lr"] = step_metrics["lr"]
+                    record["tokens"] = self.step * self.task.tokens_per_step()
+                    record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
+                    record.update(self.task.interval_metrics())
+                    self.metrics.log(self.step, record)
+                    interval, interval_steps = {}, 0
+                    overhead["logging"] += time.perf_counter() - started
+                    interval_start = time.perf_counter()
 
-            if args.eval_interval and (self.step % args.eval_interval == 0 or self.step == args.train_iters):
-                started = time.perf_counter()
-                last_eval = self.evaluate()
-                self.metrics.log(self.step, last_eval)
-                overhead["eval"] += time.perf_counter() - started
-                interval_start += time.perf_counter() - started  # keep eval out of tokens/s
+                if args.eval_interval and (self.step % args.eval_interval == 0 or self.step == args.train_iters):
+                    started = time.perf_counter()
+                    last_eval = self.evaluate()
+                    self.metrics.log(self.step, last_eval)
+                    overhead["eval"] += time.perf_counter() - started
+                    interval_start += time.perf_counter() - started  # keep eval out of tokens/s
 
-            exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
-            if args.save and (self.step % args.checkpoint_factor == 0 or self.step == args.train_iters or exiting):
-                started = time.perf_counter()
-                self.save()
-                overhead["checkpoint"] += time.perf_counter() - started
-                interval_start += time.perf_counter() - started
-            if exiting:
-                log.info("exit_interval %d reached at step %d: stopping", args.exit_interval, self.step)
-                break
-        progress.close()
+                exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
+                due = self.step % args.checkpoint_factor == 0 or self.step == args.train_iters or exiting
+                if args.save and due and self.nonfinite_streak == 0:  # never rotate a good checkpoint out for a bad one
+                    started = time.perf_counter()
+                    self.save()
+                    overhead["checkpoint"] += time.perf_counter() - started
+                    interval_start += time.perf_counter() - started
+                if exiting:
+                    log.info("exit_interval %d reached at step %d: stopping", args.exit_interval, self.step)
+                    break
+        finally:
+            progress.close()
         total = time.perf_counter() - run_start
         log.info(
             "trained %d steps in %.1fs; checkpoint I/O %.1f%%, logging %.1f%%, evaluation %.1f%% of the time",
