@@ -1,6 +1,9 @@
 """Bad input found after the config is read (damaged data, foreign files): train.py exits non-zero with one line
 naming the file and what was expected, and shows the traceback only with --debug."""
 
+import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +36,6 @@ def damaged_copy(data_prefix: str, folder: Path, damage: str) -> str:
     ("missing bin", r"corpus\.bin"),
 ])
 def test_damaged_dataset_is_one_line(tmp_path, data_prefix, damage, expected):
-    import re
-
     prefix = damaged_copy(data_prefix, tmp_path / "data", damage)
     config = write_config(tmp_path, prefix, train_iters=2, pos_emb="rotary")
     command = [sys.executable, str(REPO / "train.py"), str(config)]
@@ -46,3 +47,67 @@ def test_damaged_dataset_is_one_line(tmp_path, data_prefix, damage, expected):
     if damage == "truncated bin":  # --debug: the traceback, for a bug report
         debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, cwd=REPO, timeout=240)
         assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def run_train(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train.py"), str(config), *extra], capture_output=True,
+                          text=True, cwd=REPO, timeout=240)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith(("error:", "config error:"))]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_prefix):
+    """A finished 2-step run with its checkpoint, copied by each test that damages it."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = write_config(folder, data_prefix, train_iters=2, checkpoint_factor=2, eval_interval=0, pos_emb="rotary")
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def resume_config(trained: Path, tmp_path: Path, data_prefix: str, **overrides) -> Path:
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")
+    return write_config(tmp_path, data_prefix, train_iters=4, checkpoint_factor=2, eval_interval=0,
+                        pos_emb="rotary", **overrides)
+
+
+def test_checkpoint_of_another_shape_names_the_tensors(trained, tmp_path, data_prefix):
+    line = one_error_line(run_train(resume_config(trained, tmp_path, data_prefix, hidden_size=64)))
+    assert "another model shape" in line and "checkpoint [" in line and ", model [" in line
+    assert re.search(r"model\.\S+: checkpoint \[\d+(, \d+)*\], model \[\d+(, \d+)*\]", line), line
+
+
+@pytest.mark.parametrize("damage", ["truncated rank file", "truncated shard", "latest names a missing folder",
+                                    "code in the rank file"])
+def test_damaged_checkpoint_is_one_line(trained, tmp_path, data_prefix, damage):
+    config = resume_config(trained, tmp_path, data_prefix)
+    step = tmp_path / "ckpt" / "global_step2"
+    if damage == "truncated rank file":
+        data = (step / "rank0.pt").read_bytes()
+        (step / "rank0.pt").write_bytes(data[: len(data) // 2])
+        expected = r"rank0\.pt: unreadable .*truncated or corrupt"
+    elif damage == "truncated shard":
+        shard = next(step.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+        expected = r"global_step2: could not read the checkpoint's tensors .*truncated or corrupt"
+    elif damage == "latest names a missing folder":
+        (tmp_path / "ckpt" / "latest").write_text("global_step9")
+        expected = r"latest names global_step9, which is not a complete checkpoint"
+    else:  # an object whose unpickling would run code: refused, never executed
+        (step / "rank0.pt").write_bytes(pickle.dumps(RunsCode()))
+        expected = r"rank0\.pt: not loadable as tensors and plain values only"
+    line = one_error_line(run_train(config))
+    assert re.search(expected, line), line
+    assert not (tmp_path / "pwned").exists()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))

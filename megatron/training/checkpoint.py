@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -179,21 +181,75 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Loads model and optimizer in place; returns this rank's saved state (RNG, step, data position)."""
     model_state, optim_state, state = layout_free_state(model, optimizer)
-    dcp.load(state, checkpoint_id=path)  # in place, into views of model_state and optim_state
+    check_compatible(path, {"model": state["model"]})
+    _load_dcp(state, path)  # in place, into views of model_state and optim_state
     optim_state["param_groups"] = state["optim"]["param_groups"]
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     rank_file = path / f"rank{dist_info.rank}.pt"
     if rank_file.is_file():
-        return torch.load(rank_file, weights_only=False)
+        return _load_rank_state(rank_file)
     log.info("%s has no state for rank %d (saved with another world size): rank 0's step and data "
              "position, a fresh random stream", path, dist_info.rank)
-    state = torch.load(path / "rank0.pt", weights_only=False)
+    state = _load_rank_state(path / "rank0.pt")
     state["rng"] = None
     return state
+
+
+def _load_rank_state(path: Path) -> dict[str, Any]:
+    """`weights_only=True`: tensors and plain types only, so a checkpoint from elsewhere cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the checkpoint (a half-copied checkpoint?)") from None
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling refused"
+        raise ValueError(f"{path}: not loadable as tensors and plain values only ({reason}); refusing to "
+                         "unpickle it") from None
+    except (EOFError, OSError, RuntimeError, ValueError) as err:  # truncated: EOFError, a zip or seek error
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {reason}): a truncated or corrupt checkpoint; "
+                         "load an earlier global_step folder") from None
+
+
+def _load_dcp(state: dict[str, Any], path: Path) -> None:
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as err:  # DCP wraps reader failures in a BaseException of its own
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{path}: could not read the checkpoint's tensors ({type(err).__name__}: "
+                         f"{first[-1] if first else ''}): a truncated or corrupt checkpoint; load an earlier "
+                         "global_step folder") from None
+
+
+def check_compatible(path: Path, state: dict[str, Any]) -> None:
+    """The checkpoint holds every tensor of `state` with the same global shape; else one line naming the first
+    mismatches (a checkpoint of another model: other width, depth, experts...)."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise ValueError(f"{path}: no readable checkpoint metadata ({type(err).__name__}): not a complete "
+                         "checkpoint") from None
+    expected = {}
+    for prefix, values in state.items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                expected[f"{prefix}.{name}"] = tuple(value.shape)
+    missing = [key for key in expected if key not in saved]
+    wrong = [(key, tuple(saved[key].size), shape) for key, shape in expected.items()
+             if key in saved and hasattr(saved[key], "size") and tuple(saved[key].size) != shape]
+    if not missing and not wrong:
+        return
+    parts = [f"{key}: checkpoint {list(have)}, model {list(want)}" for key, have, want in wrong[:3]]
+    if missing:
+        parts.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+    raise ValueError(f"{path}: a checkpoint of another model shape ({len(wrong)} tensors differ: "
+                     + "; ".join(parts) + ")")
 
 
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """The model's weights only (no optimizer state is read), for evaluation, analysis and export."""
     model_state = get_model_state_dict(model)
-    dcp.load({"model": _split_experts(model_state, expert_parameter_names(model))}, checkpoint_id=path)
+    state = {"model": _split_experts(model_state, expert_parameter_names(model))}
+    check_compatible(path, state)
+    _load_dcp(state, path)
     set_model_state_dict(model, model_state)
