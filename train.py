@@ -7,7 +7,9 @@ the one trainer loop. Works the same on one CPU and under torchrun/SLURM on many
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,9 @@ from megatron.training.task import Task
 from megatron.training.trainer import NonFiniteTraining, Trainer, TrainResult, rank_seed, seed_everything
 
 log = logging.getLogger("megatron")
+# A run stopped early by SIGTERM/SIGUSR1 (saved, exit 0) writes its step to the file this variable names, so a
+# launcher (launch/slurm.sbatch) can tell "pre-empted: requeue" from "finished".
+STOPPED_FILE_VARIABLE = "MEGATRON_STOPPED_FILE"
 
 
 def build_task(args, dist_info, dims) -> Task:
@@ -64,10 +69,13 @@ def run(argv: list[str]) -> TrainResult:
         run_config=args.to_dict(),
     )
     try:
-        return Trainer(task, args, dist_info, metrics, dims).train()
+        result = Trainer(task, args, dist_info, metrics, dims).train()
     finally:
         metrics.close()
         destroy()
+    if result.stopped_by and dist_info.is_main and os.environ.get(STOPPED_FILE_VARIABLE):
+        Path(os.environ[STOPPED_FILE_VARIABLE]).write_text(f"{result.final_step}\n")  # the launcher requeues
+    return result
 
 
 # Bad input found after the config (a damaged dataset, a checkpoint of another model, a missing file) surfaces as

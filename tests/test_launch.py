@@ -278,3 +278,27 @@ def test_expert_parallel_subgroups_get_the_timeout_too(tmp_path):
     outcome = json.loads((tmp_path / "rank0.json").read_text())
     assert 2.5 < outcome["seconds"] < 15
     assert "distributed_timeout_minutes=0.05" in outcome["message"]
+
+
+@pytest.mark.parametrize("preempted", [True, False])
+def test_slurm_template_requeues_a_preempted_run_only(tmp_path, preempted):
+    """launch/slurm.sbatch with stand-ins for srun and scontrol: a run that stopped on a signal (it wrote its step
+    to $MEGATRON_STOPPED_FILE, as train.py does) is requeued; a finished one is not."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\n" + ('echo 7 > "$MEGATRON_STOPPED_FILE"\n' if preempted else "")
+                                  + 'echo "$@" > "$CALLS/srun"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nif [ "$1" = show ]; then echo node1; exit 0; fi\n'
+                                      'echo "$@" >> "$CALLS/scontrol"\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "node1"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "configs/tiny.yml", "--seed", "3"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "srun").read_text().split() == ["--kill-on-bad-exit=1", "python", "train.py",
+                                                       "configs/tiny.yml", "--seed", "3"]
+    requeued = (tmp_path / "scontrol").read_text().split() if (tmp_path / "scontrol").exists() else []
+    assert requeued == (["requeue", "4242"] if preempted else [])
+    assert not list(tmp_path.glob(".stopped_*"))  # the marker is cleaned up either way

@@ -23,6 +23,7 @@ from megatron.parallel.mesh import ParallelDims
 from megatron.training import checkpoint as ckpt
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
+from megatron.training.signals import StopRequest
 from megatron.training.task import Task
 
 log = logging.getLogger("megatron.trainer")
@@ -39,6 +40,7 @@ class TrainResult:
     last_eval: dict[str, float]
     train_seconds: float
     overhead_seconds: dict[str, float]
+    stopped_by: str | None = None  # the signal that ended the run early (it saved first), if any
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -94,6 +96,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
         self.nonfinite_streak = 0  # of them, the consecutive ones up to now
+        self.stop = StopRequest()  # SIGTERM/SIGUSR1: save at the next step boundary and return
+        self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
 
     # -- precision -------------------------------------------------------------------------------
     def autocast(self):
@@ -159,7 +163,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(self.parallel.clip_grad_norm_(args.gradient_clipping))
         keys = sorted(sums)
-        averaged = all_reduce_mean(torch.stack([total_loss] + [sums[k] for k in keys])).tolist()
+        stop_flag = torch.tensor(float(self.stop.requested), device=total_loss.device)
+        averaged = all_reduce_mean(torch.stack([total_loss, stop_flag] + [sums[k] for k in keys])).tolist()
+        self.stop_agreed = averaged[1] > 0
         # Every rank sees the same averaged loss and global norm, so all skip together. With fp16 the scaler owns
         # overflowing gradients (it skips those steps and lowers the scale); only a non-finite loss counts here.
         finite = math.isfinite(averaged[0]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
@@ -170,7 +176,7 @@ class Trainer:
         self.step += 1
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.nonfinite_total += 0 if finite else 1
-        return {**dict(zip(keys, averaged[1:])), "lr": lr, "grad_norm": grad_norm,
+        return {**dict(zip(keys, averaged[2:])), "lr": lr, "grad_norm": grad_norm,
                 "nonfinite_steps": float(not finite)}
 
     def check_nonfinite(self) -> None:
@@ -208,6 +214,8 @@ class Trainer:
         run_start = time.perf_counter()
         progress = tqdm(total=args.train_iters, initial=self.step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        stopped_by = None
+        self.stop.install()  # SIGTERM/SIGUSR1 from here on: save at the next step boundary
         try:  # the bar ends its line even when the run stops on an error, so the error gets a line of its own
             while self.step < args.train_iters:
                 step_metrics = self.train_step()
@@ -241,8 +249,7 @@ class Trainer:
                     interval_start += time.perf_counter() - started  # keep eval out of tokens/s
 
                 exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
-                due = self.step % args.checkpoint_factor == 0 or self.step == args.train_iters or exiting
-                if args.save and due and self.nonfinite_streak == 0:  # never rotate a good checkpoint out for a bad one
+                if self.checkpoint_due(exiting):
                     started = time.perf_counter()
                     self.save()
                     overhead["checkpoint"] += time.perf_counter() - started
@@ -250,12 +257,25 @@ class Trainer:
                 if exiting:
                     log.info("exit_interval %d reached at step %d: stopping", args.exit_interval, self.step)
                     break
+                if self.stop_agreed:
+                    stopped_by = self.stop.received.name if self.stop.received else "a signal to another rank"
+                    log.warning("stopping at step %d on %s (checkpoint saved: %s)", self.step, stopped_by,
+                                bool(args.save) and self.nonfinite_streak == 0)
+                    break
         finally:
             progress.close()
+            self.stop.restore()
         total = time.perf_counter() - run_start
         log.info(
             "trained %d steps in %.1fs; checkpoint I/O %.1f%%, logging %.1f%%, evaluation %.1f%% of the time",
             len(losses), total, 100 * overhead["checkpoint"] / total, 100 * overhead["logging"] / total,
             100 * overhead["eval"] / total,
         )
-        return TrainResult(self.step, losses, last_eval, total, overhead)
+        return TrainResult(self.step, losses, last_eval, total, overhead, stopped_by)
+
+    def checkpoint_due(self, exiting: bool) -> bool:
+        if not self.args.save or self.nonfinite_streak:  # never rotate a good checkpoint out for a bad one
+            return False
+        args = self.args
+        return (self.step % args.checkpoint_factor == 0 or self.step == args.train_iters or exiting
+                or self.stop_agreed)
