@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -43,16 +44,19 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-import megatron.model.moe.dispatcher as dispatcher_module
-from megatron.model.moe import LoREConfig, MoELayer
-from megatron.parallel import DistInfo
-from megatron.parallel.data_parallel import ParallelModel, expert_parameter_names
-from megatron.parallel.expert_parallel import ExpertParallel
-from megatron.parallel.mesh import build_parallel_dims
-from megatron.runtime import keep_freed_memory_in_process
-from megatron.training.optim import build_optimizer
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+import megatron.model.moe.dispatcher as dispatcher_module  # noqa: E402
+from megatron.model.moe import LoREConfig, MoELayer  # noqa: E402
+from megatron.parallel import DistInfo  # noqa: E402
+from megatron.parallel.data_parallel import ParallelModel, expert_parameter_names  # noqa: E402
+from megatron.parallel.expert_parallel import ExpertParallel  # noqa: E402
+from megatron.parallel.mesh import build_parallel_dims  # noqa: E402
+from megatron.runtime import keep_freed_memory_in_process  # noqa: E402
+from megatron.training.optim import build_optimizer  # noqa: E402
+
 WORLD = 2
 WARMUP = 2
 D, FFN, EXPERTS, TOP_K = 768, 3072, 8, 1

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.moe import LoREConfig, MoELayer, moe_param_counts
-from megatron.runtime import keep_freed_memory_in_process
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.model.moe import LoREConfig, MoELayer, moe_param_counts  # noqa: E402
+from megatron.runtime import keep_freed_memory_in_process  # noqa: E402
 
 
 class DenseMLP(nn.Module):

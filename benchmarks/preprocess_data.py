@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from megatron.data.bundled import BUNDLED_CORPORA, BUNDLED_TOKENIZER
-from megatron.data.preprocess import preprocess
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.data.bundled import BUNDLED_CORPORA, BUNDLED_TOKENIZER  # noqa: E402
+from megatron.data.preprocess import preprocess  # noqa: E402
 
 
 def main() -> None:

@@ -70,9 +70,31 @@ def test_bad_inputs(tmp_path: Path) -> None:
         preprocess([str(tmp_path / "f.csv")], ["text"], "CharLevelTokenizer", None, str(tmp_path / "o"),
                    progress=False)
     write_jsonl(tmp_path / "k.jsonl", ["x"])
-    with pytest.raises(KeyError, match="k.jsonl:1: jsonl record has no key 'body'"):
+    with pytest.raises(ValueError, match="k.jsonl:1: jsonl record has no key 'body'"):
         preprocess([str(tmp_path / "k.jsonl")], ["body"], "CharLevelTokenizer", None, str(tmp_path / "o"),
                    progress=False)
+
+
+@pytest.mark.parametrize("content, keys, expected", [
+    (None, "text", r"--input: .*missing\.jsonl does not exist"),
+    ('{"text": "fine"}\n{"text": "cut', "text", r"bad\.jsonl:2: not a JSON record \(Unterminated string"),
+    ('{"text": "fine"}\n[1, 2]\n', "text", r"bad\.jsonl:2: a JSON list, expected an object"),
+    ('{"body": "no text key"}\n', "text", r"bad\.jsonl:1: jsonl record has no key 'text' \(--jsonl-keys"),
+    ('{"text": 5}\n', "text", r"bad\.jsonl:1: key 'text' holds int, expected a string"),
+])
+def test_cli_bad_input_is_one_line(tmp_path: Path, content: str | None, keys: str, expected: str) -> None:
+    import re
+
+    path = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
+    if content is not None:
+        path.write_text(content)
+    cmd = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(path), "--output-prefix",
+           str(tmp_path / "out"), "--tokenizer-type", "CharLevelTokenizer", "--jsonl-keys", keys]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]  # beside the progress bar
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(expected, lines[0]), lines[0]
 
 
 def test_cli_matches_the_library(tmp_path: Path) -> None:

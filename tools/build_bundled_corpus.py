@@ -21,9 +21,14 @@ import gzip
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
-from megatron.data.tokenizer import train_bpe_tokenizer
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "megatron" / "data" / "bundled"
 # Folio stem -> modern-spelling stem of the same work; identical names except where noted.

@@ -18,6 +18,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
 from megatron.config.schema import NeoXArgs  # noqa: E402
 from megatron.model.param_count import count_parameters  # noqa: E402
 

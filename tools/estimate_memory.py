@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from megatron.config import ConfigError, load_config
-from megatron.model.param_count import count_parameters
-from megatron.parallel.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.config import ConfigError, load_config  # noqa: E402
+from megatron.model.param_count import count_parameters  # noqa: E402
+from megatron.parallel.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory  # noqa: E402
 
 GIB = 1024**3
 COLUMNS = ("params", "grads", "optimizer", "state", "gathered", "activations", "peak", "ddp_extra")

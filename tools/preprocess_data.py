@@ -7,9 +7,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from megatron.data.preprocess import preprocess
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.data.preprocess import preprocess  # noqa: E402
 
 
 def main() -> None:
@@ -31,9 +37,12 @@ def main() -> None:
                         help="documents between progress-bar updates")
     args = parser.parse_args()
     start = time.perf_counter()
-    prefixes = preprocess(args.input.split(","), args.jsonl_keys, args.tokenizer_type, args.vocab_file,
-                          args.output_prefix, append_eod=args.append_eod, workers=args.workers,
-                          log_interval=args.log_interval)
+    try:
+        prefixes = preprocess(args.input.split(","), args.jsonl_keys, args.tokenizer_type, args.vocab_file,
+                              args.output_prefix, append_eod=args.append_eod, workers=args.workers,
+                              log_interval=args.log_interval)
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as err:  # bad input: one line, no traceback
+        sys.exit(f"preprocess_data: error: {err}")
     for key, prefix in prefixes.items():
         print(f"{key}: {prefix}.bin / {prefix}.idx")
     print(f"done in {time.perf_counter() - start:.1f}s")

@@ -6,9 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from megatron.data.preprocess import read_documents
-from megatron.data.tokenizer import train_bpe_tokenizer
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.data.preprocess import read_documents  # noqa: E402
+from megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

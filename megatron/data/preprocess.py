@@ -56,10 +56,18 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not a JSON record ({err.msg}, column {err.colno}); "
+                                     "expected one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line_no}: a JSON {type(record).__name__}, expected an object with "
+                                     f"keys {keys}")
                 missing = [k for k in keys if k not in record]
                 if missing:
-                    raise KeyError(f"{path}:{line_no}: jsonl record has no key {missing[0]!r}")
+                    raise ValueError(f"{path}:{line_no}: jsonl record has no key {missing[0]!r} (--jsonl-keys; the "
+                                     f"record has {sorted(record)[:5]})")
                 bad = [k for k in keys if not isinstance(record[k], str)]
                 if bad:
                     raise ValueError(f"{path}:{line_no}: key {bad[0]!r} holds "
