@@ -107,19 +107,19 @@ class MMapIndexedDataset:
         for path in (idx_path, bin_path):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: dataset file does not exist")
+        header = len(MAGIC) + 8 + 1 + 8 + 8
         with open(idx_path, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise ValueError(f"{idx_path}: not a GPT-NeoX mmap index (bad magic)")
-            (version,) = struct.unpack("<Q", f.read(8))
-            if version != VERSION:
-                raise ValueError(f"{idx_path}: index version {version}, expected {VERSION}")
-            (code,) = struct.unpack("<B", f.read(1))
-            if code not in DTYPE_CODES:
-                raise ValueError(f"{idx_path}: unknown dtype code {code}")
-            self.dtype = np.dtype(DTYPE_CODES[code])
-            (count,) = struct.unpack("<Q", f.read(8))
-            (doc_count,) = struct.unpack("<Q", f.read(8))
-            header = f.tell()
+            head = f.read(header)
+        if head[:len(MAGIC)] != MAGIC:
+            raise ValueError(f"{idx_path}: not a GPT-NeoX mmap index (bad magic)")
+        if len(head) < header:
+            raise ValueError(f"{idx_path}: truncated index ({len(head)} bytes, shorter than its {header}-byte header)")
+        version, code, count, doc_count = struct.unpack("<QBQQ", head[len(MAGIC):])
+        if version != VERSION:
+            raise ValueError(f"{idx_path}: index version {version}, expected {VERSION}")
+        if code not in DTYPE_CODES:
+            raise ValueError(f"{idx_path}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
         expected = header + count * (4 + 8) + doc_count * 8
         if Path(idx_path).stat().st_size < expected:
             raise ValueError(f"{idx_path}: truncated index ({Path(idx_path).stat().st_size} bytes, "
@@ -135,14 +135,28 @@ class MMapIndexedDataset:
             np.zeros(0, dtype=self.dtype))
 
     def _check_bin_size(self, idx_path: str, bin_path: str) -> None:
-        """The .bin must end exactly where the index's last item ends: a half-copied .bin would otherwise give short
-        slices past the end of the memory map, silently building samples from the wrong tokens."""
+        """The .bin must end exactly where the index's last item ends, and every item must lie inside it: a
+        half-copied .bin (or a damaged index) would otherwise give short slices past the end of the memory map,
+        silently building samples from the wrong tokens."""
         expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if len(self.sizes) else 0
         actual = Path(bin_path).stat().st_size
         if actual != expected:
             kind = "truncated" if actual < expected else "longer than its index"
             raise ValueError(f"{bin_path}: {kind} ({actual} bytes, {idx_path} says {expected}): "
                              "re-copy or re-run tools/preprocess_data.py")
+        chunk = 1 << 22  # items per pass: bounded temporary memory for indexes of billions of items
+        for start in range(0, len(self.sizes), chunk):
+            sizes, pointers = self.sizes[start:start + chunk], self.pointers[start:start + chunk]
+            ends = pointers + sizes.astype(np.int64) * self.dtype.itemsize
+            bad = np.flatnonzero((sizes < 0) | (pointers < 0) | (ends > actual))
+            if len(bad):
+                i = start + int(bad[0])
+                raise ValueError(f"{idx_path}: item {i} (byte {int(self.pointers[i])}, {int(self.sizes[i])} tokens) "
+                                 f"lies outside {bin_path} ({actual} bytes): a damaged index")
+        doc_idx = self.doc_idx
+        if len(doc_idx) and (doc_idx.min() < 0 or doc_idx.max() > len(self.sizes) or (np.diff(doc_idx) < 0).any()):
+            raise ValueError(f"{idx_path}: document index not increasing within [0, {len(self.sizes)}]: "
+                             "a damaged index")
 
     def __len__(self) -> int:
         return len(self.sizes)
