@@ -18,6 +18,7 @@ from megatron.parallel import destroy, init_distributed
 from megatron.parallel.distributed import describe_failure, ranks_from_env
 from megatron.parallel.mesh import build_parallel_dims
 from megatron.runtime import keep_freed_memory_in_process
+from megatron.training.checkpoint import CheckpointSaveError
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
 from megatron.training.task import Task
@@ -100,6 +101,9 @@ def main() -> None:
     except NonFiniteTraining as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(4)
+    except CheckpointSaveError as err:  # the last save failed: the previous checkpoint is intact
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(5)
     except RuntimeError as err:  # another rank timed out or died: say so in one line, not a C++ backtrace
         message = describe_failure(err)
         if message is None or debug:

@@ -56,8 +56,10 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.dcp, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"global_step2 failed \(OSError: disk full\); the previous "
+                       r"checkpoint is intact \(latest: global_step1\)"):
         save(tmp_path, 2, model, optimizer)
+    assert not (tmp_path / ".tmp_global_step2").exists()  # the partial folder is gone: its space is free again
     assert (tmp_path / "latest").read_text() == "global_step1"
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "global_step1"
     monkeypatch.undo()

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from megatron.parallel import DistInfo, barrier
+from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import expert_parameter_names
 
 log = logging.getLogger("megatron.checkpoint")
@@ -100,6 +100,25 @@ def layout_free_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return model_state, optim_state, {"model": _split_experts(model_state, experts), "optim": optim_view}
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank (full disk, unwritable folder): nothing was published, the previous checkpoint and
+    `latest` are intact, and the partial folder is removed."""
+
+
+def _all_ranks_succeeded(ok: bool) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device())
+    return bool(all_reduce_mean(flag).item() == 1.0)
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective lives: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -110,40 +129,67 @@ def save_checkpoint(
     dist_info: DistInfo,
     keep_last_n: int | None = None,
 ) -> Path:
+    """Writes `SAVE/global_stepN` atomically; raises CheckpointSaveError on every rank if any rank failed."""
     save_dir = Path(save_dir)
     tag = f"global_step{step}"
     final, tmp = save_dir / tag, save_dir / f".tmp_{tag}"
-    if dist_info.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-        tmp.mkdir()
-    barrier()
+    error: BaseException | None = None
+    try:
+        if dist_info.is_main:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
+            tmp.mkdir()
+    except OSError as err:
+        error = err
+    if not _all_ranks_succeeded(error is None):
+        raise _save_failed(save_dir, tmp, step, error, dist_info)
 
-    _, _, state = layout_free_state(model, optimizer)
-    dcp.save(state, checkpoint_id=tmp)
-    with open(tmp / f"rank{dist_info.rank}.pt", "wb") as f:
-        torch.save(rank_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    barrier()
+    try:
+        _, _, state = layout_free_state(model, optimizer)
+        dcp.save(state, checkpoint_id=tmp)
+        with open(tmp / f"rank{dist_info.rank}.pt", "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if dist_info.is_main:
+            (tmp / "config.yml").write_text(config_yaml)
+            for path in tmp.iterdir():
+                _fsync_path(path)
+            _fsync_path(tmp)
+    except (OSError, CheckpointException, RuntimeError) as err:  # ENOSPC and friends, as DCP or torch report them
+        error = err
+    if not _all_ranks_succeeded(error is None):
+        raise _save_failed(save_dir, tmp, step, error, dist_info)
 
-    if dist_info.is_main:
-        (tmp / "config.yml").write_text(config_yaml)
-        for path in tmp.iterdir():
-            _fsync_path(path)
-        _fsync_path(tmp)
-        if final.exists():  # re-saving a step: move the old copy aside before replacing it
-            stale = save_dir / f".old_{tag}"
-            shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)
-            shutil.rmtree(stale)
-        tmp.rename(final)
-        _fsync_path(save_dir)
-        write_file_atomically(save_dir / "latest", tag.encode())
-        if keep_last_n:
-            prune_checkpoints(save_dir, keep_last_n)
-    barrier()
+    try:
+        if dist_info.is_main:
+            if final.exists():  # re-saving a step: move the old copy aside before replacing it
+                stale = save_dir / f".old_{tag}"
+                shutil.rmtree(stale, ignore_errors=True)
+                final.rename(stale)
+                shutil.rmtree(stale)
+            tmp.rename(final)
+            _fsync_path(save_dir)
+            write_file_atomically(save_dir / "latest", tag.encode())
+            if keep_last_n:
+                prune_checkpoints(save_dir, keep_last_n)
+    except OSError as err:  # `latest` still names the previous checkpoint: that one stays the one to resume from
+        error = err
+    if not _all_ranks_succeeded(error is None):
+        raise _save_failed(save_dir, tmp, step, error, dist_info)
     return final
+
+
+def _save_failed(save_dir: Path, tmp: Path, step: int, error: BaseException | None,
+                 dist_info: DistInfo) -> CheckpointSaveError:
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what the partial save took
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}" if (
+        error is not None) else "failed on another rank"
+    latest = save_dir / "latest"
+    kept = latest.read_text().strip() if latest.is_file() else "none"
+    return CheckpointSaveError(f"saving {save_dir / f'global_step{step}'} failed ({reason}); the previous checkpoint "
+                               f"is intact (latest: {kept})")
 
 
 def list_checkpoints(save_dir: Path) -> list[tuple[int, Path]]:

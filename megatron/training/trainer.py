@@ -126,7 +126,18 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         log.info("resumed from %s at step %d", path, self.step)
 
-    def save(self) -> None:
+    def save(self, must_succeed: bool = False) -> None:
+        """A failed save (full disk, unwritable folder) leaves the previous checkpoint intact; the run keeps training
+        and tries again at the next interval, unless this save must succeed (the last one, or one before a stop)."""
+        try:
+            self._save()
+        except ckpt.CheckpointSaveError as err:
+            if must_succeed:
+                raise
+            log.error("%s; training goes on, the next save is at step %d", err,
+                      self.step + self.args.checkpoint_factor - self.step % self.args.checkpoint_factor)
+
+    def _save(self) -> None:
         state = {
             "step": self.step,
             "task": self.task.state_dict(),
@@ -251,7 +262,7 @@ class Trainer:
                 exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
                 if self.checkpoint_due(exiting):
                     started = time.perf_counter()
-                    self.save()
+                    self.save(must_succeed=exiting or self.stop_agreed or self.step == args.train_iters)
                     overhead["checkpoint"] += time.perf_counter() - started
                     interval_start += time.perf_counter() - started
                 if exiting:
