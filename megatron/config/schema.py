@@ -93,6 +93,10 @@ class MoEArgs(Strict):
     lsh_rotation_refresh_interval: int = Field(0, ge=0)  # new random rotation every N steps; 0: never
     lsh_layers: list[int] | None = None  # transformer layer indices of the MoE layers to compress; None: all
     lsh_error_interval: int = Field(0, ge=0)  # every N steps log the output error vs the exact layer; 0: never
+    # routing health (ours): warnings and metrics for starving experts/LoREs and collapsed layers; 0 disables each
+    moe_health_min_share: float = Field(0.1, ge=0, le=1)  # dead below this x the fair share (1/E, or 1/M for LoREs)
+    moe_health_patience: int = Field(3, ge=1)  # ... for this many log intervals in a row
+    moe_health_min_entropy: float = Field(0.5, ge=0, le=1)  # collapsed below this normalised load entropy
 
 
 class DiffusionArgs(Strict):

@@ -22,6 +22,7 @@ from megatron.model.moe.lsh import CompressionErrorProbe, hashers_of
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
+from megatron.training.routing_health import RoutingHealth
 
 log = logging.getLogger("megatron.lm")
 
@@ -112,6 +113,8 @@ class LMTask:
             test_weights=args.test_data_weights,
         )
         self.routing = RoutingAccumulator()
+        self.health = RoutingHealth(args.moe_health_min_share, args.moe_health_patience, args.moe_health_min_entropy)
+        self.steps_seen = 0  # the step being trained, for the health warnings
         self.error_interval = args.lsh_error_interval if args.lsh_compression else 0
         self.error_probe = CompressionErrorProbe(self.model) if self.error_interval else None
         self.lsh_hashers = hashers_of(self.model) if args.lsh_rotation_refresh_interval else []
@@ -130,6 +133,7 @@ class LMTask:
         """Samples of a global step are laid out micro-batch-major, then rank: with the same global
         batch, one rank with accumulation sees exactly the samples that several ranks see together."""
         slot = micro_batch * self.dist.world_size + self.dist.rank
+        self.steps_seen = step + 1
         for hasher in self.lsh_hashers:
             hasher.at_step(step)
         if self.error_probe is not None and micro_batch == 0 and (step + 1) % self.error_interval == 0:
@@ -157,6 +161,7 @@ class LMTask:
 
     def interval_metrics(self) -> dict[str, Any]:
         metrics = self.routing.pop()
+        metrics.update(self.health.update(self.steps_seen, metrics))
         if self.error_probe is not None:
             device = self.dist.device
             metrics.update(mean_over_ranks(self.error_probe.pop(), device))
