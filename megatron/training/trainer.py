@@ -89,7 +89,8 @@ class Trainer:
                                       task.ddp_find_unused_parameters)
         opt = args.optimizer.params  # built after sharding: FSDP2 turns the parameters into DTensors
         self.optimizer = build_optimizer(
-            self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device, task.lr_scales()
+            self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device, task.lr_scales(),
+            fp16=args.precision == "fp16",
         )
         self.warmup_iters = int(round(args.warmup * args.lr_decay_iters))
         self.scaler = self.parallel.grad_scaler(self.device.type, enabled=args.precision == "fp16")
