@@ -111,3 +111,14 @@ def test_damaged_checkpoint_is_one_line(trained, tmp_path, data_prefix, damage):
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
+
+
+def test_vocab_size_that_disagrees_with_the_tokenizer_is_one_line(tmp_path, data_prefix):
+    """CharLevelTokenizer: 257 tokens (256 bytes + EOD), padded to 384 by make_vocab_size_divisible_by 128."""
+    line = one_error_line(run_train(write_config(tmp_path, data_prefix, vocab_size=50304, pos_emb="rotary")))
+    assert "vocab_size: 50304 disagrees with the CharLevelTokenizer tokenizer (257 tokens, 384 padded" in line
+    for agreeing in (257, 384):
+        folder = tmp_path / f"ok{agreeing}"
+        config = write_config(folder, data_prefix, vocab_size=agreeing, train_iters=1, pos_emb="rotary",
+                              eval_interval=0, save=None, load=None)
+        assert run_train(config).returncode == 0

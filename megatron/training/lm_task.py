@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.config import ConfigError
 from megatron.data.bundled import ensure_bundled_dataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
@@ -92,6 +93,10 @@ class LMTask:
                 ensure_bundled_dataset(args.prepare_data, args.data_path, args.tokenizer_type, args.vocab_file)
             barrier()
         vocab = padded_vocab_size(self.tokenizer.vocab_size, args.make_vocab_size_divisible_by)
+        if args.vocab_size is not None and args.vocab_size not in (self.tokenizer.vocab_size, vocab):
+            raise ConfigError(f"vocab_size: {args.vocab_size} disagrees with the {args.tokenizer_type} tokenizer "
+                              f"({self.tokenizer.vocab_size} tokens, {vocab} padded to make_vocab_size_divisible_by "
+                              f"{args.make_vocab_size_divisible_by}); remove vocab_size or make it match")
         self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
         self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
