@@ -1,8 +1,9 @@
-"""Process-level settings that make CPU training faster."""
+"""Process-level settings that make CPU training faster, and the process's memory as the OS sees it."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
@@ -24,3 +25,14 @@ def keep_freed_memory_in_process() -> bool:
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident set size in MiB (Linux /proc), None where unavailable: logged every interval so a
+    slow leak over a long run shows up as a rising line."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import ParallelDims
+from megatron.runtime import resident_memory_mb
 from megatron.training import checkpoint as ckpt
 from megatron.training.metrics import MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
@@ -248,6 +249,9 @@ class Trainer:
                     record["tokens"] = self.step * self.task.tokens_per_step()
                     record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
                     record.update(self.task.interval_metrics())
+                    rss = resident_memory_mb()
+                    if rss is not None:
+                        record["memory/rss_mb"] = rss
                     self.metrics.log(self.step, record)
                     interval, interval_steps = {}, 0
                     overhead["logging"] += time.perf_counter() - started
