@@ -158,6 +158,7 @@ class TrainingArgs(Strict):
     zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
     distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
     max_consecutive_nonfinite: int = Field(10, ge=1)  # ours: non-finite steps are skipped; this many in a row stop
+    loss_spike_factor: float = Field(3.0, ge=0)  # ours: warn when an interval's loss > this x the recent median
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,23 @@ class MetricsLogger:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class LossSpikeDetector:
+    """Flags a logged loss above `factor` x the median of the last `window` logged losses.
+
+    It reads the per-interval mean, not single steps: Remix-DiT's per-step loss depends on the drawn timestep
+    interval (0.001 to 0.5), which would trip a per-step detector constantly; an interval's mean is stable.
+    """
+
+    def __init__(self, factor: float = 3.0, window: int = 50, min_history: int = 5):
+        self.factor, self.window, self.min_history = factor, window, min_history
+        self.history: list[float] = []
+
+    def is_spike(self, loss: float) -> bool:
+        if self.factor <= 0 or not math.isfinite(loss):
+            return False
+        spike = len(self.history) >= self.min_history and loss > self.factor * statistics.median(self.history)
+        if not spike:  # a spike does not raise the bar for the next one
+            self.history = (self.history + [loss])[-self.window:]
+        return spike

@@ -22,7 +22,7 @@ from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import ParallelDims
 from megatron.runtime import resident_memory_mb
 from megatron.training import checkpoint as ckpt
-from megatron.training.metrics import MetricsLogger
+from megatron.training.metrics import LossSpikeDetector, MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
 from megatron.training.signals import StopRequest
 from megatron.training.task import Task
@@ -98,6 +98,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
         self.nonfinite_streak = 0  # of them, the consecutive ones up to now
+        self.spikes = LossSpikeDetector(args.loss_spike_factor)
         self.stop = StopRequest()  # SIGTERM/SIGUSR1: save at the next step boundary and return
         self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
 
@@ -248,6 +249,10 @@ class Trainer:
                     record["lr"] = step_metrics["lr"]
                     record["tokens"] = self.step * self.task.tokens_per_step()
                     record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
+                    if self.spikes.is_spike(record.get("loss", math.nan)):
+                        record["loss_spike"] = 1.0
+                        log.warning("step %d: loss %.4g is above %.1f x the median of the last logged losses",
+                                    self.step, record["loss"], self.spikes.factor)
                     record.update(self.task.interval_metrics())
                     rss = resident_memory_mb()
                     if rss is not None:
