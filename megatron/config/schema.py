@@ -200,6 +200,7 @@ class CheckpointArgs(Strict):
     load: str | None = None
     checkpoint_factor: int = Field(1000, ge=1)
     keep_last_n_checkpoints: int | None = Field(None, ge=1)
+    async_save: bool = False  # ours: write checkpoints on a background thread (only the copy to CPU stalls)
 
 
 class LoggingArgs(Strict):

@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,54 +131,97 @@ def save_checkpoint(
     keep_last_n: int | None = None,
 ) -> Path:
     """Writes `SAVE/global_stepN` atomically; raises CheckpointSaveError on every rank if any rank failed."""
+    return begin_save(save_dir, step, model, optimizer, rank_state, config_yaml, dist_info, keep_last_n).finish()
+
+
+def begin_save(
+    save_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank_state: dict[str, Any],
+    config_yaml: str,
+    dist_info: DistInfo,
+    keep_last_n: int | None = None,
+    asynchronous: bool = False,
+) -> PendingSave:
+    """Starts a save into a hidden folder; `finish()` publishes it. Asynchronous: the tensors are copied to CPU
+    memory here (the only stall) and written by DCP's background thread while training goes on."""
     save_dir = Path(save_dir)
     tag = f"global_step{step}"
-    final, tmp = save_dir / tag, save_dir / f".tmp_{tag}"
+    pending = PendingSave(save_dir, step, save_dir / f".tmp_{tag}", rank_state, config_yaml, dist_info, keep_last_n)
     error: BaseException | None = None
     try:
         if dist_info.is_main:
             save_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash
-            tmp.mkdir()
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # left over from a crash
+            pending.tmp.mkdir()
     except OSError as err:
         error = err
     if not _all_ranks_succeeded(error is None):
-        raise _save_failed(save_dir, tmp, step, error, dist_info)
-
+        raise _save_failed(save_dir, pending.tmp, step, error, dist_info)
     try:
         _, _, state = layout_free_state(model, optimizer)
-        dcp.save(state, checkpoint_id=tmp)
-        with open(tmp / f"rank{dist_info.rank}.pt", "wb") as f:
-            torch.save(rank_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if dist_info.is_main:
-            (tmp / "config.yml").write_text(config_yaml)
-            for path in tmp.iterdir():
-                _fsync_path(path)
-            _fsync_path(tmp)
+        if asynchronous:
+            pending.future = dcp.async_save(state, checkpoint_id=pending.tmp)
+        else:
+            dcp.save(state, checkpoint_id=pending.tmp)
     except (OSError, CheckpointException, RuntimeError) as err:  # ENOSPC and friends, as DCP or torch report them
-        error = err
-    if not _all_ranks_succeeded(error is None):
-        raise _save_failed(save_dir, tmp, step, error, dist_info)
+        pending.error = err
+    return pending
 
-    try:
-        if dist_info.is_main:
-            if final.exists():  # re-saving a step: move the old copy aside before replacing it
-                stale = save_dir / f".old_{tag}"
-                shutil.rmtree(stale, ignore_errors=True)
-                final.rename(stale)
-                shutil.rmtree(stale)
-            tmp.rename(final)
-            _fsync_path(save_dir)
-            write_file_atomically(save_dir / "latest", tag.encode())
-            if keep_last_n:
-                prune_checkpoints(save_dir, keep_last_n)
-    except OSError as err:  # `latest` still names the previous checkpoint: that one stays the one to resume from
-        error = err
-    if not _all_ranks_succeeded(error is None):
-        raise _save_failed(save_dir, tmp, step, error, dist_info)
-    return final
+
+@dataclass
+class PendingSave:
+    """A checkpoint written (or being written) to its hidden folder, not yet published as `latest`."""
+
+    save_dir: Path
+    step: int
+    tmp: Path
+    rank_state: dict[str, Any]
+    config_yaml: str
+    dist_info: DistInfo
+    keep_last_n: int | None
+    future: Any = None  # DCP's async_save future
+    error: BaseException | None = None
+
+    def finish(self) -> Path:
+        """Waits for the tensors, writes this rank's state, then publishes: rename, `latest`, pruning."""
+        tag = f"global_step{self.step}"
+        final, error = self.save_dir / tag, self.error
+        try:
+            if self.future is not None and error is None:  # a Future, or a response holding one for the upload
+                getattr(self.future, "upload_completion", self.future).result()
+            with open(self.tmp / f"rank{self.dist_info.rank}.pt", "wb") as f:
+                torch.save(self.rank_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.dist_info.is_main:
+                (self.tmp / "config.yml").write_text(self.config_yaml)
+                for path in self.tmp.iterdir():
+                    _fsync_path(path)
+                _fsync_path(self.tmp)
+        except (OSError, CheckpointException, RuntimeError) as err:
+            error = error or err
+        if not _all_ranks_succeeded(error is None):
+            raise _save_failed(self.save_dir, self.tmp, self.step, error, self.dist_info)
+        try:
+            if self.dist_info.is_main:
+                if final.exists():  # re-saving a step: move the old copy aside before replacing it
+                    stale = self.save_dir / f".old_{tag}"
+                    shutil.rmtree(stale, ignore_errors=True)
+                    final.rename(stale)
+                    shutil.rmtree(stale)
+                self.tmp.rename(final)
+                _fsync_path(self.save_dir)
+                write_file_atomically(self.save_dir / "latest", tag.encode())
+                if self.keep_last_n:
+                    prune_checkpoints(self.save_dir, self.keep_last_n)
+        except OSError as err:  # `latest` still names the previous checkpoint: that one stays the one to resume from
+            error = err
+        if not _all_ranks_succeeded(error is None):
+            raise _save_failed(self.save_dir, self.tmp, self.step, error, self.dist_info)
+        return final
 
 
 def _save_failed(save_dir: Path, tmp: Path, step: int, error: BaseException | None,

@@ -98,6 +98,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
         self.nonfinite_streak = 0  # of them, the consecutive ones up to now
+        self.pending_save: ckpt.PendingSave | None = None  # an asynchronous save still being written
         self.spikes = LossSpikeDetector(args.loss_spike_factor)
         self.stop = StopRequest()  # SIGTERM/SIGUSR1: save at the next step boundary and return
         self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
@@ -131,28 +132,36 @@ class Trainer:
 
     def save(self, must_succeed: bool = False) -> None:
         """A failed save (full disk, unwritable folder) leaves the previous checkpoint intact; the run keeps training
-        and tries again at the next interval, unless this save must succeed (the last one, or one before a stop)."""
+        and tries again at the next interval, unless this save must succeed (the last one, or one before a stop).
+        With `async_save` the tensors are written in the background and published at the next save (or the end);
+        saves that must succeed are synchronous."""
         try:
-            self._save()
+            self.finish_pending_save()  # saves publish in order: `latest` never goes back
+            state = {
+                "step": self.step,
+                "task": self.task.state_dict(),
+                "rng": capture_rng_state(),
+                "scaler": self.scaler.state_dict(),
+                "nonfinite_total": self.nonfinite_total,
+            }
+            pending = ckpt.begin_save(
+                self.args.save, self.step, self.model, self.optimizer, state, self.args.to_yaml(), self.dist,
+                self.args.keep_last_n_checkpoints, asynchronous=self.args.async_save and not must_succeed,
+            )
+            if pending.future is None:
+                log.info("saved checkpoint %s", pending.finish())
+            else:
+                self.pending_save = pending
         except ckpt.CheckpointSaveError as err:
             if must_succeed:
                 raise
             log.error("%s; training goes on, the next save is at step %d", err,
                       self.step + self.args.checkpoint_factor - self.step % self.args.checkpoint_factor)
 
-    def _save(self) -> None:
-        state = {
-            "step": self.step,
-            "task": self.task.state_dict(),
-            "rng": capture_rng_state(),
-            "scaler": self.scaler.state_dict(),
-            "nonfinite_total": self.nonfinite_total,
-        }
-        path = ckpt.save_checkpoint(
-            self.args.save, self.step, self.model, self.optimizer, state, self.args.to_yaml(),
-            self.dist, self.args.keep_last_n_checkpoints,
-        )
-        log.info("saved checkpoint %s", path)
+    def finish_pending_save(self) -> None:
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            log.info("saved checkpoint %s (written in the background)", pending.finish())
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -201,6 +210,7 @@ class Trainer:
         log.warning("step %d: non-finite loss or gradient norm: step skipped (%d in a row, %d in the run; the run "
                     "stops at %d in a row)", self.step, self.nonfinite_streak, self.nonfinite_total, limit)
         if self.nonfinite_streak >= limit:
+            self.finish_pending_save()  # a background save from before the streak is a good one: publish it
             latest = ckpt.resolve_checkpoint(self.args.save) if self.args.save else None
             raise NonFiniteTraining(
                 f"{self.nonfinite_streak} consecutive steps (to step {self.step}) had a non-finite loss or gradient "
@@ -286,6 +296,7 @@ class Trainer:
         finally:
             progress.close()
             self.stop.restore()
+        self.finish_pending_save()
         total = time.perf_counter() - run_start
         log.info(
             "trained %d steps in %.1fs; checkpoint I/O %.1f%%, logging %.1f%%, evaluation %.1f%% of the time",
