@@ -1,0 +1,134 @@
+"""Every kind of bad input through `python train.py`'s entry point: a non-zero exit, exactly one error line naming
+the file, key or value and what was expected, and no traceback. In-process (train.main with sys.argv), so the
+table stays fast; tests/test_bad_input.py runs a few of the same through a real subprocess."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from runs import write_config
+
+import train
+
+# (name, config overrides or a YAML text, extra command-line arguments, pattern the error line must match)
+CONFIG_CASES = [
+    ("malformed YAML", "num_layers: [2\n", [], r"config\.yml:.*invalid YAML"),
+    ("YAML not a mapping", "- 1\n- 2\n", [], r"config\.yml: expected a mapping"),
+    ("misspelled key", {"hiden_size": 32}, [], r"unknown key 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+    ("misspelled override", {}, ["--num_layer", "2"], r"unknown key 'num_layer'"),
+    ("override without value", {}, ["--num_layers"], r"--num_layers needs a value"),
+    ("wrong type", {"num_layers": "two"}, [], r"num_layers: .*integer.*'two'"),
+    ("negative learning rate", {"optimizer": {"type": "AdamW", "params": {"lr": -0.1}}}, [], r"lr: .*greater than 0"),
+    ("zero iterations", {"train_iters": 0}, [], r"train_iters: .*greater than or equal to 1"),
+    ("unknown optimizer", {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, [], r"expected Adam or AdamW.*SGD"),
+    ("heads do not divide hidden", {"hidden_size": 30, "num_attention_heads": 4}, [],
+     r"hidden_size 30 is not divisible by num_attention_heads 4"),
+    ("seq_length above positions", {"seq_length": 64, "max_position_embeddings": 32}, [],
+     r"max_position_embeddings 32 < seq_length 64"),
+    ("top-k above experts", {"moe_num_experts": 2, "moe_top_k": 3}, [], r"moe_top_k 3 > moe_num_experts 2"),
+    ("LoRE top-l above M", {"moe_num_experts": 2, "lore_num_experts": 2, "lore_rank": 2, "lore_top_k": 3}, [],
+     r"lore_top_k 3 > lore_num_experts 2"),
+    ("LoREs without MoE", {"lore_num_experts": 2, "lore_rank": 2}, [], r"lore_num_experts needs an MoE model"),
+    ("EP above experts", {"moe_num_experts": 2, "moe_expert_parallel_size": 4}, [], r"moe_expert_parallel_size 4"),
+    ("EP without MoE", {"moe_expert_parallel_size": 2}, [], r"needs an MoE model"),
+    ("batch sizes disagree", {"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2,
+                              "gradient_accumulation_steps": 2}, [], r"train_batch_size 7 != "),
+    ("min_lr above lr", {"min_lr": 1.0}, [], r"min_lr 1\.0 > optimizer\.params\.lr"),
+    ("bad split", {"split": "90,10"}, [], r"split: .*three non-negative weights"),
+    ("weights without paths", {"valid_data_weights": [1.0]}, [], r"valid_data_weights has 1 entries"),
+    ("LSH without MoE", {"lsh_compression": True}, [], r"lsh_compression needs an MoE model"),
+    ("LSH layer not MoE", {"moe_num_experts": 2, "moe_expert_interval": 2, "lsh_compression": True,
+                           "lsh_layers": [0]}, [], r"lsh_layers: 0 is not an MoE layer"),
+    ("missing data", {"data_path": "/nonexistent/corpus"}, [], r"corpus\.bin does not exist"),
+    ("missing vocab file", {"tokenizer_type": "HFTokenizer", "vocab_file": "/nonexistent/tok.json"}, [],
+     r"vocab_file: /nonexistent/tok\.json does not exist"),
+    ("DiT patch does not divide image", {"model_type": "dit", "image_size": 9, "patch_size": 2}, [],
+     r"image_size 9 is not divisible by patch_size 2"),
+    ("DiT betas reversed", {"model_type": "dit", "beta_start": 0.02, "beta_end": 0.01}, [],
+     r"beta_start 0\.02 must be below beta_end 0\.01"),
+    ("missing config file", None, [], r"nope\.yml: config file does not exist"),
+]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    saved = sys.argv
+    sys.argv = ["train.py", *argv]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main()
+    finally:
+        sys.argv = saved
+    return stopped.value.code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, stderr: str, pattern: str) -> None:
+    assert code not in (0, None), stderr
+    errors = [line for line in stderr.splitlines() if line.startswith(("config error:", "error:"))]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("name, overrides, extra, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_and_file_errors(tmp_path, data_prefix, capsys, name, overrides, extra, pattern):
+    if overrides is None:
+        config = tmp_path / "nope.yml"
+    elif isinstance(overrides, str):
+        config = tmp_path / "config.yml"
+        config.write_text(overrides)
+    else:
+        config = write_config(tmp_path, data_prefix, pos_emb="rotary", **overrides)
+    assert_one_line(*run_main([str(config), *extra], capsys), pattern)
+
+
+def damage_dataset(data_prefix: str, folder: Path, damage: str) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = str(folder / "corpus")
+    shutil.copy(f"{data_prefix}.bin", f"{prefix}.bin")
+    shutil.copy(f"{data_prefix}.idx", f"{prefix}.idx")
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if damage == "truncated .bin":
+        bin_.write_bytes(bin_.read_bytes()[:1000])
+    elif damage == "longer .bin":
+        bin_.write_bytes(bin_.read_bytes() + bytes(6))
+    elif damage == "foreign .idx":
+        idx.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(60))
+    elif damage == "index version 2":
+        data = idx.read_bytes()
+        idx.write_bytes(data[:9] + struct.pack("<Q", 2) + data[17:])
+    elif damage == "truncated .idx":
+        idx.write_bytes(idx.read_bytes()[:100])
+    elif damage == "item past the end":
+        data = bytearray(idx.read_bytes())
+        count = struct.unpack("<Q", data[18:26])[0]
+        pointers = 34 + 4 * count
+        data[pointers:pointers + 8] = struct.pack("<q", 10**9)
+        idx.write_bytes(bytes(data))
+    return prefix
+
+
+DATA_CASES = [
+    ("truncated .bin", r"corpus\.bin: truncated"),
+    ("longer .bin", r"corpus\.bin: longer than its index"),
+    ("foreign .idx", r"corpus\.idx: not a GPT-NeoX mmap index \(bad magic\)"),
+    ("index version 2", r"corpus\.idx: index version 2, expected 1"),
+    ("truncated .idx", r"corpus\.idx: truncated index"),
+    ("item past the end", r"corpus\.idx: item 0 .* lies outside .*corpus\.bin"),
+]
+
+
+@pytest.mark.parametrize("damage, pattern", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_damaged_datasets(tmp_path, data_prefix, capsys, damage, pattern):
+    prefix = damage_dataset(data_prefix, tmp_path / "data", damage)
+    config = write_config(tmp_path, prefix, pos_emb="rotary", train_iters=2)
+    assert_one_line(*run_main([str(config)], capsys), pattern)
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path, data_prefix, capsys):
+    config = write_config(tmp_path, data_prefix, pos_emb="rotary", vocab_size=100)
+    assert_one_line(*run_main([str(config)], capsys), r"vocab_size: 100 disagrees with the CharLevelTokenizer")
