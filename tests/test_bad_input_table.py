@@ -132,3 +132,18 @@ def test_damaged_datasets(tmp_path, data_prefix, capsys, damage, pattern):
 def test_tokenizer_that_does_not_fit_the_model(tmp_path, data_prefix, capsys):
     config = write_config(tmp_path, data_prefix, pos_emb="rotary", vocab_size=100)
     assert_one_line(*run_main([str(config)], capsys), r"vocab_size: 100 disagrees with the CharLevelTokenizer")
+
+
+def test_data_from_a_larger_tokenizer(tmp_path, capsys):
+    """Token ids beyond the model's vocabulary (a corpus made with another tokenizer): one line, not an index error."""
+    import numpy as np
+
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "wide"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", np.uint16)
+    for i in range(40):
+        builder.add_document((np.arange(50) * 997 + i) % 50000)  # ids up to ~50k; CharLevelTokenizer has 257
+    builder.finalize(f"{prefix}.idx")
+    config = write_config(tmp_path, str(prefix), pos_emb="rotary", train_iters=2)
+    assert_one_line(*run_main([str(config)], capsys), r"data: token id \d+ .* outside the model's vocabulary \(384")

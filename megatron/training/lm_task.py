@@ -97,6 +97,7 @@ class LMTask:
             raise ConfigError(f"vocab_size: {args.vocab_size} disagrees with the {args.tokenizer_type} tokenizer "
                               f"({self.tokenizer.vocab_size} tokens, {vocab} padded to make_vocab_size_divisible_by "
                               f"{args.make_vocab_size_divisible_by}); remove vocab_size or make it match")
+        self.vocab_size = vocab
         self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
         self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
@@ -131,8 +132,13 @@ class LMTask:
 
     # -- batches ---------------------------------------------------------------------------------
     def _stack(self, dataset, start: int) -> torch.Tensor:
-        rows = [np.asarray(dataset[start + j], dtype=np.int64) for j in range(self.micro_batch)]
-        return torch.from_numpy(np.stack(rows)).to(self.dist.device)
+        rows = np.stack([np.asarray(dataset[start + j], dtype=np.int64) for j in range(self.micro_batch)])
+        largest = int(rows.max())
+        if largest >= self.vocab_size:  # would be an index error deep in the embedding otherwise
+            raise ValueError(f"data: token id {largest} in samples {start}..{start + self.micro_batch - 1} is outside "
+                             f"the model's vocabulary ({self.vocab_size}, from the {self.args.tokenizer_type} "
+                             "tokenizer): was the dataset preprocessed with another tokenizer?")
+        return torch.from_numpy(rows).to(self.dist.device)
 
     def train_batch(self, step: int, micro_batch: int) -> torch.Tensor:
         """Samples of a global step are laid out micro-batch-major, then rank: with the same global
