@@ -159,6 +159,7 @@ class TrainingArgs(Strict):
     distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
     max_consecutive_nonfinite: int = Field(10, ge=1)  # ours: non-finite steps are skipped; this many in a row stop
     loss_spike_factor: float = Field(3.0, ge=0)  # ours: warn when an interval's loss > this x the recent median
+    peak_tflops: float | None = Field(None, gt=0)  # ours: one device's peak for MFU; None: data sheet or a probe
 
     @field_validator("precision", mode="before")
     @classmethod

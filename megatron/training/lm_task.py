@@ -17,6 +17,7 @@ from megatron.data.bundled import ensure_bundled_dataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.model.build import gpt_config_from_args
+from megatron.model.flops import flops_per_token
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
 from megatron.model.moe.lsh import CompressionErrorProbe, hashers_of
@@ -98,6 +99,7 @@ class LMTask:
                               f"({self.tokenizer.vocab_size} tokens, {vocab} padded to make_vocab_size_divisible_by "
                               f"{args.make_vocab_size_divisible_by}); remove vocab_size or make it match")
         self.vocab_size = vocab
+        self._flops_per_token: float | None = None  # of the whole model (every expert: EP ranks hold a share)
         self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
         self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
@@ -150,6 +152,12 @@ class LMTask:
         if self.error_probe is not None and micro_batch == 0 and (step + 1) % self.error_interval == 0:
             self.error_probe.arm()  # this batch's forward also measures the compression error
         return self._stack(self.train_data, step * self.global_batch + slot * self.micro_batch)
+
+    def flops_per_step(self) -> float:
+        """Model FLOPs of one optimizer step over all ranks (3x the forward; megatron/model/flops.py)."""
+        if self._flops_per_token is None:
+            self._flops_per_token = flops_per_token(self.model, self.args.seq_length).training
+        return self._flops_per_token * self.tokens_per_step()
 
     def tokens_per_step(self) -> int:
         return self.global_batch * self.args.seq_length

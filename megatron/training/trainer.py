@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megatron.model.flops import peak_tflops
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import ParallelDims
@@ -98,6 +99,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
         self.nonfinite_streak = 0  # of them, the consecutive ones up to now
+        self.peak: tuple[float, str] | None = None  # (TFLOP/s of one device, its source), found at the first log
         self.pending_save: ckpt.PendingSave | None = None  # an asynchronous save still being written
         self.spikes = LossSpikeDetector(args.loss_spike_factor)
         self.stop = StopRequest()  # SIGTERM/SIGUSR1: save at the next step boundary and return
@@ -259,6 +261,7 @@ class Trainer:
                     record["lr"] = step_metrics["lr"]
                     record["tokens"] = self.step * self.task.tokens_per_step()
                     record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
+                    record.update(self.throughput(interval_steps, elapsed))
                     if self.spikes.is_spike(record.get("loss", math.nan)):
                         record["loss_spike"] = 1.0
                         log.warning("step %d: loss %.4g is above %.1f x the median of the last logged losses",
@@ -304,6 +307,18 @@ class Trainer:
             100 * overhead["eval"] / total,
         )
         return TrainResult(self.step, losses, last_eval, total, overhead, stopped_by)
+
+    def throughput(self, steps: int, seconds: float) -> dict[str, float]:
+        """Achieved model TFLOP/s per rank and MFU against one device's peak (tasks that count their FLOPs)."""
+        flops_per_step = getattr(self.task, "flops_per_step", None)
+        if flops_per_step is None:
+            return {}
+        if self.peak is None:
+            self.peak = (self.args.peak_tflops, "the peak_tflops key") if self.args.peak_tflops else peak_tflops(
+                self.device, self.args.precision)
+            log.info("MFU against %.3g TFLOP/s per device (%s)", *self.peak)
+        achieved = flops_per_step() * steps / max(seconds, 1e-9) / self.dist.world_size / 1e12
+        return {"tflops_per_rank": achieved, "mfu": achieved / self.peak[0]}
 
     def checkpoint_due(self, exiting: bool) -> bool:
         if not self.args.save or self.nonfinite_streak:  # never rotate a good checkpoint out for a bad one

@@ -1,0 +1,125 @@
+"""Model FLOPs per token, from the built model: what MFU is measured against.
+
+Conventions (PaLM's, so figures compare with published MFU): a matmul of an [m, k] by [k, n] costs 2mkn; a
+training step costs 3x the forward (backward = 2x forward); activation checkpointing's recomputation is not
+counted (model FLOPs, not hardware FLOPs); attention scores count the full sequence (QK^T and AV: 4 S d per
+token and layer, as PaLM's 12 L d S for training), not the causal half. Elementwise work (norms, activations,
+softmax, AdamW) is left out.
+
+The walk reads the modules, so new block kinds built from nn.Linear (gated MLPs, grouped-query attention,
+shared experts) count with no change here. Routed weights count at their active share: an expert's weights
+top_k / E of the time, a LoRE's top_l / M of its expert's rows (router-free: its one LoRE always), and the LoRE
+router only on its expert's rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class FlopsPerToken:
+    """Forward FLOPs per token by kind; `training` is 3x their sum."""
+
+    dense: float = 0.0  # every nn.Linear outside routed experts (attention projections, MLPs, routers, DiT)
+    attention: float = 0.0  # scores and weighted values
+    experts: float = 0.0  # routed experts' active share
+    lores: float = 0.0  # LoREs' active share
+    head: float = 0.0  # the LM head (tied or not)
+
+    @property
+    def forward(self) -> float:
+        return self.dense + self.attention + self.experts + self.lores + self.head
+
+    @property
+    def training(self) -> float:
+        return 3.0 * self.forward
+
+
+def flops_per_token(model: nn.Module, seq_length: int) -> FlopsPerToken:
+    """Forward FLOPs per token of a GPT (megatron/model/gpt.py) or any model made of nn.Linear and MoE layers."""
+    from megatron.model.moe import MoELayer
+
+    flops = FlopsPerToken()
+    routed: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            flops.experts += _expert_flops(module)
+            flops.lores += _lore_flops(module)
+            routed |= {id(p) for name, p in module.named_parameters() if name.startswith(("experts.", "lore."))}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in routed:
+            flops.dense += 2.0 * module.in_features * module.out_features
+        if name.endswith("attention") and hasattr(module, "num_heads") and hasattr(module, "head_dim"):
+            flops.attention += 4.0 * seq_length * module.num_heads * module.head_dim
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, nn.Embedding) and getattr(model, "lm_head", None) is None:  # tied: the head is a matmul
+        flops.head = 2.0 * embed.num_embeddings * embed.embedding_dim
+    elif isinstance(getattr(model, "lm_head", None), nn.Linear):  # untied: counted in dense above; move it here
+        head = model.lm_head
+        flops.dense -= 2.0 * head.in_features * head.out_features
+        flops.head = 2.0 * head.in_features * head.out_features
+    return flops
+
+
+def _expert_flops(layer: nn.Module) -> float:
+    """top_k experts per token, each 2 x its weights (biases are not matmuls)."""
+    experts = layer.experts
+    weights = [p for name, p in experts.named_parameters() if p.dim() == 3]
+    per_expert = sum(p.numel() for p in weights) / max(1, weights[0].shape[0]) if weights else 0.0
+    return 2.0 * layer.router.top_k * per_expert
+
+
+def _lore_flops(layer: nn.Module) -> float:
+    """Per routed row: its expert's LoRE router (d x M, applied to that expert's rows only) and top_l LoREs."""
+    lore = getattr(layer, "lore", None)
+    if lore is None:
+        return 0.0
+    per_lore = (lore.A[0, 0].numel() + lore.B[0, 0].numel())  # one LoRE of one expert: d x r + r x out
+    active = lore.config.top_l if lore.routed else 1  # router-free: its one LoRE of rank M r
+    router = lore.A.shape[2] * lore.lores_per_expert if lore.routed else 0
+    return 2.0 * layer.router.top_k * (active * per_lore + router)
+
+
+# Dense peak TFLOP/s per GPU from the vendors' data sheets (no sparsity); fp32 matmuls run on TF32 tensor cores
+# only when allowed, so fp32 lists the plain FP32 figure.
+GPU_PEAK_TFLOPS = {
+    "A100": {"bfloat16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "H100": {"bfloat16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bfloat16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "L40S": {"bfloat16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "A10": {"bfloat16": 125.0, "fp16": 125.0, "fp32": 31.2},
+}
+
+
+def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where the figure comes from): a known GPU's data sheet, else a short matmul
+    probe on this device (on a CPU: the threads this process uses), so MFU is measured against something real."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peaks.get(precision, peaks["fp32"]), f"{name} data sheet, {precision}"
+    dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch.float32 if device.type == "cpu" else dtype  # CPU configs train in fp32
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _synchronize(device)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.3 or repeats < 3:
+        a @ b
+        repeats += 1
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    return 2.0 * n**3 * repeats / seconds / 1e12, f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmuls"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,74 @@
+"""Model FLOPs per token against torch's FlopCounterMode on a real forward (math attention, and the grouped
+matmuls counted by their definition): exact for dense, MoE and every StructMoE mode."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron.config import load_config
+from megatron.model.build import gpt_config_from_args
+from megatron.model.flops import flops_per_token
+from megatron.model.gpt import GPT
+
+CONFIGS = ["tiny.yml", "tiny_moe.yml", "tiny_structmoe.yml", "tiny_structmoe_router_free.yml",
+           "tiny_structmoe_standalone.yml"]
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """[N, K] rows against [G, K, O] weights, each row with its group's: 2 N K O."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+def addmm_flops(out_shape_in, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """out += a @ b, in place (the CPU LoRE accumulation loop), which FlopCounterMode does not count itself."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+COUNTED = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: addmm_flops}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("overrides", [[], ["--moe_top_k", "2", "--lore_top_k", "2"]])
+def test_flops_per_token_equal_the_counted_forward(config, overrides):
+    if "--lore_top_k" in overrides and "structmoe" not in config:
+        overrides = overrides[:2]
+    if config == "tiny.yml":
+        overrides = []
+    args = load_config([f"configs/{config}"], overrides)
+    model = GPT(gpt_config_from_args(args, 384))
+    tokens = torch.randint(384, (2, args.seq_length))
+    counter = FlopCounterMode(display=False, custom_mapping=COUNTED)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(tokens)
+    expected = counter.get_total_flops() / tokens.numel()
+    flops = flops_per_token(model, args.seq_length)
+    assert flops.forward == pytest.approx(expected, rel=1e-9)
+    assert flops.training == 3 * flops.forward
+    if args.is_moe:
+        assert flops.experts > 0
+    if args.lore_num_experts:
+        assert flops.lores > 0
+
+
+def test_dense_closed_form_by_hand():
+    args = load_config(["configs/tiny.yml"])
+    model = GPT(gpt_config_from_args(args, 384))
+    d, f, L, S, V = args.hidden_size, args.intermediate_size, args.num_layers, args.seq_length, 384
+    by_hand = L * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f + 4 * S * d) + 2 * d * V
+    assert flops_per_token(model, S).forward == by_hand
+
+
+def test_training_logs_tflops_and_mfu(tmp_path, data_prefix):
+    from runs import read_metrics, write_config
+
+    import train
+
+    config = write_config(tmp_path, data_prefix, train_iters=4, log_interval=2, eval_interval=0, peak_tflops=0.5,
+                          checkpoint_factor=100, pos_emb="rotary")
+    train.run([str(config)])
+    args = load_config([str(config)])
+    per_token = flops_per_token(GPT(gpt_config_from_args(args, 384)), args.seq_length).training
+    for record in [r for r in read_metrics(tmp_path / "logs") if "loss" in r]:
+        assert record["tflops_per_rank"] == pytest.approx(record["tokens_per_sec"] * per_token / 1e12, rel=1e-6)
+        assert record["mfu"] == pytest.approx(record["tflops_per_rank"] / 0.5, rel=1e-9)
