@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
-
-RUN_NAME = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_runs import RUN_NAME, mean_std, paired_difference  # noqa: E402  # one implementation of seed pairing
 
 
 @dataclass
@@ -54,13 +52,6 @@ class ConfigRuns:
 
     def values(self, key: str) -> list[float]:
         return [getattr(run, key) for run in self.runs.values() if getattr(run, key) is not None]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def last_evaluation(metrics_path: Path) -> dict:
@@ -133,12 +124,12 @@ def coefficient_shape(coefficients_NK: np.ndarray) -> dict[str, float]:
             "peak_near_t0": float(peak_N[:quarter].mean()), "peak_near_tT": float(peak_N[-quarter:].mean())}
 
 
-def paired_difference(config: ConfigRuns, baseline: ConfigRuns, key: str) -> tuple[float, float, int]:
-    seeds = sorted(set(config.runs) & set(baseline.runs))
-    diffs = [getattr(config.runs[s], key) - getattr(baseline.runs[s], key) for s in seeds
-             if getattr(config.runs[s], key) is not None and getattr(baseline.runs[s], key) is not None]
-    mean, std = mean_std(diffs)
-    return mean, std, len(diffs)
+def paired(config: ConfigRuns, baseline: ConfigRuns, key: str) -> dict[str, float]:
+    def values(runs: ConfigRuns) -> dict[int, float]:
+        return {seed: getattr(run, key) for seed, run in runs.runs.items() if getattr(run, key) is not None}
+
+    d = paired_difference(values(config), values(baseline))
+    return {"mean": d["mean"], "std": d["sd"], "pairs": d["pairs"]}
 
 
 def summarise(configs: dict[str, ConfigRuns], baseline: str | None) -> dict:
@@ -151,8 +142,7 @@ def summarise(configs: dict[str, ConfigRuns], baseline: str | None) -> dict:
             entry[key] = dict(zip(("mean", "std"), mean_std(config.values(key))))
             entry[key]["per_seed"] = {s: getattr(r, key) for s, r in config.runs.items()}
             if baseline is not None and name != baseline:
-                mean, std, n = paired_difference(config, configs[baseline], key)
-                entry[key]["minus_baseline"] = {"mean": mean, "std": std, "pairs": n}
+                entry[key]["minus_baseline"] = paired(config, configs[baseline], key)
         tables = [r.coefficients_NK for r in config.runs.values() if r.coefficients_NK is not None]
         if tables:
             shapes = [coefficient_shape(t) for t in tables]

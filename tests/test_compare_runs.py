@@ -1,0 +1,65 @@
+"""compare_runs over seeds: grouping of NAME_sSEED runs, means and spreads, paired differences with a t-interval,
+checked against hand computations on synthetic metrics."""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import compare_runs  # noqa: E402
+
+
+def write_run(folder: Path, val_losses: list[float], tokens_per_sec: float = 50.0) -> None:
+    (folder / "logs").mkdir(parents=True)
+    lines = []
+    for step in range(1, 11):
+        lines.append({"step": step, "loss": 5.0 - 0.1 * step, "lr": 1e-3, "tokens": step * 100,
+                      "tokens_per_sec": tokens_per_sec})
+        if step % 5 == 0:
+            lines.append({"step": step, "val/loss": val_losses[step // 5 - 1], "val/ppl": 1.0})
+    (folder / "logs" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    base = {1: 3.00, 2: 3.10, 3: 2.95}
+    method = {1: 2.90, 2: 3.05, 3: 2.80}
+    for seed in (1, 2, 3):
+        write_run(tmp_path / "study" / f"baseline_s{seed}", [3.5, base[seed]], tokens_per_sec=50.0)
+        write_run(tmp_path / "study" / f"method_s{seed}", [3.4, method[seed]], tokens_per_sec=40.0)
+    write_run(tmp_path / "study" / "method_s4", [3.3, 2.70], tokens_per_sec=40.0)  # no baseline partner
+    return tmp_path / "study", base, method
+
+
+def test_groups_and_paired_difference_by_hand(sweep, tmp_path, capsys):
+    folder, base, method = sweep
+    out = tmp_path / "study.png"
+    compare_runs.main([str(folder), "--baseline", "baseline", "--output", str(out)])
+    groups = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(groups) == ["baseline", "method"]
+    assert groups["method"]["seeds"] == [1, 2, 3, 4]
+    method_all = [*method.values(), 2.70]
+    assert groups["method"]["final_val"]["mean"] == pytest.approx(statistics.fmean(method_all))
+    assert groups["method"]["final_val"]["sd"] == pytest.approx(statistics.stdev(method_all))
+    assert groups["baseline"]["best_val"]["mean"] == pytest.approx(statistics.fmean(base.values()))
+    diffs = [method[s] - base[s] for s in (1, 2, 3)]  # seed 4 has no baseline: not paired
+    paired = groups["method"]["minus_baseline"]
+    half = 4.302652729911275 * statistics.stdev(diffs) / math.sqrt(3)  # t(0.975, 2 dof)
+    assert paired["pairs"] == 3
+    assert paired["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert (paired["ci_low"], paired["ci_high"]) == pytest.approx((paired["mean"] - half, paired["mean"] + half))
+    assert groups["method"]["tokens_per_sec"] == pytest.approx(40.0)
+    assert groups["method"]["train_seconds"] == pytest.approx(1000 / 40.0)  # 1000 tokens at 40 tokens/s
+    assert "minus_baseline" not in groups["baseline"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "3 pairs" in capsys.readouterr().out
+
+
+def test_unknown_baseline_is_one_line(sweep, tmp_path):
+    with pytest.raises(SystemExit, match="--baseline nope: not among the configs"):
+        compare_runs.main([str(sweep[0]), "--baseline", "nope", "--output", str(tmp_path / "x.png")])
