@@ -60,6 +60,7 @@ class ModelArgs(Strict):
     intermediate_size: int | None = None
     vocab_size: int | None = None  # ours: when no tokenizer file is at hand (parameter counting)
     checkpoint_activations: bool = False
+    loss_chunk_tokens: int = Field(0, ge=0)  # ours: LM head + loss this many tokens at a time; 0: full logits
     attention_impl: Literal["sdpa", "flash"] = "sdpa"
     use_bias_in_norms: bool = True
     use_bias_in_attn_linear: bool = True

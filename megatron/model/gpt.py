@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron.model.loss import lm_loss
 from megatron.model.moe import LoREConfig, MoEAux, MoELayer
 from megatron.model.moe.experts import ACTIVATIONS
 from megatron.model.moe.lsh import LSHConfig
@@ -256,8 +257,11 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
-        """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order."""
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, loss_chunk_tokens: int = 0
+                ) -> tuple[torch.Tensor, list[MoEAux]]:
+        """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order. With `targets_BS`, the
+        mean cross-entropy instead of the logits, `loss_chunk_tokens` at a time so the full logits never exist
+        (megatron/model/loss.py); inside the forward, so a sharded (FSDP2) head weight is gathered for it."""
         x_BSD = self.embed(tokens_BS)
         if self.pos_embed is not None:
             x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
@@ -272,4 +276,6 @@ class GPT(nn.Module):
                 moe_aux.append(aux)
         x_BSD = self.final_norm(x_BSD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if targets_BS is not None:
+            return lm_loss(x_BSD.flatten(0, 1), weight_VD, targets_BS.flatten(), loss_chunk_tokens), moe_aux
         return F.linear(x_BSD, weight_VD), moe_aux

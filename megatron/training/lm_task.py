@@ -164,8 +164,11 @@ class LMTask:
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, tokens_BS1: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits_BSV, moe_aux = model(tokens_BS1[:, :-1])
-        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten())
+        if self.args.loss_chunk_tokens:  # the head and loss in chunks: the full logits never exist
+            lm_loss, moe_aux = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], self.args.loss_chunk_tokens)
+        else:
+            logits_BSV, moe_aux = model(tokens_BS1[:, :-1])
+            lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten())
         metrics = {"loss": lm_loss.detach()}
         total = lm_loss
         if moe_aux:
