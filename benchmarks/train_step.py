@@ -3,6 +3,7 @@ transformers' GPTNeoXForCausalLM and MixtralForCausalLM (eager and grouped_mm ex
 
     python benchmarks/train_step.py                  # d=768, 4 layers, 12 heads, 8 x 256 tokens, vocab 8192, fp32
     python benchmarks/train_step.py --quick          # tiny shapes, a smoke test
+    python benchmarks/train_step.py --compile        # also ours with regional torch.compile (megatron/model/compile.py)
 
 Shapes and FLOPs are matched: untied embeddings, rotary attention, no dropout; the MoE models have 8 experts,
 top-1, in every layer; Mixtral's SwiGLU experts are 2/3 as wide as our GELU experts, so an expert costs the
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
+from megatron.model.compile import compile_regions  # noqa: E402
 from megatron.model.flops import flops_per_token, peak_tflops  # noqa: E402
 from megatron.model.gpt import GPT, GPTConfig, MoESettings  # noqa: E402
 from megatron.model.moe import LoREConfig  # noqa: E402
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats")
+    parser.add_argument("--compile", action="store_true", help="add our models with regional torch.compile")
     opts = parser.parse_args()
     if opts.quick:
         opts.hidden, opts.layers, opts.heads, opts.batch, opts.seq, opts.vocab = 96, 2, 4, 2, 32, 512
@@ -112,9 +115,16 @@ def main() -> None:
         "HF Mixtral, grouped_mm experts": (hf_mixtral(opts, "grouped_mm"), False),
         "ours StructMoE": (ours(opts, True, True), True),
     }
+    if opts.compile:  # the same weights as the eager models (same seed), compiled in place
+        for name, moe, lore in (("dense", False, False), ("MoE", True, False), ("StructMoE", True, True)):
+            torch.manual_seed(0)
+            model = ours(opts, moe, lore)
+            compile_regions(model)
+            models[f"ours {name}, compiled"] = (model, True)
     steps = {name: step_fn(model.train(), tokens, is_ours) for name, (model, is_ours) in models.items()}
-    for step in steps.values():  # warm-up: AdamW state, allocator, first-call overheads
-        step()
+    compile_seconds = {}
+    for name, step in steps.items():  # warm-up: AdamW state, allocator, first-call overheads (compilation)
+        compile_seconds[name] = step()
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(opts.repeats):
@@ -143,6 +153,11 @@ def main() -> None:
         print(f"MoE: ours / Mixtral ({experts:<10} experts)   {ratio:.2f}x  (target >= 1.3)")
     print(f"StructMoE step / plain MoE step              {median['ours StructMoE'] / median['ours MoE']:.2f}x"
           "  (target <= 1.10)")
+    for name in ("dense", "MoE", "StructMoE"):
+        if f"ours {name}, compiled" in speed:
+            ratio = speed[f"ours {name}, compiled"] / speed[f"ours {name}"]
+            print(f"{name}: compiled / eager {ratio:>24.2f}x  (first step, compiling: "
+                  f"{compile_seconds[f'ours {name}, compiled']:.0f} s)")
 
 
 if __name__ == "__main__":

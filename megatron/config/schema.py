@@ -161,6 +161,7 @@ class TrainingArgs(Strict):
     max_consecutive_nonfinite: int = Field(10, ge=1)  # ours: non-finite steps are skipped; this many in a row stop
     loss_spike_factor: float = Field(3.0, ge=0)  # ours: warn when an interval's loss > this x the recent median
     peak_tflops: float | None = Field(None, gt=0)  # ours: one device's peak for MFU; None: data sheet or a probe
+    torch_compile: Literal["auto", "on", "off"] = "auto"  # ours: regional torch.compile; auto: on CUDA only
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from megatron.data.bundled import ensure_bundled_dataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
 from megatron.model.build import gpt_config_from_args
+from megatron.model.compile import compile_regions, compile_wanted
 from megatron.model.flops import flops_per_token
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
@@ -101,6 +102,9 @@ class LMTask:
         self.vocab_size = vocab
         self._flops_per_token: float | None = None  # of the whole model (every expert: EP ranks hold a share)
         self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
+        if compile_wanted(args.torch_compile, dist_info.device):
+            regions = compile_regions(self.model)
+            log.info("torch_compile: %d regions compiled (attention, norms, dense MLPs, routers)", len(regions))
         self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
         self.global_batch = args.train_batch_size
