@@ -1,0 +1,221 @@
+"""The StructMoE study at small scale in one command: 8 arms x 3 seeds on the bundled corpus, then the tables and
+plots of docs/results.md.
+
+    python tools/structmoe_study.py                       # train what is missing (resumes), then analyse
+    python tools/structmoe_study.py --analyse-only        # only the tables and plots from finished runs
+    python tools/structmoe_study.py --print               # the training commands, for a cluster
+
+Arms (configs/): 1 tiny_moe (plain MoE, StructMoE's 8 experts), 2 tiny_structmoe (entangled), 3 tiny_moe_matched
+(plain MoE with StructMoE's total parameters), 4 router-free, 5 standalone (non-entangled), 6 StructMoE with a
+LoRE balancing loss, 7 LoRE count x rank at fixed LoRE parameters (8 x 32 and 128 x 2 beside 32 x 8). Every arm
+sees the same tokens in the same order for a seed (the batches are a function of seed and step), so differences
+are paired seed by seed. Writes OUT/structmoe_study.{png,json}, OUT/structmoe_study_pairs.png,
+OUT/structmoe_study_lore_load.png and OUT/structmoe_study.md (the tables), OUT defaulting to docs/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from compare_runs import expand, find_metrics, group, paired_difference, plot, read_records, summarize  # noqa: E402
+from sweep import make_run, run_all  # noqa: E402
+
+ARMS = {  # config name: what the arm asks
+    "tiny_moe": "1 plain MoE, 8 experts",
+    "tiny_structmoe": "2 StructMoE (entangled)",
+    "tiny_moe_matched": "3 matched plain MoE, 18 experts",
+    "tiny_structmoe_router_free": "4 router-free",
+    "tiny_structmoe_standalone": "5 standalone LoREs",
+    "tiny_structmoe_lorebal": "6 StructMoE + LoRE balancing loss",
+    "tiny_structmoe_m8r32": "7 M=8 LoREs of rank 32",
+    "tiny_structmoe_m128r2": "7 M=128 LoREs of rank 2",
+}
+# (method, baseline, the question): differences are method - baseline, paired by seed
+PAIRS = [
+    ("tiny_structmoe", "tiny_moe_matched", "StructMoE < matched baseline (paper Fig. 2)"),
+    ("tiny_structmoe", "tiny_moe", "StructMoE < plain MoE of its expert count"),
+    ("tiny_moe_matched", "tiny_moe", "more experts < fewer (parameters help)"),
+    ("tiny_structmoe", "tiny_structmoe_standalone", "entangled < standalone (paper Fig. 3)"),
+    ("tiny_structmoe_router_free", "tiny_moe_matched", "router-free ~ matched baseline (paper Fig. 4)"),
+    ("tiny_structmoe", "tiny_structmoe_router_free", "routed LoREs < router-free"),
+    ("tiny_structmoe_lorebal", "tiny_structmoe", "LoRE balancing loss: cost or gain"),
+    ("tiny_structmoe_m8r32", "tiny_structmoe", "fewer, larger LoREs (8 x 32 vs 32 x 8)"),
+    ("tiny_structmoe_m128r2", "tiny_structmoe", "more, smaller LoREs (128 x 2 vs 32 x 8)"),
+]
+LORE_ARMS = ["tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32", "tiny_structmoe_m128r2"]
+
+
+def load_curves(run_dir: Path, kind: str) -> tuple[list[int], list[float]]:
+    """Per log record: step and the mean over MoE layers of `moe/layer*/{kind}_load_entropy`."""
+    steps, values = [], []
+    for record in read_records(find_metrics(run_dir)):
+        layer_values = [v for k, v in record.items()
+                        if k.startswith("moe/layer") and k.endswith(f"/{kind}_load_entropy")]
+        if layer_values:
+            steps.append(record["step"])
+            values.append(sum(layer_values) / len(layer_values))
+    return steps, values
+
+
+def pair_table(groups: dict[str, dict]) -> list[dict]:
+    rows = []
+    for method, baseline, question in PAIRS:
+        if method not in groups or baseline not in groups:
+            continue
+        diff = paired_difference(groups[method]["final_val_per_seed"], groups[baseline]["final_val_per_seed"])
+        excludes_zero = diff["pairs"] > 1 and (diff["ci_low"] > 0 or diff["ci_high"] < 0)
+        verdict = ("lower" if diff["mean"] < 0 else "higher") if excludes_zero else "no difference shown"
+        rows.append({"method": method, "baseline": baseline, "question": question, **diff, "verdict": verdict})
+    return rows
+
+
+def plot_pairs(rows: list[dict], output: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    for i, row in enumerate(rows):
+        half = (row["ci_high"] - row["ci_low"]) / 2 if not math.isnan(row["ci_low"]) else 0.0
+        ax.errorbar(row["mean"], i, xerr=half, fmt="o", color="C3" if row["verdict"] != "no difference shown" else "C0",
+                    capsize=4)
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{r['method']} - {r['baseline']}" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("final validation loss difference, paired by seed (mean and 95% CI)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def plot_loads(runs: list[Path], output: Path) -> dict[str, dict[str, float]]:
+    """LoRE and expert load entropy over training per arm (mean over seeds); returns the final values."""
+    finals: dict[str, dict[str, float]] = {}
+    fig, (ax_lore, ax_expert) = plt.subplots(1, 2, figsize=(11, 4))
+    by_arm: dict[str, list[Path]] = {}
+    for run in runs:
+        by_arm.setdefault(run.name.rsplit("_s", 1)[0], []).append(run)
+    for i, (arm, arm_runs) in enumerate(sorted(by_arm.items())):
+        for kind, ax in (("lore", ax_lore), ("expert", ax_expert)):
+            curves = [load_curves(run, kind) for run in arm_runs]
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            points = min(len(c[0]) for c in curves)
+            mean = [sum(c[1][j] for c in curves) / len(curves) for j in range(points)]
+            ax.plot(curves[0][0][:points], mean, color=f"C{i % 10}", label=arm)
+            finals.setdefault(arm, {})[kind] = sum(c[1][points - 1] for c in curves) / len(curves)
+    for ax, title in ((ax_lore, "LoRE load entropy within experts"), (ax_expert, "expert load entropy")):
+        ax.set_title(f"{title} (normalised, mean over layers and seeds)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    ax_lore.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return finals
+
+
+def routing_diagnosis(runs: list[Path], sequences: int) -> dict[str, dict]:
+    """tools/lore_routing.py on the final checkpoint of every routed-LoRE arm's runs (mean over seeds and layers)."""
+    from lore_routing import analyse_layer, lore_inputs
+    from lsh_calibrate import validation_tokens
+
+    from megatron.training.pretrained import load_pretrained
+
+    out: dict[str, dict] = {}
+    for run in runs:
+        arm = run.name.rsplit("_s", 1)[0]
+        if arm not in LORE_ARMS:
+            continue
+        args, model, _ = load_pretrained(run)
+        inputs = lore_inputs(model, validation_tokens(args, sequences))
+        layers = [analyse_layer(model.blocks[i].mlp.lore, *inputs[i]) for i in sorted(inputs)]
+        for key in ("mean_share", "offset_over_content", "entropy_trained", "entropy_centred"):
+            out.setdefault(arm, {}).setdefault(key, []).append(sum(r[key] for r in layers) / len(layers))
+    return {arm: {k: sum(v) / len(v) for k, v in values.items()} for arm, values in out.items()}
+
+
+def millions(count: int | None) -> str:
+    return "-" if count is None else f"{count / 1e6:.2f}M"
+
+
+def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: dict) -> str:
+    lines = ["| arm | config | seeds | final val loss (mean ± sd) | best val | total params | active params "
+             "| tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, arm in ARMS.items():
+        if name not in groups:
+            continue
+        g = groups[name]
+        lines.append(f"| {arm} | `{name}` | {len(g['final_val_per_seed'])} | {g['final_val']['mean']:.4f} ± "
+                     f"{g['final_val']['sd']:.4f} | {g['best_val']['mean']:.4f} | {millions(g['total'])} | "
+                     f"{millions(g['active'])} | {g['tokens_per_sec']:.0f} |")
+    lines += ["", "| question | method - baseline | pairs | mean difference | 95% CI | reading |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['question']} | `{r['method']}` - `{r['baseline']}` | {r['pairs']} | {r['mean']:+.4f} | "
+                     f"({r['ci_low']:+.4f}, {r['ci_high']:+.4f}) | {r['verdict']} |")
+    lines += ["", "| arm | final LoRE load entropy | final expert load entropy | mean share of rows' energy | "
+              "offset / content | entropy as trained | entropy with input centred |", "|---|---|---|---|---|---|---|"]
+    for arm in LORE_ARMS:
+        if arm in loads:
+            d = diagnosis.get(arm, {})
+            cells = [f"{d[k]:.3f}" if k in d else "-" for k in
+                     ("mean_share", "offset_over_content", "entropy_trained", "entropy_centred")]
+            lore, expert = loads[arm].get("lore", math.nan), loads[arm].get("expert", math.nan)
+            lines.append(f"| `{arm}` | {lore:.3f} | {expert:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "structmoe_study", help="the sweep folder")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--analyse-only", action="store_true")
+    parser.add_argument("--print", action="store_true", help="print the training commands and stop")
+    parser.add_argument("--sequences", type=int, default=64,
+                        help="held-out sequences for the routing diagnosis of the final checkpoints; 0: none")
+    opts, overrides = parser.parse_known_args(argv)
+    configs = [str(REPO / "configs" / f"{name}.yml") for name in ARMS]
+    runs = [make_run(config, 1234 + s, opts.runs, overrides) for s in range(opts.seeds) for config in configs]
+    if opts.print:
+        for run in runs:
+            print("python train.py " + " ".join(run.argv))
+        return {}
+    if not opts.analyse_only:
+        run_all(runs, opts.jobs)
+    finished = [run.folder for run in runs if run.finished]
+    if not finished:
+        sys.exit(f"structmoe_study: no finished runs in {opts.runs}")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    summaries = [summarize(run) for run in expand(finished)]
+    groups = group(summaries, "tiny_moe_matched" if any(s["config"] == "tiny_moe_matched" for s in summaries) else None)
+    plot(summaries, groups, 0.6, str(opts.out / "structmoe_study.png"))
+    rows = pair_table(groups)
+    plot_pairs(rows, opts.out / "structmoe_study_pairs.png")
+    loads = plot_loads(finished, opts.out / "structmoe_study_lore_load.png")
+    diagnosis = routing_diagnosis(finished, opts.sequences) if opts.sequences else {}
+    table = markdown(groups, rows, loads, diagnosis)
+    (opts.out / "structmoe_study.md").write_text(table)
+    result = {"groups": groups, "pairs": rows, "final_loads": loads, "routing_diagnosis": diagnosis}
+    (opts.out / "structmoe_study.json").write_text(json.dumps(result, indent=1))
+    print(table)
+    print(f"figures and tables in {opts.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
