@@ -112,22 +112,28 @@ def test_init_keeps_the_term_small_but_not_zero():
     assert 0 < bank.B.std().item() < 0.2 * bank.A.std().item()
 
 
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("mode", ["entangled", "router_free", "standalone"])
-def test_lore_shapes_and_parameter_counts(mode):
+def test_lore_shapes_and_parameter_counts(mode, activation, shared):
+    """Gated: the experts' up-projection is [D, 2F] and an entangled (or router-free) LoRE's B is [R, 2F]."""
     D, Fd, E, M, R = 16, 48, 4, 8, 4
     lore = LoREConfig(M, R, 1, mode)
-    layer = MoELayer(D, Fd, E, 1, lore=lore)
+    layer = MoELayer(D, Fd, E, 1, activation, lore=lore, num_shared_experts=shared)
+    U = 2 * Fd if activation == "swiglu" else Fd
     expected_shapes = {
-        "entangled": ((E, M, D, R), (E, M, R, Fd)),
-        "router_free": ((E, 1, D, M * R), (E, 1, M * R, Fd)),
+        "entangled": ((E, M, D, R), (E, M, R, U)),
+        "router_free": ((E, 1, D, M * R), (E, 1, M * R, U)),
         "standalone": ((E, M, D, R), (E, M, R, D)),
     }[mode]
     assert (tuple(layer.lore.A.shape), tuple(layer.lore.B.shape)) == expected_shapes
-    lore_params = {"entangled": E * M * R * (D + Fd), "router_free": E * M * R * (D + Fd),
+    assert tuple(layer.experts.w_up_EDF.shape) == (E, D, U) and tuple(layer.experts.w_down_EFD.shape) == (E, Fd, D)
+    lore_params = {"entangled": E * M * R * (D + U), "router_free": E * M * R * (D + U),
                    "standalone": E * M * R * 2 * D}[mode]
     lore_router = 0 if mode == "router_free" else D * E * M
-    counts = moe_param_counts(D, Fd, E, lore)
-    assert counts == {"experts": 2 * E * D * Fd, "lores": lore_params, "routers": D * E + lore_router}
+    counts = moe_param_counts(D, Fd, E, lore, gated=activation == "swiglu", shared=shared)
+    assert counts == {"experts": E * D * (U + Fd), "lores": lore_params, "routers": D * E + lore_router,
+                      "shared": shared * D * (U + Fd)}
     assert sum(p.numel() for p in layer.parameters()) == sum(counts.values())
     assert (mode == "router_free") == (not hasattr(layer.lore, "router"))
 
