@@ -10,12 +10,14 @@ from megatron.model.moe import LoREBank, LoREConfig, MoELayer, moe_param_counts
 from megatron.model.moe.lore import lore_aux
 
 
-@pytest.mark.parametrize("top_l,renormalize", [(1, False), (2, False), (3, True)])
-def test_entangled_output_equals_materialised_eq1(top_l, renormalize):
-    """What the layer computes (Eq. 2) equals x (W_up + sum_i pi_i A_i B_i) with the same pi (Eq. 1)."""
+@pytest.mark.parametrize("top_l,renormalize,activation", [(1, False, "gelu"), (2, False, "gelu"), (3, True, "gelu"),
+                                                           (1, False, "swiglu"), (2, True, "geglu")])
+def test_entangled_output_equals_materialised_eq1(top_l, renormalize, activation):
+    """What the layer computes (Eq. 2) equals x (W_up + sum_i pi_i A_i B_i) with the same pi (Eq. 1); gated,
+    W_up and A B are [D, 2F], value columns then gate columns, and the expert is value * g(gate)."""
     torch.manual_seed(top_l)
     D, Fd, E, M, R, T = 16, 32, 2, 4, 4, 11
-    layer = MoELayer(D, Fd, E, 1, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
+    layer = MoELayer(D, Fd, E, 1, activation, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
                      output_init_std=0.3)
     with torch.no_grad():
         layer.lore.B.normal_(std=0.3)  # make the LoRE term as large as the expert's, to test it properly
@@ -30,7 +32,9 @@ def test_entangled_output_equals_materialised_eq1(top_l, renormalize):
         w_eff = layer.experts.w_up_EDF[e] + sum(
             p * layer.lore.A[e, int(i)] @ layer.lore.B[e, int(i)] for p, i in zip(weights, top.indices)
         )
-        expected = gate[t] * F.gelu(x[t] @ w_eff) @ layer.experts.w_down_EFD[e]
+        h = x[t] @ w_eff
+        act_h = F.gelu(h) if activation == "gelu" else h[:Fd] * {"swiglu": F.silu, "geglu": F.gelu}[activation](h[Fd:])
+        expected = gate[t] * act_h @ layer.experts.w_down_EFD[e]
         torch.testing.assert_close(y[t], expected, rtol=1e-4, atol=1e-5)
 
 

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
 from megatron.config import load_config
 from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
-from megatron.model.moe import MoELayer
+from megatron.model.gpt import GPT, GPTConfig, MoESettings
+from megatron.model.moe import LoREConfig, MoELayer
 from megatron.model.param_count import count_parameters, vocab_size_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,9 +92,10 @@ def test_match_baseline_keeps_the_shared_experts(tmp_path):
 
 
 @pytest.mark.slow
-def test_gated_shared_sinkhorn_structmoe_on_two_ranks_ep2_zero3_equals_one_rank(tmp_path, data_prefix):
-    """EP=2 with ZeRO-3 (shared experts sharded with the non-expert parameters, gated experts and LoREs per
-    expert) == one rank with the same global batch; the EP checkpoint loads into the one-rank model."""
+@pytest.mark.parametrize("zero_stage", [0, 3], ids=["ddp", "zero3"])
+def test_gated_shared_sinkhorn_structmoe_on_two_ranks_ep2_equals_one_rank(tmp_path, data_prefix, zero_stage):
+    """EP=2 with DDP or ZeRO-3 (shared experts reduced / sharded with the non-expert parameters, gated experts
+    and LoREs per expert) == one rank with the same global batch; the EP checkpoint loads into one rank."""
     from distributed import torchrun
     from runs import read_metrics, train_losses, write_config
     from test_parallel_training import STEPS, STRUCT_L1, assert_same_parameters, final_parameters
@@ -101,7 +104,7 @@ def test_gated_shared_sinkhorn_structmoe_on_two_ranks_ep2_zero3_equals_one_rank(
 
     moe = {**STRUCT_L1, "activation": "swiglu", "moe_num_shared_experts": 1, "moe_router_type": "sinkhorn"}
     one = write_config(tmp_path / "one", data_prefix, gradient_accumulation_steps=4, **STEPS, **moe)
-    two = write_config(tmp_path / "two", data_prefix, gradient_accumulation_steps=2, zero_stage=3,
+    two = write_config(tmp_path / "two", data_prefix, gradient_accumulation_steps=2, zero_stage=zero_stage,
                        moe_expert_parallel_size=2, **STEPS, **moe)
     train.run([str(one)])
     torchrun(two, 2)
@@ -119,3 +122,34 @@ def test_shared_experts_are_not_expert_parameters():
     names = expert_parameter_names(model)
     assert names and not any("shared_experts" in name for name in names)
     assert all(".experts." in name or ".lore." in name for name in names)
+
+
+def tiny_gpt(checkpointing: bool = False) -> GPT:
+    moe = MoESettings(num_experts=4, top_k=2, router_type="sinkhorn", num_shared_experts=1,
+                      lore=LoREConfig(4, 2, 1, "entangled"))
+    return GPT(GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+                         activation="swiglu", checkpoint_activations=checkpointing, moe=moe))
+
+
+def test_sinkhorn_gated_shared_model_is_causal_in_eval_and_recomputes_exactly():
+    """Evaluation routes each token alone, so no logit sees a later token; in training Sinkhorn balances the
+    whole batch (a token's expert may depend on later tokens, as in NeoX), and activation checkpointing's
+    recompute makes the same choices, so the gradients are the same."""
+    torch.manual_seed(0)
+    model = tiny_gpt().eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 64
+    with torch.no_grad():
+        before, after = model(tokens)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :7], after[:, :7], rtol=0, atol=1e-6)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_gpt(checkpointing)
+        logits, _ = model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert any(".shared_experts." in name for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=lambda m, n=name: f"{n}: {m}")
