@@ -48,6 +48,10 @@ LAYER_CASES = {
     "standalone_top2": dict(num_experts=4, top_k=2, lore=LoREConfig(4, 3, mode="standalone")),
     "expert_without_rows": dict(num_experts=4, top_k=2, starve=[3]),
     "all_rows_to_rank0": dict(num_experts=4, top_k=2, starve=[2, 3], lore=LoREConfig(4, 3, top_l=2)),
+    # gated experts and LoREs, and shared experts: replicated, so their gradients are summed over the ranks
+    "swiglu_entangled_shared": dict(num_experts=5, top_k=2, activation="swiglu", num_shared_experts=2,
+                                    lore=LoREConfig(4, 3, top_l=1)),
+    "sinkhorn_geglu": dict(num_experts=4, top_k=1, activation="geglu", router_type="sinkhorn"),  # per-rank balance
 }
 
 

@@ -1,5 +1,6 @@
 """Model FLOPs per token against torch's FlopCounterMode on a real forward (math attention, and the grouped
-matmuls counted by their definition): exact for dense, MoE and every StructMoE mode."""
+matmuls counted by their definition): exact for dense, MoE and every StructMoE mode, gated or not, with shared
+experts and with the Sinkhorn router."""
 
 import pytest
 import torch
@@ -28,8 +29,14 @@ def addmm_flops(out_shape_in, a_shape, b_shape, *args, out_shape=None, **kwargs)
 COUNTED = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: addmm_flops}
 
 
+# every layer MoE: the gated dense MLP is not this test's business
+GATED_SHARED_SINKHORN = ["--activation", "swiglu", "--moe_expert_interval", "1", "--moe_num_shared_experts", "2",
+                         "--moe_router_type", "sinkhorn"]
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("overrides", [[], ["--moe_top_k", "2", "--lore_top_k", "2"]])
+@pytest.mark.parametrize("overrides", [[], ["--moe_top_k", "2", "--lore_top_k", "2"], GATED_SHARED_SINKHORN],
+                         ids=["as_shipped", "top2", "gated_shared_sinkhorn"])
 def test_flops_per_token_equal_the_counted_forward(config, overrides):
     if "--lore_top_k" in overrides and "structmoe" not in config:
         overrides = overrides[:2]
@@ -49,6 +56,19 @@ def test_flops_per_token_equal_the_counted_forward(config, overrides):
         assert flops.experts > 0
     if args.lore_num_experts:
         assert flops.lores > 0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+def test_shared_experts_count_as_dense(activation):
+    """Each MoE layer's shared experts add 2 x their weights to the dense FLOPs; routed FLOPs do not move."""
+    overrides = ["--activation", activation, "--moe_expert_interval", "1"]
+    args = load_config(["configs/tiny_structmoe.yml"], overrides)
+    shared = load_config(["configs/tiny_structmoe.yml"], [*overrides, "--moe_num_shared_experts", "3"])
+    base, with_shared = (flops_per_token(GPT(gpt_config_from_args(a, 384)), a.seq_length) for a in (args, shared))
+    d, f = args.hidden_size, args.intermediate_size or 4 * args.hidden_size
+    up = (2 if activation == "geglu" else 1) * 3 * f
+    assert with_shared.dense - base.dense == args.num_layers * 2 * d * (up + 3 * f)
+    assert (with_shared.experts, with_shared.lores, with_shared.attention) == (base.experts, base.lores, base.attention)
 
 
 def test_dense_closed_form_by_hand():

@@ -288,13 +288,14 @@ def test_accumulate_on_gmm_matches_the_loop(gmm_on_cpu, counts, k, o):
         torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=1e-1)
 
 
-def test_layer_on_gmm_matches_native_layer(fake_device, gmm_on_cpu):
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_on_gmm_matches_native_layer(fake_device, gmm_on_cpu, activation):
     """MoELayer(impl="grouped_gemm") with LoREs: experts and the LoRE B term on gmm, same function as native."""
     fake_device(True, A100, gmm_on_cpu)
     torch.manual_seed(5)
     lore = LoREConfig(num_lores=4, rank=8)
-    native = MoELayer(32, 64, 4, 1, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
-    on_gmm = MoELayer(32, 64, 4, 1, lore=lore, impl="grouped_gemm")
+    native = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
+    on_gmm = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="grouped_gemm")
     assert native.experts.gmm is None and on_gmm.experts.gmm is gmm_on_cpu and on_gmm.lore.gmm is gmm_on_cpu
     on_gmm.load_state_dict(native.state_dict())
     x = torch.randn(24, 32)
@@ -307,19 +308,21 @@ def test_layer_on_gmm_matches_native_layer(fake_device, gmm_on_cpu):
     assert all(p.grad is not None for p in on_gmm.experts.parameters())
 
 
-def test_megablocks_layout_on_gmm_matches_native_layer(fake_device, gmm_on_cpu):
+@pytest.mark.parametrize("activation,lore", [("gelu", None), ("swiglu", None), ("geglu", LoREConfig(4, 8))])
+def test_megablocks_layout_on_gmm_matches_native_layer(fake_device, gmm_on_cpu, activation, lore):
     from megatron.model.moe.megablocks import native_to_megablocks
 
     fake_device(True, A100, gmm_on_cpu)
     torch.manual_seed(6)
-    native = MoELayer(32, 64, 4, 1, impl="native", init_std=0.2, output_init_std=0.2)
-    mb = MoELayer(32, 64, 4, 1, impl="megablocks")
+    native = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
+    mb = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="megablocks")
     mb.load_state_dict(native_to_megablocks(native.state_dict()))
     x = torch.randn(24, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_native, _ = native(x)
         y_mb, _ = mb(x)
-    assert gmm_on_cpu.calls == [True, False]  # w1 [E*F, D] with trans_b, then w2
+    # w1 [E*F, D] with trans_b (gated: v1, the value, first, then w1, the gate), then w2
+    assert gmm_on_cpu.calls == ([True, False] if activation == "gelu" else [True, True, False])
     torch.testing.assert_close(y_mb.float(), y_native.float(), rtol=5e-2, atol=5e-2)
     mb.eval()  # fp32 outside autocast: gmm cannot take it, torch's grouped_mm runs on the same weights
     torch.testing.assert_close(mb(x)[0], native(x)[0], rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The MoE layer against naive per-token references, over a table of shapes."""
+"""The MoE layer against naive per-token references, over a table of shapes and activations (plain and
+gated), with LoREs in every mode and shared experts."""
 
 import pytest
 import torch
@@ -9,13 +10,26 @@ from megatron.model.moe.stats import normalized_entropy, routing_stats
 
 # (tokens, hidden, ffn, experts, top_k)
 SHAPES = [(1, 8, 16, 2, 1), (7, 16, 32, 4, 2), (33, 16, 48, 8, 1), (64, 32, 64, 8, 2), (5, 16, 32, 8, 1)]
+ACTIVATIONS = ["gelu", "swiglu", "geglu"]
+GATE_FNS = {"swiglu": F.silu, "geglu": F.gelu}  # value * fn(gate), the value being the first half
 
 
-def reference_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
-    """Token by token: route, run each chosen expert's MLP, add its LoRE term, weight, sum."""
-    probs = F.softmax(x_TD @ layer.router.gate.weight.T, dim=-1)
-    weights, ids = torch.topk(probs, layer.router.top_k, dim=-1)
+def reference_act(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name in GATE_FNS:
+        width = h.shape[-1] // 2
+        return h[..., :width] * GATE_FNS[name](h[..., width:])
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](h)
+
+
+def reference_moe(layer: MoELayer, x_TD: torch.Tensor, activation: str = "gelu", routing=None) -> torch.Tensor:
+    """Token by token: route, run each chosen expert's MLP, add its LoRE term, weight, sum; add the shared
+    experts' MLP. `routing`: (weights [T, K], expert ids [T, K]) when not the softmax top-k."""
+    if routing is None:
+        probs = F.softmax(x_TD @ layer.router.gate.weight.T, dim=-1)
+        routing = torch.topk(probs, layer.router.top_k, dim=-1)
+    weights, ids = routing
     w_up, w_down = layer.experts.w_up_EDF, layer.experts.w_down_EFD
+    assert w_up.shape[-1] == (2 if activation in GATE_FNS else 1) * w_down.shape[1]
     lore = layer.lore
     out = []
     for t in range(x_TD.shape[0]):
@@ -40,16 +54,19 @@ def reference_moe(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
                     h = h + term
                 else:
                     extra_out = term
-            y = y + weights[t, k] * (F.gelu(h) @ w_down[e] + extra_out)
+            y = y + weights[t, k] * (reference_act(activation, h) @ w_down[e] + extra_out)
+        shared = layer.shared_experts
+        if shared is not None:
+            y = y + reference_act(activation, x @ shared.up.weight.T) @ shared.down.weight.T
         out.append(y)
     return torch.stack(out)
 
 
-def check_against_reference(layer: MoELayer, T: int, D: int):
+def check_against_reference(layer: MoELayer, T: int, D: int, activation: str = "gelu"):
     x = torch.randn(T, D, requires_grad=True)
     y, _ = layer(x)
     x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = reference_moe(layer, x_ref)
+    y_ref = reference_moe(layer, x_ref, activation)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     grad_out = torch.randn_like(y)
     params = [p for p in layer.parameters()]
@@ -57,16 +74,17 @@ def check_against_reference(layer: MoELayer, T: int, D: int):
     grads_ref = torch.autograd.grad(y_ref, [x_ref] + params, grad_out, allow_unused=True)
     for g, g_ref in zip(grads, grads_ref):
         if g_ref is None:
-            continue
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+            continue  # fp32 rounding grows with the values (gated: products of two projections)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(g_ref.abs().max())))
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("use_grouped_mm", [True, False], ids=["grouped_mm", "loop"])
 @pytest.mark.parametrize("T,D,Fd,E,K", SHAPES)
-def test_dropless_moe_matches_per_token_reference(T, D, Fd, E, K, use_grouped_mm):
+def test_dropless_moe_matches_per_token_reference(T, D, Fd, E, K, use_grouped_mm, activation):
     torch.manual_seed(T + E)
-    layer = MoELayer(D, Fd, E, K, init_std=0.3, output_init_std=0.3, use_grouped_mm=use_grouped_mm)
-    check_against_reference(layer, T, D)
+    layer = MoELayer(D, Fd, E, K, activation, init_std=0.3, output_init_std=0.3, use_grouped_mm=use_grouped_mm)
+    check_against_reference(layer, T, D, activation)
 
 
 LORE_CASES = [
@@ -79,14 +97,43 @@ LORE_CASES = [
 ]
 
 
+# the 64-token shape (the slow reference) with the plain activation only
+LORE_SHAPES = [(*shape, activation) for shape in SHAPES[1:4] for activation in ACTIVATIONS[:2]
+               if activation == "gelu" or shape[0] < 64]
+
+
 @pytest.mark.parametrize("lore", LORE_CASES, ids=lambda c: f"{c.mode}-M{c.num_lores}-r{c.rank}-l{c.top_l}")
-@pytest.mark.parametrize("T,D,Fd,E,K", SHAPES[1:4])
-def test_lore_layer_matches_per_token_reference(T, D, Fd, E, K, lore):
+@pytest.mark.parametrize("T,D,Fd,E,K,activation", LORE_SHAPES)
+def test_lore_layer_matches_per_token_reference(T, D, Fd, E, K, lore, activation):
+    """Gated: entangled and router-free LoREs add into both halves of the [N, 2F] up-projection (B is
+    [R, 2F]), standalone ones after the down-projection as before."""
     torch.manual_seed(T)
-    layer = MoELayer(D, Fd, E, K, lore=lore, init_std=0.3, output_init_std=0.3)
+    layer = MoELayer(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3)
+    expected_B = D if lore.mode == "standalone" else (2 * Fd if activation != "gelu" else Fd)
+    assert layer.lore.B.shape[-1] == expected_B
     with torch.no_grad():
         layer.lore.B.normal_(std=0.3)  # make the LoRE term as large as the expert's, to test it properly
-    check_against_reference(layer, T, D)
+    check_against_reference(layer, T, D, activation)
+
+
+# (shared experts, activation, LoREs, use_grouped_mm)
+SHARED_CASES = [(1, "gelu", None, None), (2, "swiglu", None, None), (2, "geglu", None, False),
+                (1, "swiglu", LoREConfig(4, 4, 1, "entangled"), None),
+                (3, "gelu", LoREConfig(4, 4, 2, "standalone"), None)]
+
+
+@pytest.mark.parametrize("shared,activation,lore,use_grouped_mm", SHARED_CASES)
+@pytest.mark.parametrize("T,D,Fd,E,K", SHAPES[1:3])
+def test_shared_experts_add_a_dense_mlp_of_their_combined_width(T, D, Fd, E, K, shared, activation, lore,
+                                                                 use_grouped_mm):
+    torch.manual_seed(T + shared)
+    layer = MoELayer(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3,
+                     use_grouped_mm=use_grouped_mm, num_shared_experts=shared)
+    up = (2 if activation != "gelu" else 1) * shared * Fd
+    shared_mlp = layer.shared_experts
+    assert shared_mlp.up.weight.shape == (up, D) and shared_mlp.down.weight.shape == (D, shared * Fd)
+    assert layer.shared_experts not in layer.expert_parts()  # replicated under expert parallelism, like a dense MLP
+    check_against_reference(layer, T, D, activation)
 
 
 def test_layer_reports_loads_and_keeps_shape():

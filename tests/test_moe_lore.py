@@ -10,12 +10,14 @@ from megatron.model.moe import LoREBank, LoREConfig, MoELayer, moe_param_counts
 from megatron.model.moe.lore import lore_aux
 
 
-@pytest.mark.parametrize("top_l,renormalize", [(1, False), (2, False), (3, True)])
-def test_entangled_output_equals_materialised_eq1(top_l, renormalize):
-    """What the layer computes (Eq. 2) equals x (W_up + sum_i pi_i A_i B_i) with the same pi (Eq. 1)."""
+@pytest.mark.parametrize("top_l,renormalize,activation", [(1, False, "gelu"), (2, False, "gelu"), (3, True, "gelu"),
+                                                           (1, False, "swiglu"), (2, True, "geglu")])
+def test_entangled_output_equals_materialised_eq1(top_l, renormalize, activation):
+    """What the layer computes (Eq. 2) equals x (W_up + sum_i pi_i A_i B_i) with the same pi (Eq. 1); gated,
+    W_up and A B are [D, 2F], value columns then gate columns, and the expert is value * g(gate)."""
     torch.manual_seed(top_l)
     D, Fd, E, M, R, T = 16, 32, 2, 4, 4, 11
-    layer = MoELayer(D, Fd, E, 1, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
+    layer = MoELayer(D, Fd, E, 1, activation, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
                      output_init_std=0.3)
     with torch.no_grad():
         layer.lore.B.normal_(std=0.3)  # make the LoRE term as large as the expert's, to test it properly
@@ -30,7 +32,9 @@ def test_entangled_output_equals_materialised_eq1(top_l, renormalize):
         w_eff = layer.experts.w_up_EDF[e] + sum(
             p * layer.lore.A[e, int(i)] @ layer.lore.B[e, int(i)] for p, i in zip(weights, top.indices)
         )
-        expected = gate[t] * F.gelu(x[t] @ w_eff) @ layer.experts.w_down_EFD[e]
+        h = x[t] @ w_eff
+        act_h = F.gelu(h) if activation == "gelu" else h[:Fd] * {"swiglu": F.silu, "geglu": F.gelu}[activation](h[Fd:])
+        expected = gate[t] * act_h @ layer.experts.w_down_EFD[e]
         torch.testing.assert_close(y[t], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -112,22 +116,28 @@ def test_init_keeps_the_term_small_but_not_zero():
     assert 0 < bank.B.std().item() < 0.2 * bank.A.std().item()
 
 
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("mode", ["entangled", "router_free", "standalone"])
-def test_lore_shapes_and_parameter_counts(mode):
+def test_lore_shapes_and_parameter_counts(mode, activation, shared):
+    """Gated: the experts' up-projection is [D, 2F] and an entangled (or router-free) LoRE's B is [R, 2F]."""
     D, Fd, E, M, R = 16, 48, 4, 8, 4
     lore = LoREConfig(M, R, 1, mode)
-    layer = MoELayer(D, Fd, E, 1, lore=lore)
+    layer = MoELayer(D, Fd, E, 1, activation, lore=lore, num_shared_experts=shared)
+    U = 2 * Fd if activation == "swiglu" else Fd
     expected_shapes = {
-        "entangled": ((E, M, D, R), (E, M, R, Fd)),
-        "router_free": ((E, 1, D, M * R), (E, 1, M * R, Fd)),
+        "entangled": ((E, M, D, R), (E, M, R, U)),
+        "router_free": ((E, 1, D, M * R), (E, 1, M * R, U)),
         "standalone": ((E, M, D, R), (E, M, R, D)),
     }[mode]
     assert (tuple(layer.lore.A.shape), tuple(layer.lore.B.shape)) == expected_shapes
-    lore_params = {"entangled": E * M * R * (D + Fd), "router_free": E * M * R * (D + Fd),
+    assert tuple(layer.experts.w_up_EDF.shape) == (E, D, U) and tuple(layer.experts.w_down_EFD.shape) == (E, Fd, D)
+    lore_params = {"entangled": E * M * R * (D + U), "router_free": E * M * R * (D + U),
                    "standalone": E * M * R * 2 * D}[mode]
     lore_router = 0 if mode == "router_free" else D * E * M
-    counts = moe_param_counts(D, Fd, E, lore)
-    assert counts == {"experts": 2 * E * D * Fd, "lores": lore_params, "routers": D * E + lore_router}
+    counts = moe_param_counts(D, Fd, E, lore, gated=activation == "swiglu", shared=shared)
+    assert counts == {"experts": E * D * (U + Fd), "lores": lore_params, "routers": D * E + lore_router,
+                      "shared": shared * D * (U + Fd)}
     assert sum(p.numel() for p in layer.parameters()) == sum(counts.values())
     assert (mode == "router_free") == (not hasattr(layer.lore, "router"))
 

@@ -7,9 +7,10 @@ token and layer, as PaLM's 12 L d S for training), not the causal half. Elementw
 softmax, AdamW) is left out.
 
 The walk reads the modules, so new block kinds built from nn.Linear (gated MLPs, grouped-query attention,
-shared experts) count with no change here. Routed weights count at their active share: an expert's weights
-top_k / E of the time, a LoRE's top_l / M of its expert's rows (router-free: its one LoRE always), and the LoRE
-router only on its expert's rows.
+shared experts: dense, every token runs them) count with no change here. Routed weights count at their
+active share: an expert's weights top_k / E of the time (gated: its [D, 2F] up-projection), a LoRE's
+top_l / M of its expert's rows (router-free: its one LoRE always), and the LoRE router only on its
+expert's rows. The router's choice (top-k or Sinkhorn, whose iterations are elementwise) does not change them.
 """
 
 from __future__ import annotations
@@ -67,10 +68,9 @@ def flops_per_token(model: nn.Module, seq_length: int) -> FlopsPerToken:
 
 
 def _expert_flops(layer: nn.Module) -> float:
-    """top_k experts per token, each 2 x its weights (biases are not matmuls)."""
-    experts = layer.experts
-    weights = [p for name, p in experts.named_parameters() if p.dim() == 3]
-    per_expert = sum(p.numel() for p in weights) / max(1, weights[0].shape[0]) if weights else 0.0
+    """top_k experts per token, each 2 x its weights (no biases; any layout: stacked [E, ...] or Megablocks'
+    [E*F, D] rows, gated or not, over this rank's experts)."""
+    per_expert = sum(p.numel() for p in layer.experts.parameters()) / len(layer.local_experts)
     return 2.0 * layer.router.top_k * per_expert
 
 

@@ -37,6 +37,8 @@ class MoESettings:
     renormalize: bool = False
     lbl_in_fp32: bool = False
     impl: str = "auto"  # experts backend: auto, native, grouped_gemm, megablocks (moe/kernels.py)
+    router_type: str = "topk"  # topk or sinkhorn (moe/router.py)
+    num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), one MLP that wide
     lore: LoREConfig | None = None
     expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
     lsh: LSHConfig | None = None  # LSH-MoE compression of the exchange; None: exact
@@ -199,6 +201,8 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float)
         impl=moe.impl,
         expert_parallel=moe.expert_parallel,
         lsh=moe.lsh_for_layer(layer_idx),
+        router_type=moe.router_type,
+        num_shared_experts=moe.num_shared_experts,
     )
 
 

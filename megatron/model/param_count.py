@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.model.activations import is_gated
 from megatron.model.build import moe_settings_from_args
 from megatron.model.moe import moe_param_counts
 
@@ -18,12 +19,14 @@ class ParamCounts:
     experts: int = 0
     lores: int = 0
     routers: int = 0
+    shared_experts: int = 0  # always on: every token uses all of them
     active_experts: int = 0
     active_lores: int = 0
 
     @property
     def total(self) -> int:
-        return self.embeddings + self.attention + self.norms + self.dense_mlp + self.experts + self.lores + self.routers
+        return (self.embeddings + self.attention + self.norms + self.dense_mlp + self.experts + self.lores
+                + self.routers + self.shared_experts)
 
     @property
     def active(self) -> int:
@@ -62,10 +65,12 @@ def count_parameters(args) -> ParamCounts:
             counts.dense_mlp += 2 * d * ffn + ffn + d
             continue
         expert_ffn = moe.ffn_hidden_size or ffn
-        per_layer = moe_param_counts(d, expert_ffn, moe.num_experts, moe.lore)
+        per_layer = moe_param_counts(d, expert_ffn, moe.num_experts, moe.lore, is_gated(args.activation),
+                                     moe.num_shared_experts)
         counts.experts += per_layer["experts"]
         counts.lores += per_layer["lores"]
         counts.routers += per_layer["routers"]
+        counts.shared_experts += per_layer["shared"]
         counts.active_experts += moe.top_k * per_layer["experts"] // moe.num_experts
         if moe.lore is not None:
             share = 1.0 if moe.lore.mode == "router_free" else moe.lore.top_l / moe.lore.num_lores

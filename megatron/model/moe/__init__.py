@@ -1,8 +1,9 @@
-"""Mixture-of-Experts: router, token dispatcher, grouped experts, StructMoE LoREs, the layer."""
+"""Mixture-of-Experts: routers, token dispatcher, grouped and shared experts, StructMoE LoREs, the layer."""
 
 from megatron.model.moe.dispatcher import LocalDispatcher
 from megatron.model.moe.layer import MoEAux, MoELayer, moe_param_counts
 from megatron.model.moe.lore import LoREBank, LoREConfig
-from megatron.model.moe.router import TopKRouter
+from megatron.model.moe.router import SinkhornRouter, TopKRouter
 
-__all__ = ["LoREBank", "LoREConfig", "LocalDispatcher", "MoEAux", "MoELayer", "TopKRouter", "moe_param_counts"]
+__all__ = ["LoREBank", "LoREConfig", "LocalDispatcher", "MoEAux", "MoELayer", "SinkhornRouter", "TopKRouter",
+           "moe_param_counts"]

@@ -1,31 +1,34 @@
 """Dropless experts over token rows already grouped by expert, with stacked weights.
 
-Shape legend: N sorted rows, D hidden, F expert FFN width, E experts.
+Shape legend: N sorted rows, T tokens, D hidden, F expert FFN width (what the down-projection sees), U the
+up-projection's width (F, or 2F for a gated activation: value then gate), E experts.
 
 The grouped matmuls they run on (torch's grouped_mm, grouped_gemm's gmm, or a per-group loop) are in
 kernels.py, and so is the choice between them for the run's device.
 
 Experts have no biases (as in Megablocks' dMoE and torchtitan): a per-expert bias adds little and
 complicates the grouped kernels. The LoRE hook sits between the up-projection and the activation
-(entangled) or after the down-projection (standalone LoREs).
+(entangled) or after the down-projection (standalone LoREs). Shared experts (DeepSeekMoE) are one dense MLP
+beside the routed ones, which every token goes through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from megatron.model.activations import PLAIN, activate, up_width
 from megatron.model.moe.kernels import autocast_operands, gmm_available, grouped_matmul
 
 if TYPE_CHECKING:
     from megatron.model.moe.dispatcher import RowSources
     from megatron.model.moe.lore import LoREBank
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACTIVATIONS = PLAIN  # the name gpt.py's dense MLP imports; the experts use activations.py's `activate`
 
 
 def normal_init_slice(shape: tuple[int, ...], std: float, rows: range | None = None) -> torch.Tensor:
@@ -41,6 +44,9 @@ def normal_init_slice(shape: tuple[int, ...], std: float, rows: range | None = N
 
 class GroupedExperts(nn.Module):
     """E two-layer MLPs, `act(x W_up[e]) W_down[e]`, over rows grouped by expert (dropless).
+
+    `w_up_EDF` is [E, D, U]: U = F, or 2F for a gated activation (columns [:F] the value, [F:] the gate, as
+    activations.py reads them); it keeps its name (and checkpoint key) either way.
 
     With expert parallelism the module holds only `local_experts` (a range of the E global ids); its
     weights' leading dimension runs over those.
@@ -60,13 +66,11 @@ class GroupedExperts(nn.Module):
     ):
         """gmm: grouped_gemm's kernel (`moe_impl: grouped_gemm`), used for bf16 CUDA rows; None: torch's."""
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation: {activation!r} is not one of {sorted(ACTIVATIONS)}")
         self.local_experts = range(num_experts) if local_experts is None else local_experts
-        d, f = hidden_size, ffn_hidden_size
-        self.w_up_EDF = nn.Parameter(normal_init_slice((num_experts, d, f), init_std, self.local_experts))
+        d, f, u = hidden_size, ffn_hidden_size, up_width(activation, ffn_hidden_size)  # unknown names fail here
+        self.w_up_EDF = nn.Parameter(normal_init_slice((num_experts, d, u), init_std, self.local_experts))
         self.w_down_EFD = nn.Parameter(normal_init_slice((num_experts, f, d), output_init_std, self.local_experts))
-        self.act = ACTIVATIONS[activation]
+        self.act = partial(activate, activation)
         self.use_grouped_mm = use_grouped_mm  # None: grouped_mm where available, False: the loop
         self.gmm = gmm
 
@@ -86,3 +90,26 @@ class GroupedExperts(nn.Module):
         if lore is None:
             return down(self.act(up(x_ND))), None
         return lore(x_ND, tokens_per_expert_E, up, self.act, down, sources)  # a call: FSDP2 gathers its weights
+
+
+class SharedExperts(nn.Module):
+    """DeepSeekMoE's shared experts: `num_shared` always-on experts as one MLP `num_shared` times an expert's
+    width, with the experts' activation and no biases; the layer adds its output to the routed output.
+
+    Not an expert part: with expert parallelism every rank holds it whole, like a dense MLP, and
+    DDP/FSDP reduce and shard it with the non-expert parameters. Built of nn.Linear, so the FLOPs walk
+    counts it as dense.
+    """
+
+    def __init__(self, num_shared: int, hidden_size: int, ffn_hidden_size: int, activation: str = "gelu",
+                 init_std: float = 0.02, output_init_std: float = 0.02):
+        super().__init__()
+        width = num_shared * ffn_hidden_size
+        self.up = nn.Linear(hidden_size, up_width(activation, width), bias=False)
+        self.down = nn.Linear(width, hidden_size, bias=False)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.normal_(self.down.weight, std=output_init_std)
+        self.activation = activation
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down(activate(self.activation, self.up(x_TD)))

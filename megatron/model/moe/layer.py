@@ -1,6 +1,9 @@
 """The MoE layer: route -> dispatch -> experts (+ LoREs) -> combine. No parallelism code lives here.
 
 Shape legend: B batch, S sequence, T tokens, D hidden, F expert FFN width, E experts, M LoREs per expert.
+
+Router (router.py), dispatcher (dispatcher.py), experts and shared experts (experts.py) and LoREs (lore.py)
+are separate modules; the layer only wires them.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megatron.model.moe.dispatcher import build_dispatcher
-from megatron.model.moe.experts import GroupedExperts
+from megatron.model.moe.experts import GroupedExperts, SharedExperts
 from megatron.model.moe.kernels import require_gmm, resolve_moe_impl
 from megatron.model.moe.lore import LoREBank, LoREConfig
 from megatron.model.moe.lsh import LSHConfig
-from megatron.model.moe.router import TopKRouter
+from megatron.model.moe.router import build_router
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -34,14 +37,17 @@ class MoEAux:
 
 
 def moe_param_counts(
-    hidden_size: int, ffn_hidden_size: int, num_experts: int, lore: LoREConfig | None
+    hidden_size: int, ffn_hidden_size: int, num_experts: int, lore: LoREConfig | None, gated: bool = False,
+    shared: int = 0,
 ) -> dict[str, int]:
-    """Closed-form parameter counts of one MoE layer."""
+    """Closed-form parameter counts of one MoE layer: routed experts, LoREs, routers and `shared` shared
+    experts (one MLP `shared` x F wide). Gated: the up-projections, and entangled LoREs' B, are 2x as wide."""
     d, f, e = hidden_size, ffn_hidden_size, num_experts
-    counts = {"experts": 2 * e * d * f, "lores": 0, "routers": d * e}
+    up = 2 * f if gated else f
+    counts = {"experts": e * d * (up + f), "lores": 0, "routers": d * e, "shared": shared * d * (up + f)}
     if lore is not None:
         m, r = lore.num_lores, lore.rank
-        out = f if lore.mode != "standalone" else d
+        out = up if lore.mode != "standalone" else d
         counts["lores"] = e * m * r * (d + out)
         if lore.mode != "router_free":
             counts["routers"] += d * e * m
@@ -66,13 +72,17 @@ class MoELayer(nn.Module):
         use_grouped_mm: bool | None = None,
         expert_parallel: ExpertParallel | None = None,
         lsh: LSHConfig | None = None,
+        router_type: str = "topk",
+        num_shared_experts: int = 0,
     ):
         """With `expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
-        exchanges rows with the other EP ranks; the router stays whole (every rank routes its own tokens)."""
+        exchanges rows with the other EP ranks; the router and the shared experts stay whole (every rank
+        routes its own tokens, and every token goes through the shared experts where it is)."""
         super().__init__()
         self.num_experts = num_experts
         self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
-        self.router = TopKRouter(hidden_size, num_experts, top_k, jitter_eps, renormalize, lbl_in_fp32, init_std)
+        self.router = build_router(router_type, hidden_size, num_experts, top_k, jitter_eps, renormalize,
+                                   lbl_in_fp32, init_std)
         # "auto" resolves here against this process's default device; a run passes the impl resolved for
         # its own device (build.py). An unknown name is a ValueError.
         impl = resolve_moe_impl(impl)
@@ -87,9 +97,11 @@ class MoELayer(nn.Module):
                                           gmm=require_gmm() if impl == "grouped_gemm" else None)
         self.lore = (  # the LoRE B term runs on the experts' grouped kernel
             LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts,
-                                 gmm=self.experts.gmm)
+                                 gmm=self.experts.gmm, activation=activation)
             if lore else None
         )
+        self.shared_experts = (SharedExperts(num_shared_experts, hidden_size, ffn_hidden_size, activation, init_std,
+                                             output_init_std) if num_shared_experts else None)
         self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, lsh)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
@@ -98,6 +110,7 @@ class MoELayer(nn.Module):
         x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing)
         y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore, ctx.sources)
         y_TD = self.dispatcher.combine(y_ND, ctx)
+        y_TD = y_TD if self.shared_experts is None else y_TD + self.shared_experts(x_TD)
         zero = routing.z_loss.new_zeros(())
         aux = MoEAux(
             load_balancing_loss=routing.load_balancing_loss,
@@ -111,7 +124,8 @@ class MoELayer(nn.Module):
 
     def expert_parts(self) -> list[nn.Module]:
         """The submodules whose parameters belong to experts: their leading dimension runs over
-        `local_experts`, an equal block of rows per expert. Parallelism and checkpoints split them per expert."""
+        `local_experts`, an equal block of rows per expert. Parallelism and checkpoints split them per expert.
+        The shared experts are not among them: they are replicated like a dense MLP."""
         return [part for part in (self.experts, self.lore) if part is not None]
 
     def _all_experts(self, load_LM: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,16 +1,23 @@
 """StructMoE's low-rank experts (LoREs): M per expert, routed per row by a per-expert secondary router.
 
-Shape legend: N rows (already grouped by expert), D hidden, F expert FFN width, E experts, M LoREs per
-expert, R LoRE rank, L LoREs used per row (top-l), G = E*M (expert, LoRE) groups, O LoRE output width.
+Shape legend: N rows (already grouped by expert), D hidden, F expert FFN width, U the experts' up-projection
+width (F, or 2F for a gated activation), E experts, M LoREs per expert, R LoRE rank, L LoREs used per row
+(top-l), G = E*M (expert, LoRE) groups, O LoRE output width (U entangled, D standalone).
 
 Modes (parameters per layer in brackets):
 - entangled (the method): H = x W_up[e] + sum_{i in top-l} pi_i (x A[e,i]) B[e,i], before the activation.
-  A [E, M, D, R], B [E, M, R, F], LoRE router D -> E*M  [E*M*R*(D+F) + D*E*M].
+  A [E, M, D, R], B [E, M, R, U], LoRE router D -> E*M  [E*M*R*(D+U) + D*E*M].
 - router_free (ablation): one always-on LoRE per expert of rank M*R, entangled the same way, no pi.
-  A [E, 1, D, M*R], B [E, 1, M*R, F]  [E*M*R*(D+F)]: the same LoRE parameters, minus the router.
+  A [E, 1, D, M*R], B [E, 1, M*R, U]  [E*M*R*(D+U)]: the same LoRE parameters, minus the router.
 - standalone (ablation): LoREs are separate low-rank experts D -> R -> D, routed by the same secondary
   router; their pi-weighted output is added to the expert's *output*, after the down-projection.
   A [E, M, D, R], B [E, M, R, D], LoRE router D -> E*M  [E*M*R*2D + D*E*M].
+
+Gated activations (swiglu, geglu): W_up[e] is [D, 2F], value then gate, and both halves are "before the
+activation", so an entangled LoRE corrects both: B is [R, 2F] and A B is a rank-R change of the whole
+[W_value, W_gate] (one x A feeds both halves). The LoRE's effective expert is then the expert with any rank-R
+up-projection, as without gating; a value-only or gate-only term could only rescale what the expert's own
+gate opens, or reweight the expert's own values (docs/moe.md).
 
 Only the efficient form (the paper's Eq. 2) is computed: the effective weight W_up + sum pi A B (Eq. 1)
 is never built, so the extra work is N*L*R*(D+O). With l = 1 the rows are regrouped by (expert, LoRE)
@@ -38,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model.activations import up_width
 from megatron.model.moe.dispatcher import RowSources
 from megatron.model.moe.experts import normal_init_slice
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
@@ -91,8 +99,10 @@ class LoREBank(nn.Module):
         b_init_std: float | None = None,
         local_experts: range | None = None,
         gmm: Callable | None = None,
+        activation: str = "gelu",
     ):
         """`num_experts` is the layer's global count; the bank holds the LoREs of `local_experts` only.
+        `activation` is the experts': a gated one makes the entangled term as wide as the up-projection (2F).
         gmm: grouped_gemm's kernel for the B term on CUDA (the experts' one); None: torch's grouped_mm."""
         super().__init__()
         self.gmm = gmm
@@ -102,7 +112,7 @@ class LoREBank(nn.Module):
         self.entangled = mode != "standalone"
         self.routed = mode != "router_free"
         groups, group_rank = (num_lores, rank) if self.routed else (1, num_lores * rank)
-        out_size = ffn_hidden_size if self.entangled else hidden_size
+        out_size = up_width(activation, ffn_hidden_size) if self.entangled else hidden_size
         self.lores_per_expert = groups
         b_std = init_std * B_INIT_SCALE if b_init_std is None else b_init_std
         self.A = nn.Parameter(normal_init_slice((num_experts, groups, hidden_size, group_rank), init_std, local))
@@ -118,10 +128,10 @@ class LoREBank(nn.Module):
     @classmethod
     def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
                     init_std: float = 0.02, local_experts: range | None = None,
-                    gmm: Callable | None = None) -> LoREBank:
+                    gmm: Callable | None = None, activation: str = "gelu") -> LoREBank:
         c = config
         return cls(num_experts, c.num_lores, c.rank, hidden_size, ffn_hidden_size, c.top_l, c.mode,
-                   c.renormalize, init_std, local_experts=local_experts, gmm=gmm)
+                   c.renormalize, init_std, local_experts=local_experts, gmm=gmm, activation=activation)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -135,10 +145,10 @@ class LoREBank(nn.Module):
         plan = self.plan(x_ND, tokens_per_expert_E, sources)
         if plan.row_order_N is not None:  # rows regrouped by (expert, LoRE); still expert-major
             x_ND = x_ND.index_select(0, plan.row_order_N)
-        h_NF = up(x_ND)
+        h_NU = up(x_ND)
         if self.entangled:
-            h_NF = self.add_term(h_NF, x_ND, plan)  # before the activation
-        y_ND = down(act(h_NF))
+            h_NU = self.add_term(h_NU, x_ND, plan)  # before the activation
+        y_ND = down(act(h_NU))
         if not self.entangled:
             y_ND = self.add_term(y_ND, x_ND, plan)  # standalone low-rank experts add to the output
         if plan.row_order_N is not None:
@@ -175,7 +185,7 @@ class LoREBank(nn.Module):
         return LoREPlan(None, rows_per_group_G, slot_order // L, pi_NL.flatten()[slot_order], aux)
 
     def add_term(self, out_NO: torch.Tensor, x_ND: torch.Tensor, plan: LoREPlan) -> torch.Tensor:
-        """out + sum_i pi_i (x A_i) B_i per row; out is [N, F] (entangled) or [N, D] (standalone)."""
+        """out + sum_i pi_i (x A_i) B_i per row; out is [N, U] (entangled) or [N, D] (standalone)."""
         A_GDR = self.A.flatten(0, 1)
         B_GRO = self.B.flatten(0, 1)
         if plan.slot_rows is None:  # one LoRE per row, rows already grouped

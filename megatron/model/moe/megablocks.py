@@ -2,11 +2,13 @@
 
 Megablocks' grouped MLP stores `w1` and `w2` as [E*F, D] (megablocks/layers/mlp.py, SparseMLP), and
 GroupedMLP views both as [E, F, D]: expert e's up-projection is `gmm(x, w1, trans_b=True)`, i.e.
-`x @ w1[e].T`, and its down-projection `h @ w2[e]`. (Megablocks' default activation is tanh-approximated
-GELU; this backend uses the layer's own `activation`, so both backends compute the same function.) Ours are `w_up_EDF`
-[E, D, F] and `w_down_EFD` [E, F, D]; the functions below convert a state dict either way, so a
-checkpoint moves between backends. The LoRE term goes where the native path puts it: between the first
-grouped GEMM and the activation.
+`x @ w1[e].T`, and its down-projection `h @ w2[e]`. Its gated form (megablocks/layers/glu.py, GroupedGLU)
+adds `v1`, also [E*F, D], and computes `act(x @ w1[e].T) * (x @ v1[e].T)`: w1 is the gate, v1 the value.
+(Megablocks' default activation is tanh-approximated GELU; this backend uses the layer's own `activation`,
+so both backends compute the same function.) Ours are `w_up_EDF` [E, D, F] (gated: [E, D, 2F], value
+columns then gate columns) and `w_down_EFD` [E, F, D]; the functions below convert a state dict either way,
+so a checkpoint moves between backends. The LoRE term goes where the native path puts it: between the first
+grouped GEMMs and the activation, on the [N, 2F] value-then-gate rows when gated.
 
 The kernel is `grouped_gemm.ops.gmm`, which Megablocks re-exports as `megablocks.grouped_gemm_util.ops.gmm`:
 the grouped_gemm package alone is enough. It takes bf16 only (under bf16 autocast the operands are cast,
@@ -15,23 +17,36 @@ see kernels.py); other dtypes run torch's grouped_mm on the same weights.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
+from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.moe import kernels
-from megatron.model.moe.experts import ACTIVATIONS, normal_init_slice
+from megatron.model.moe.experts import normal_init_slice
 from megatron.model.moe.kernels import grouped_matmul
 
 NEEDS = ("moe_impl: megablocks needs CUDA and Megablocks' grouped GEMM kernel: pip install grouped_gemm "
          "(or pip install megablocks, which brings it but pins torch 2.7.0)")
 
 
+def _rows(w_EDX: torch.Tensor) -> torch.Tensor:
+    """[E, D, X] -> Megablocks' [E*X, D]."""
+    e, d, x = w_EDX.shape
+    return w_EDX.transpose(1, 2).reshape(e * x, d).contiguous()
+
+
 def native_to_megablocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         if key.endswith("w_up_EDF"):
-            e, d, f = value.shape
-            out[key.removesuffix("w_up_EDF") + "w1"] = value.transpose(1, 2).reshape(e * f, d).contiguous()
+            prefix = key.removesuffix("w_up_EDF")
+            ffn = state[prefix + "w_down_EFD"].shape[1]
+            if value.shape[2] == 2 * ffn:  # gated: value columns go to v1, gate columns to w1
+                out[prefix + "v1"], out[prefix + "w1"] = _rows(value[:, :, :ffn]), _rows(value[:, :, ffn:])
+            else:
+                out[prefix + "w1"] = _rows(value)
         elif key.endswith("w_down_EFD"):
             e, f, d = value.shape
             out[key.removesuffix("w_down_EFD") + "w2"] = value.reshape(e * f, d).contiguous()
@@ -41,22 +56,27 @@ def native_to_megablocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def megablocks_to_native(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    def native_up(w: torch.Tensor) -> torch.Tensor:  # [E*X, D] -> [E, D, X]
+        return w.view(num_experts, w.shape[0] // num_experts, w.shape[1]).transpose(1, 2)
+
     out = {}
     for key, value in state.items():
+        prefix = key.removesuffix(key.rsplit(".", 1)[-1])
         if key.endswith(".w1") or key == "w1":
-            ef, d = value.shape
-            w = value.view(num_experts, ef // num_experts, d)
-            out[key.removesuffix("w1") + "w_up_EDF"] = w.transpose(1, 2).contiguous()
+            gate = native_up(value)
+            value_half = state.get(prefix + "v1")
+            w = gate if value_half is None else torch.cat([native_up(value_half), gate], dim=2)
+            out[prefix + "w_up_EDF"] = w.contiguous()
         elif key.endswith(".w2") or key == "w2":
             ef, d = value.shape
-            out[key.removesuffix("w2") + "w_down_EFD"] = value.view(num_experts, ef // num_experts, d).clone()
-        else:
+            out[prefix + "w_down_EFD"] = value.view(num_experts, ef // num_experts, d).clone()
+        elif not (key.endswith(".v1") or key == "v1"):
             out[key] = value
     return out
 
 
 class MegablocksExperts(nn.Module):
-    """Experts in Megablocks' layout, run with the grouped GEMM of its dMoE grouped MLP (`gmm`)."""
+    """Experts in Megablocks' layout, run with the grouped GEMMs of its dMoE grouped MLP / GLU (`gmm`)."""
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
                  init_std: float, output_init_std: float, local_experts: range | None = None):
@@ -67,20 +87,26 @@ class MegablocksExperts(nn.Module):
         local = range(num_experts) if local_experts is None else local_experts
         self.num_experts = len(local)  # held here; with expert parallelism a slice of the layer's experts
         # the same draws as the native layout (so a seed gives the same model on either backend), stored [E*F, D]
-        w_up_EDF = normal_init_slice((num_experts, hidden_size, ffn_hidden_size), init_std, local)
-        w_down_EFD = normal_init_slice((num_experts, ffn_hidden_size, hidden_size), output_init_std, local)
-        self.w1 = nn.Parameter(w_up_EDF.transpose(1, 2).reshape(-1, hidden_size).contiguous())
+        f = ffn_hidden_size
+        w_up_EDU = normal_init_slice((num_experts, hidden_size, up_width(activation, f)), init_std, local)
+        w_down_EFD = normal_init_slice((num_experts, f, hidden_size), output_init_std, local)
+        self.w1 = nn.Parameter(_rows(w_up_EDU[:, :, -f:]))  # the gate when gated, else the whole up-projection
+        self.v1 = nn.Parameter(_rows(w_up_EDU[:, :, :f])) if is_gated(activation) else None
         self.w2 = nn.Parameter(w_down_EFD.reshape(-1, hidden_size).contiguous())
-        self.act = ACTIVATIONS[activation]
+        self.act = partial(activate, activation)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None, sources=None):
-        w1_EDF = self.w1.view(self.num_experts, -1, self.w1.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w1
-        w2_EFD = self.w2.view(self.num_experts, -1, self.w2.shape[-1])
+        view_EDF = lambda w: w.view(self.num_experts, -1, w.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w
+        w1_EDF, w2_EFD = view_EDF(self.w1), self.w2.view(self.num_experts, -1, self.w2.shape[-1])
         batch_sizes = None
         if kernels.gmm_available(*kernels.autocast_operands(x_ND, w1_EDF)):
             batch_sizes = tokens_per_expert_E.cpu()  # host sync: gmm takes the group sizes on the host
-        up = lambda x: grouped_matmul(x, w1_EDF, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
-        down = lambda h: grouped_matmul(h, w2_EFD, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
+        grouped = lambda x, w: grouped_matmul(x, w, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
+        if self.v1 is None:
+            up = lambda x: grouped(x, w1_EDF)
+        else:  # [value, gate] rows, the order activations.py and the LoRE term expect
+            up = lambda x: torch.cat([grouped(x, view_EDF(self.v1)), grouped(x, w1_EDF)], dim=-1)
+        down = lambda h: grouped(h, w2_EFD)
         if lore is None:
             return down(self.act(up(x_ND))), None
         # the LoRE term lands between the first gmm and the activation, as in the native experts
