@@ -103,7 +103,7 @@ def mlp_width(activation: str, intermediate_size: int | None, hidden_size: int, 
     if up != up_width(activation, down):  # NeoX rounds the two separately and then fails on the shapes
         raise ValueError(f"intermediate_size {intermediate_size} ({activation}, mlp_multiple_of {multiple_of}): "
                          f"GPT-NeoX's rule gives a {up}-column up-projection but a {down}-wide down-projection, "
-                         "which cannot be built; for a gated MLP of width F give intermediate_size 3 F")
+                         f"which cannot be built; a gated width F needs intermediate_size 3 F ({3 * down} for {down})")
     return down
 
 
