@@ -94,14 +94,14 @@ def mlp_width(activation: str, intermediate_size: int | None, hidden_size: int, 
     """The dense MLP's width F (the down-projection's input) by GPT-NeoX's rule (ParallelMLP): intermediate_size,
     4 d if unset, is the up-projection; a gated one is scaled by 2/3, so its three matrices hold about the two of
     a plain MLP, and F is half of it. The up-projection is rounded up to 2 x multiple_of and F to multiple_of."""
-    up = intermediate_size or 4 * hidden_size
-    down = up
+    size = intermediate_size or 4 * hidden_size
+    up = down = size
     if is_gated(activation):
-        up = 2 * up // 3  # NeoX's int(size * 2 / 3), in exact integers
+        up = 2 * size // 3  # NeoX's int(size * 2 / 3), in exact integers
         down = up // 2
     up, down = -(-up // (2 * multiple_of)) * 2 * multiple_of, -(-down // multiple_of) * multiple_of
     if up != up_width(activation, down):  # NeoX rounds the two separately and then fails on the shapes
-        raise ValueError(f"intermediate_size {intermediate_size} ({activation}, mlp_multiple_of {multiple_of}): "
+        raise ValueError(f"intermediate_size {size} ({activation}, mlp_multiple_of {multiple_of}): "
                          f"GPT-NeoX's rule gives a {up}-column up-projection but a {down}-wide down-projection, "
                          f"which cannot be built; a gated width F needs intermediate_size 3 F ({3 * down} for {down})")
     return down
