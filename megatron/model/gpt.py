@@ -101,9 +101,9 @@ def mlp_width(activation: str, intermediate_size: int | None, hidden_size: int, 
         down = up // 2
     up, down = -(-up // (2 * multiple_of)) * 2 * multiple_of, -(-down // multiple_of) * multiple_of
     if up != up_width(activation, down):  # NeoX rounds the two separately and then fails on the shapes
-        raise ValueError(f"intermediate_size {size} ({activation}, mlp_multiple_of {multiple_of}): "
-                         f"GPT-NeoX's rule gives a {up}-column up-projection but a {down}-wide down-projection, "
-                         f"which cannot be built; a gated width F needs intermediate_size 3 F ({3 * down} for {down})")
+        raise ValueError(f"intermediate_size {size} ({activation}, mlp_multiple_of {multiple_of}): GPT-NeoX's "
+                         f"rule gives a {up}-column up-projection but a {down}-wide down-projection, which cannot be "
+                         f"built; a gated width F needs 3 F ({3 * size} if {size} is meant as the width)")
     return down
 
 
