@@ -216,22 +216,22 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BSD, k_BSKDh, v_BSKDh = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
-        q = q_BSD.view(B, S, H, Dh).transpose(1, 2)
-        k = k_BSKDh.view(B, S, K, Dh).transpose(1, 2)
-        v = v_BSKDh.view(B, S, K, Dh).transpose(1, 2)
+        q, k, v = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
+        q_BHSDh = q.view(B, S, H, Dh).transpose(1, 2)
+        k_BKSDh, v_BKSDh = k.view(B, S, K, Dh).transpose(1, 2), v.view(B, S, K, Dh).transpose(1, 2)
         start = 0 if cache is None else cache.length(self.layer_idx)
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        if cache is not None:
-            k, v = cache.extend(self.layer_idx, k, v)
+            q_BHSDh, k_BKSDh = self.rotary(q_BHSDh, start), self.rotary(k_BKSDh, start)
+        if cache is not None:  # from here on T keys: the cached ones, then these S
+            k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
         dropout_p = self.dropout_p if self.training else 0.0
         if self.use_flash and cache is None:
-            out_BSHDh = flash_attention(q, k, v, dropout_p, self.window)
+            out_BSHDh = flash_attention(q_BHSDh, k_BKSDh, v_BKSDh, dropout_p, self.window)
         else:
-            mask_ST = band_mask(S, k.shape[2], self.window, x_BSD.device)
-            out_BHSDh = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ST, dropout_p=dropout_p,
-                                                       is_causal=mask_ST is None, enable_gqa=K != H)
+            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device)
+            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BKSDh, v_BKSDh, attn_mask=mask_ST,
+                                                       dropout_p=dropout_p, is_causal=mask_ST is None,
+                                                       enable_gqa=K != H)
             out_BSHDh = out_BHSDh.transpose(1, 2)
         return self.dense(out_BSHDh.reshape(B, S, D))
 
