@@ -223,6 +223,9 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"hidden_size {args.hidden_size} is not divisible by num_attention_heads "
                           f"{args.num_attention_heads}")
+    if args.num_kv_heads and args.num_attention_heads % args.num_kv_heads:
+        raise ConfigError(f"num_attention_heads {args.num_attention_heads} is not divisible by num_kv_heads "
+                          f"{args.num_kv_heads}")
     if args.max_position_embeddings < args.seq_length:
         raise ConfigError(f"max_position_embeddings {args.max_position_embeddings} < seq_length {args.seq_length}")
     if args.moe_top_k > args.moe_num_experts:

@@ -49,6 +49,7 @@ class ModelArgs(Strict):
     mlp_multiple_of: int = Field(1, ge=1)  # NeoX: gated MLP widths (2/3 of intermediate_size) rounded up to this
     use_bias_in_mlp: bool = True
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
+    sliding_window_width: int | None = Field(None, ge=1)  # NeoX: a query sees itself + the w keys before it
     gpt_j_residual: bool = False
     no_weight_tying: bool = False
     make_vocab_size_divisible_by: int = Field(128, ge=1)

@@ -3,8 +3,9 @@
 Conventions (PaLM's, so figures compare with published MFU): a matmul of an [m, k] by [k, n] costs 2mkn; a
 training step costs 3x the forward (backward = 2x forward); activation checkpointing's recomputation is not
 counted (model FLOPs, not hardware FLOPs); attention scores count the full sequence (QK^T and AV: 4 S d per
-token and layer, as PaLM's 12 L d S for training), not the causal half. Elementwise work (norms, activations,
-softmax, AdamW) is left out.
+token and layer, as PaLM's 12 L d S for training), not the causal half nor a sliding window's band (sdpa computes
+the full scores and masks them); per query head, so grouped-query attention costs the same. Elementwise work
+(norms, activations, softmax, AdamW) is left out.
 
 The walk reads the modules, so new block kinds built from nn.Linear (gated MLPs, grouped-query attention,
 shared experts: dense, every token runs them) count with no change here. Routed weights count at their

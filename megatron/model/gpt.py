@@ -1,10 +1,12 @@
 """The GPT-NeoX decoder: embeddings, pre-norm blocks (attention + MLP or MoE), final norm, LM head.
 
-Shape legend: B batch, S sequence, D hidden, H heads, Dh head dim, V vocabulary, F MLP width.
+Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H query heads,
+K key/value heads, Dh head dim, V vocabulary, F MLP width.
 
 Every feed-forward block (dense or MoE) returns `(y, aux)`; `aux` is None for a dense MLP and a
 `MoEAux` for an MoE layer. The model hands the per-layer aux objects back to its caller, which owns
-the loss: nothing is stashed in globals.
+the loss: nothing is stashed in globals. For generation, `forward(tokens, cache=KVCache(...))` runs only the
+new tokens, attending to the keys and values the cache holds from earlier calls.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.loss import lm_loss
 from megatron.model.moe import LoREConfig, MoEAux, MoELayer
-from megatron.model.moe.experts import ACTIVATIONS
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
@@ -60,7 +62,11 @@ class GPTConfig:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by H/K query heads; None: H
+    sliding_window_width: int | None = None  # a query sees itself and the w keys before it (Mistral); None: all
     intermediate_size: int | None = None
+    mlp_multiple_of: int = 1
+    use_bias_in_mlp: bool = True
     max_position_embeddings: int = 128
     pos_emb: str = "rotary"
     rotary_pct: float = 1.0
@@ -83,7 +89,24 @@ class GPTConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.intermediate_size or 4 * self.hidden_size
+        return mlp_width(self.activation, self.intermediate_size, self.hidden_size, self.mlp_multiple_of)
+
+
+def mlp_width(activation: str, intermediate_size: int | None, hidden_size: int, multiple_of: int = 1) -> int:
+    """The dense MLP's width F (the down-projection's input) by GPT-NeoX's rule (ParallelMLP): intermediate_size,
+    4 d if unset, is the up-projection; a gated one is scaled by 2/3, so its three matrices hold about the two of
+    a plain MLP, and F is half of it. The up-projection is rounded up to 2 x multiple_of and F to multiple_of."""
+    size = intermediate_size or 4 * hidden_size
+    up = down = size
+    if is_gated(activation):
+        up = 2 * size // 3  # NeoX's int(size * 2 / 3), in exact integers
+        down = up // 2
+    up, down = -(-up // (2 * multiple_of)) * 2 * multiple_of, -(-down // multiple_of) * multiple_of
+    if up != up_width(activation, down):  # NeoX rounds the two separately and then fails on the shapes
+        raise ValueError(f"intermediate_size {size} ({activation}, mlp_multiple_of {multiple_of}): GPT-NeoX's "
+                         f"rule gives a {up}-column up-projection but a {down}-wide down-projection, which cannot be "
+                         f"built; a gated width F needs 3 F ({3 * size} if {size} is meant as the width)")
+    return down
 
 
 def init_std(method: str, base_std: float, hidden_size: int, num_layers: int) -> float:
@@ -117,69 +140,129 @@ class Rotary(nn.Module):
         self.register_buffer("cos_SR", angles_SR.cos(), persistent=False)
         self.register_buffer("sin_SR", angles_SR.sin(), persistent=False)
 
-    def forward(self, x_BHSDh: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BHSDh: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotates the S positions from `start` on (start > 0: new tokens after a cache)."""
         r = self.rotary_dims
         if r == 0:
             return x_BHSDh
-        seq_len = x_BHSDh.shape[-2]
+        stop = start + x_BHSDh.shape[-2]
         x_rot, x_pass = x_BHSDh[..., :r], x_BHSDh[..., r:]
-        cos, sin = self.cos_SR[:seq_len].to(x_rot.dtype), self.sin_SR[:seq_len].to(x_rot.dtype)
+        cos, sin = self.cos_SR[start:stop].to(x_rot.dtype), self.sin_SR[start:stop].to(x_rot.dtype)
         half1, half2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat([-half2, half1], dim=-1)
         return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+class KVCache:
+    """Every layer's keys and values of the tokens seen so far ([B, K, T, Dh] each, rotated), so that generation
+    runs each new token alone through the model. Grows by concatenation; a sliding window masks, not trims."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def length(self, layer: int = 0) -> int:
+        """Tokens this layer has seen: the position of the next one."""
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[2]
+
+    def extend(self, layer: int, k_BKSDh: torch.Tensor, v_BKSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new tokens' keys and values; returns all of them, [B, K, T, Dh]."""
+        if self.keys[layer] is not None:
+            k_BKSDh = torch.cat([self.keys[layer], k_BKSDh], dim=2)
+            v_BKSDh = torch.cat([self.values[layer], v_BKSDh], dim=2)
+        self.keys[layer], self.values[layer] = k_BKSDh, v_BKSDh
+        return k_BKSDh, v_BKSDh
+
+
+def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each query sees, [S, T] bool: the queries are the last S of T positions; causal, and with a
+    window only the `window` keys before a query (and itself), GPT-NeoX's flash window (w, 0) and Mistral's.
+    None when plain causal attention over the whole sequence is meant (sdpa's is_causal path)."""
+    start = num_keys - num_queries
+    if window is None and start == 0:
+        return None
+    query_S1 = torch.arange(start, num_keys, device=device)[:, None]
+    key_1T = torch.arange(num_keys, device=device)[None, :]
+    allowed_ST = key_1T <= query_S1
+    return allowed_ST if window is None else allowed_ST & (key_1T >= query_S1 - window)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """Causal self-attention; with num_kv_heads < H, grouped-query: query head h reads K/V head h // (H / K).
+
+    The fused projection's columns are [q (H Dh) | k (K Dh) | v (K Dh)], so K = H is the layout of multi-head
+    checkpoints (`view(B, S, 3, H, Dh)`), and GPT-NeoX's GQA split."""
+
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
         super().__init__()
         d, self.num_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_kv_heads or self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_heads} is not divisible by num_kv_heads "
+                             f"{self.num_kv_heads}")
         self.head_dim = d // self.num_heads
-        self.qkv = nn.Linear(d, 3 * d, bias=cfg.use_bias_in_attn_linear)
+        self.layer_idx = layer_idx  # its slot in a KVCache
+        kv_width = self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d, d + 2 * kv_width, bias=cfg.use_bias_in_attn_linear)
         self.dense = nn.Linear(d, d, bias=cfg.use_bias_in_attn_linear)
         self.rotary = (
             Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings)
             if cfg.pos_emb == "rotary"
             else None
         )
+        self.window = cfg.sliding_window_width
         self.dropout_p = cfg.attention_dropout
         self.use_flash = cfg.attention_impl == "flash"
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
+        q_BHSDh = q.view(B, S, H, Dh).transpose(1, 2)
+        k_BKSDh, v_BKSDh = k.view(B, S, K, Dh).transpose(1, 2), v.view(B, S, K, Dh).transpose(1, 2)
+        start = 0 if cache is None else cache.length(self.layer_idx)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q_BHSDh, k_BKSDh = self.rotary(q_BHSDh, start), self.rotary(k_BKSDh, start)
+        if cache is not None:  # from here on T keys: the cached ones, then these S
+            k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.use_flash:
-            out_BSHDh = flash_attention(q, k, v, dropout_p)
+        if self.use_flash and cache is None:
+            out_BSHDh = flash_attention(q_BHSDh, k_BKSDh, v_BKSDh, dropout_p, self.window)
         else:
-            out_BHSDh = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device)
+            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BKSDh, v_BKSDh, attn_mask=mask_ST,
+                                                       dropout_p=dropout_p, is_causal=mask_ST is None,
+                                                       enable_gqa=K != H)
             out_BSHDh = out_BHSDh.transpose(1, 2)
         return self.dense(out_BSHDh.reshape(B, S, D))
 
 
-def flash_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """The optional flash-attn kernel (CUDA only), imported on first use."""
+def flash_attention(q, k, v, dropout_p: float, window: int | None = None) -> torch.Tensor:
+    """The optional flash-attn kernel (CUDA only), imported on first use; it takes fewer K/V heads as they are."""
     if not q.is_cuda:
         raise RuntimeError("attention_impl: flash needs CUDA; use attention_impl: sdpa on this device")
     try:
         from flash_attn import flash_attn_func
     except ImportError as err:
         raise RuntimeError("attention_impl: flash needs the flash-attn package (pip install flash-attn)") from err
-    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True)
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True,
+                           window_size=(-1, -1) if window is None else (window, 0))
 
 
 class MLP(nn.Module):
-    """The dense feed-forward block; returns `(y, None)` to share the MoE layer's interface."""
+    """The dense feed-forward block, `down(act(up x))`, or gated `down(value * act(gate))` from one up-projection
+    of 2F columns `[value, gate]` (activations.py); returns `(y, None)` to share the MoE layer's interface."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size)
-        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.activation]
+        width = cfg.ffn_size
+        self.up = nn.Linear(cfg.hidden_size, up_width(cfg.activation, width), bias=cfg.use_bias_in_mlp)
+        self.down = nn.Linear(width, cfg.hidden_size, bias=cfg.use_bias_in_mlp)
+        self.activation = cfg.activation
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.down(self.act(self.up(x))), None
+        return self.down(activate(self.activation, self.up(x))), None
 
 
 def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float) -> nn.Module:
@@ -210,18 +293,18 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int, std: float, out_std: float):
         super().__init__()
         self.input_norm = make_norm(cfg)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_idx)
         self.post_attention_norm = make_norm(cfg)
         self.mlp = make_feedforward(cfg, layer_idx, std, out_std)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.parallel_residual = cfg.gpt_j_residual
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEAux | None]:
         if self.parallel_residual:  # GPT-J: attention and MLP both read the block's input
             mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
-            x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD))) + self.dropout(mlp_out)
+            x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD), cache)) + self.dropout(mlp_out)
             return x_BSD, aux
-        x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD)))
+        x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD), cache))
         mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
         return x_BSD + self.dropout(mlp_out), aux
 
@@ -261,21 +344,26 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, loss_chunk_tokens: int = 0
-                ) -> tuple[torch.Tensor, list[MoEAux]]:
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, loss_chunk_tokens: int = 0,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
         """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order. With `targets_BS`, the
         mean cross-entropy instead of the logits, `loss_chunk_tokens` at a time so the full logits never exist
-        (megatron/model/loss.py); inside the forward, so a sharded (FSDP2) head weight is gathered for it."""
+        (megatron/model/loss.py); inside the forward, so a sharded (FSDP2) head weight is gathered for it.
+        With `cache`, the tokens follow the ones it holds (their positions start there) and are added to it."""
+        start = 0 if cache is None else cache.length()
+        if start + tokens_BS.shape[1] > self.cfg.max_position_embeddings:
+            raise ValueError(f"{start + tokens_BS.shape[1]} positions exceed max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
         x_BSD = self.embed(tokens_BS)
         if self.pos_embed is not None:
-            x_BSD = x_BSD + self.pos_embed(torch.arange(tokens_BS.shape[1], device=tokens_BS.device))
+            x_BSD = x_BSD + self.pos_embed(torch.arange(start, start + tokens_BS.shape[1], device=tokens_BS.device))
         x_BSD = self.embed_dropout(x_BSD)
         moe_aux: list[MoEAux] = []
         for block in self.blocks:
             if self.cfg.checkpoint_activations and self.training:
-                x_BSD, aux = checkpoint(block, x_BSD, use_reentrant=False)
+                x_BSD, aux = checkpoint(block, x_BSD, cache, use_reentrant=False)
             else:
-                x_BSD, aux = block(x_BSD)
+                x_BSD, aux = block(x_BSD, cache)
             if aux is not None:
                 moe_aux.append(aux)
         x_BSD = self.final_norm(x_BSD)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
-from megatron.model.activations import is_gated
+from megatron.model.activations import is_gated, up_width
 from megatron.model.build import moe_settings_from_args
+from megatron.model.gpt import mlp_width
 from megatron.model.moe import moe_param_counts
 
 
@@ -54,15 +55,20 @@ def count_parameters(args) -> ParamCounts:
     counts.embeddings = vocab * d * (1 if not args.no_weight_tying else 2)
     if args.pos_emb == "learned":
         counts.embeddings += args.max_position_embeddings * d
-    attn_bias = 4 * d if args.use_bias_in_attn_linear else 0
+    kv_width = (args.num_kv_heads or args.num_attention_heads) * (d // args.num_attention_heads)
+    qkv = d + 2 * kv_width  # grouped-query attention: K and V have fewer heads than Q
+    attention = d * qkv + d * d + (qkv + d if args.use_bias_in_attn_linear else 0)
+    width = mlp_width(args.activation, args.intermediate_size, d, args.mlp_multiple_of)
+    up = up_width(args.activation, width)  # 2 F for a gated MLP: value and gate
+    dense_mlp = d * up + width * d + (up + d if args.use_bias_in_mlp else 0)
     norm_size = d if args.norm == "rmsnorm" else (2 * d if args.use_bias_in_norms else d)
     counts.norms = (2 * layers + 1) * norm_size
     moe = moe_settings_from_args(args)
     ffn = args.intermediate_size or 4 * d
     for layer in range(layers):
-        counts.attention += 4 * d * d + attn_bias
+        counts.attention += attention
         if moe is None or not moe.is_moe_layer(layer):
-            counts.dense_mlp += 2 * d * ffn + ffn + d
+            counts.dense_mlp += dense_mlp
             continue
         expert_ffn = moe.ffn_hidden_size or ffn
         per_layer = moe_param_counts(d, expert_ffn, moe.num_experts, moe.lore, is_gated(args.activation),
