@@ -110,6 +110,15 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
     """Reads GPT-NeoX's keys by the table in neox_keys.py; removes and returns the ones that are ignored."""
     ignored = []
+    extra, where = values.pop("deepspeed_extra_args", None) or {}, origin.get("deepspeed_extra_args", COMMAND_LINE)
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: deepspeed_extra_args: expected a mapping of DeepSpeed config keys")
+    for key, value in extra.items():  # NeoX hands these to DeepSpeed as if they were top-level keys
+        if key in values and values[key] != value:
+            raise ConfigError(f"{where}: deepspeed_extra_args.{key} contradicts {key}")
+        values[key] = value
+        origin.setdefault(key, where)
+    check_unknown_keys(extra, origin)
     for key in [k for k in values if k not in NeoXArgs.model_fields]:
         entry = NEOX_KEYS.get(key)
         if entry is None or entry.kind in (SUPPORTED, TRANSLATED):  # SUPPORTED: all are schema fields
@@ -117,7 +126,7 @@ def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[
         if entry.kind == REJECTED and not entry.accepts(values[key]):
             fix = yaml.safe_dump(entry.default, default_flow_style=True).strip().removesuffix("...").strip()
             raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: {key}: {values[key]!r} is not supported "
-                              f"({entry.reason}); pass --{key} {fix}")
+                              f"({entry.reason}); pass --{key} {fix}" + entry.hint.format(value=values[key]))
         del values[key]
         ignored.append(key)
     ignored += translate_deepspeed_blocks(values, origin)

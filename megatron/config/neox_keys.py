@@ -35,6 +35,7 @@ class NeoXKey:
     reason: str = ""
     default: Any = None  # REJECTED: NeoX's default, the value accepted
     also: tuple = ()  # REJECTED: further values that mean the same as the default
+    hint: str = ""  # REJECTED: appended to the error; {value} is the value given
 
     def accepts(self, value: Any) -> bool:
         """A REJECTED key's value is harmless when it is the default, an equivalent, or a disabled DeepSpeed block."""
@@ -68,6 +69,7 @@ TRANSLATED_KEYS = {
     "attention_config": NeoXKey(TRANSLATED, "global -> our attention; flash -> attention_impl: flash; others rejected"),
     "expansion_factor": NeoXKey(TRANSLATED, "MLP width as a multiple of hidden_size -> intermediate_size"),
     "peak_theoretical_tflops": NeoXKey(TRANSLATED, "one device's peak for MFU -> peak_tflops"),
+    "deepspeed_extra_args": NeoXKey(TRANSLATED, "more DeepSpeed config: each key is read as a top-level key"),
 }
 
 _FUSED = "a fused kernel or kernel choice (speed only)"
@@ -145,16 +147,16 @@ IGNORED_KEYS = {
 }
 
 
-def _rejected(default: Any, reason: str, *also: Any) -> NeoXKey:
-    return NeoXKey(REJECTED, reason, default, also)
+def _rejected(default: Any, reason: str, *also: Any, hint: str = "") -> NeoXKey:
+    return NeoXKey(REJECTED, reason, default, also, hint)
 
 
 _POST = "post-training data (DPO, KTO, reward models) is not supported"
 REJECTED_KEYS = {
-    "pipe_parallel_size": _rejected(0, "only data and expert parallelism; 1 is a single stage, the same model", 1),
-    "model_parallel_size": _rejected(1, "only data and expert parallelism (NeoX also pads the vocabulary to "
-                                        "make_vocab_size_divisible_by x model_parallel_size: raise "
-                                        "make_vocab_size_divisible_by to keep that size)", 0),
+    "pipe_parallel_size": _rejected(0, "only data and expert parallelism; 1, a single stage, is the same model", 1),
+    "model_parallel_size": _rejected(1, "only data and expert parallelism", 0, hint=(
+        " (NeoX padded the vocabulary to make_vocab_size_divisible_by x {value}: multiply "
+        "make_vocab_size_divisible_by by {value} to keep that size)")),
     "use_qk_layernorm": _rejected(False, "layer norm on queries and keys is not built"),
     "opt_pos_emb_offset": _rejected(0, "OPT's learned position offset is not built"),
     "num_unique_layers": _rejected(None, "sharing parameters between layers is not built"),
@@ -190,8 +192,6 @@ REJECTED_KEYS = {
     "data_efficiency": _rejected(None, "DeepSpeed data efficiency (curricula, token dropping) is not supported"),
     "elasticity": _rejected(None, "elastic batch sizes are not supported"),
     "compression_training": _rejected(None, "quantisation/pruning during training is not supported"),
-    "deepspeed_extra_args": _rejected(None, "arbitrary DeepSpeed settings are not read; give their keys at the "
-                                            "top level"),
 }
 
 # Sliding-window attention is ours exactly when the schema has the field.
