@@ -233,7 +233,7 @@ DEFAULT_EXCEPTIONS = {
     "zero_stage": "NeoX's None is overwritten by zero_optimization.stage (default 0): the same",
     "gradient_accumulation_steps": "NeoX's 1 with a train_batch_size that disagrees is an error; ours derives it",
     "checkpoint_factor": "NeoX requires it when save is set; ours: 1000",
-    "use_wandb": "NeoX's None turns wandb on when it is installed and logged in; ours: off unless asked",
+    "use_wandb": "NeoX's None turns wandb on when a W&B API key is found; ours: off unless asked",
     "split": "NeoX writes '969, 30, 1', the same weights",
     "optimizer": "NeoX's None means Adam, lr 0.001, betas (0.9, 0.999), eps 1e-8: our OptimizerSpec's defaults",
 }
