@@ -11,7 +11,9 @@ import yaml
 def write_config(tmp_path: Path, data_prefix: str, **overrides) -> Path:
     config = {
         "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3}}, "min_lr": 3e-4, "warmup": 0.2,
+        "pos_emb": "rotary", "moe_router_type": "topk",
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95]}}, "min_lr": 3e-4, "warmup": 0.2,
+        "weight_decay": 0.01, "lr_decay_style": "cosine",
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_iters": 8,
         "tokenizer_type": "CharLevelTokenizer", "data_path": data_prefix, "split": "90,10,0",
         "eval_interval": 4, "eval_iters": 2, "log_interval": 1, "checkpoint_factor": 4,

@@ -6,7 +6,8 @@ import pytest
 
 from megatron.config import ConfigError, NeoXArgs, check_data_files, load_config, parse_command_line
 
-NEOX_125M = Path(__file__).parent / "data" / "neox_125M.yml"
+NEOX = Path(__file__).parent / "data" / "neox"
+NEOX_125M = [str(NEOX / "125M.yml"), str(NEOX / "local_setup.yml")]  # as GPT-NeoX's README runs it
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -79,17 +80,18 @@ def test_impossible_combinations():
         load_config([], ["--lore_num_experts", "4", "--lore_rank", "2"])
 
 
-def test_real_neox_config_loads_with_ignored_keys_reported():
-    args = load_config([str(NEOX_125M)])
+def test_real_neox_config_loads_with_ignored_keys_reported(caplog):
+    args = load_config(NEOX_125M)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length) == (12, 768, 12, 2048)
     assert args.precision == "fp16"  # from the fp16 {enabled: true} section, not dropped
     assert args.init_method == "small_init" and args.output_layer_init_method == "wang_init"
     assert args.lr == 0.0006 and args.min_lr == 0.00006 and args.no_weight_tying
-    assert args.data_path == "./data/enwik8/enwik8_text_document"
-    assert args.tokenizer_type == "GPT2BPETokenizer"
+    assert args.data_path == "data/enwik8/enwik8_text_document" and args.save == "checkpoints"
+    assert args.tokenizer_type == "GPT2BPETokenizer"  # NeoX's default, with local_setup's vocab and merges files
     assert args.zero_stage == 1  # zero_optimization.stage maps onto FSDP2; its bucket settings do not
-    assert {"zero_optimization.allgather_bucket_size", "bias_gelu_fusion", "model_parallel_size"} <= set(
-        args.ignored_keys)
+    assert {"zero_optimization.allgather_bucket_size", "bias_gelu_fusion", "model_parallel_size", "hostfile",
+            "fp16.loss_scale", "checkpoint_validation_with_forward_pass"} <= set(args.ignored_keys)
+    assert "bias_gelu_fusion" in caplog.text and "hostfile" in caplog.text
 
 
 @pytest.mark.parametrize("text, world, message", [
@@ -122,7 +124,7 @@ def test_unsupported_parallelism_and_contradicting_precision(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    args = load_config([str(NEOX_125M)], ["--moe_num_experts", "8", "--lore_num_experts", "4", "--lore_rank", "2"])
+    args = load_config(NEOX_125M, ["--moe_num_experts", "8", "--lore_num_experts", "4", "--lore_rank", "2"])
     assert args.max_position_embeddings == 2048 and args.intermediate_size == 3072
     assert args.moe_ffn_hidden_size == 3072 and args.lr_decay_iters == 320000
     import yaml

@@ -30,6 +30,7 @@ GIB = 1024**3
 
 # d=8, F=32, V=128 (tied), 2 layers, layer 1 is MoE: 4 experts, 4 LoREs of rank 2 each
 HAND = ["--num_layers", "2", "--hidden_size", "8", "--num_attention_heads", "2", "--vocab_size", "128",
+        "--pos_emb", "rotary", "--moe_router_type", "topk",
         "--moe_num_experts", "4", "--moe_top_k", "1", "--moe_expert_interval", "2",
         "--lore_num_experts", "4", "--lore_rank", "2", "--seq_length", "16", "--train_micro_batch_size_per_gpu", "2"]
 # embedding, attention, norms, dense MLP, router
@@ -81,7 +82,7 @@ def test_expert_parallel_halves_the_expert_bytes():
 def test_fsdp_pads_dim_zero_up_to_the_shard_count():
     """A dense model on 3 ranks: each tensor's rank-0 shard is ceil(rows / 3) rows."""
     args = load_config([], ["--num_layers", "1", "--hidden_size", "8", "--num_attention_heads", "2", "--vocab_size",
-                            "128"], data_parallel_size=3)
+                            "128", "--pos_emb", "rotary"], data_parallel_size=3)
     # embed 43x8, 6 norm vectors 3 each, qkv 8x8 + 8, dense 3x8 + 3, up 11x8 + 11, down 3x32 + 3
     padded = 43 * 8 + 6 * 3 + 8 * 8 + 8 + 3 * 8 + 3 + 11 * 8 + 11 + 3 * 32 + 3
     assert estimate_memory(args, 3, 1, 1).params_bytes == 4 * padded == 4 * 659
@@ -140,7 +141,8 @@ def test_bad_layouts_are_one_line_errors():
 
 REAL = ["--num_layers", "2", "--hidden_size", "32", "--num_attention_heads", "4", "--vocab_size", "256",
         "--seq_length", "16", "--train_micro_batch_size_per_gpu", "2", "--moe_num_experts", "5", "--moe_top_k", "1",
-        "--moe_expert_interval", "2", "--lore_num_experts", "4", "--lore_rank", "2"]
+        "--moe_expert_interval", "2", "--lore_num_experts", "4", "--lore_rank", "2", "--moe_router_type", "topk",
+        "--pos_emb", "rotary"]
 LAYOUTS = [(0, 2), (1, 1), (3, 2)]  # (zero stage, EP): DDP with 3 + 2 experts, FSDP2 over all, FSDP2 + EP
 
 

@@ -155,7 +155,8 @@ def test_build_resolves_for_the_run_device(fake_device):
     from megatron.model.build import moe_settings_from_args
 
     def impl(device: str, moe_impl: str = "auto") -> str:
-        args = load_config([], ["--moe_num_experts", "4", "--moe_impl", moe_impl, "--device", device])
+        args = load_config([], ["--moe_num_experts", "4", "--moe_router_type", "topk", "--moe_impl", moe_impl,
+                                "--device", device])
         return moe_settings_from_args(args).impl
 
     fake_device(True, A100, FakeGmm())

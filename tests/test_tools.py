@@ -35,7 +35,8 @@ def test_count_params_equals_the_instantiated_model(name):
 def test_active_parameters_on_a_hand_computed_case():
     args = load_config([], ["--num_layers", "2", "--hidden_size", "8", "--num_attention_heads", "2", "--vocab_size",
                             "100", "--make_vocab_size_divisible_by", "4", "--moe_num_experts", "4", "--moe_top_k", "2",
-                            "--moe_expert_interval", "2", "--lore_num_experts", "4", "--lore_rank", "2"])
+                            "--moe_expert_interval", "2", "--lore_num_experts", "4", "--lore_rank", "2",
+                            "--moe_router_type", "topk", "--pos_emb", "rotary"])
     counts = count_parameters(args)
     d, f = 8, 32
     embeddings = 100 * d

@@ -1,6 +1,11 @@
 """Total and active parameters of a config, by part, computed in closed form (no model is built).
 
     python tools/count_params.py configs/125M_structmoe.yml [more.yml] [--key value ...] [--json]
+
+GPT-NeoX's own configs load as NeoX runs them; the GPT-NeoX keys ignored are listed on stderr. Without the
+tokenizer file, give the unpadded vocabulary (it is padded as NeoX pads it), e.g. Pythia-70M:
+
+    python tools/count_params.py tests/data/neox/pythia/70M.yml tests/data/neox/local_setup.yml --vocab_size 50277
 """
 
 from __future__ import annotations

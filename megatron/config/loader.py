@@ -13,30 +13,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from megatron.config.neox_keys import NEOX_KEYS, REJECTED, SUPPORTED, TRANSLATED
 from megatron.config.schema import NeoXArgs
 from megatron.model.moe.lsh import LSHConfig
 
 log = logging.getLogger("megatron.config")
 COMMAND_LINE = "command line"
-
-# GPT-NeoX keys for features this framework does not have: accepted, reported, never used.
-IGNORED_NEOX_KEYS = frozenset({
-    "scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
-    "bias_gelu_fusion", "bias_dropout_fusion", "rope_fusion", "fp32_allreduce", "partition_activations",
-    "synchronize_each_layer", "contiguous_checkpointing", "checkpoint_num_layers", "checkpoint_in_cpu",
-    "wall_clock_breakdown", "steps_per_print", "launcher", "hostfile", "include", "exclude",
-    "num_gpus", "num_nodes", "master_port", "master_addr", "deepspeed", "deepspeed_mpi",
-    "deepspeed_slurm", "sparsity_config", "sequence_parallel", "distributed_backend",
-    "gradient_predivide_factor", "zero_reduce_scatter", "zero_contiguous_gradients",
-    "zero_reduce_bucket_size", "zero_allgather_bucket_size", "lr_decay_iters_ignored",
-    "use_checkpoint_lr_scheduler", "override_lr_scheduler", "no_load_optim", "no_load_rng",
-    "memory_profiling", "profile", "comment", "git_hash", "use_shared_fs", "amp", "autotuning",
-    "csv_monitor", "flops_profiler", "comms_logger", "tensorboard", "wandb", "data_efficiency",
-    "prescale_gradients", "dump_state", "fp16_lm_cross_entropy", "output_layer_parallelism",
-    "scalenorm_epsilon", "opt_pos_emb_offset", "soft_prompt_tuning", "eval_tasks",
-})
-PARALLELISM_KEYS = ("model_parallel_size", "pipe_parallel_size")
-
 
 class ConfigError(ValueError):
     """A bad config, reported in one line."""
@@ -126,39 +108,28 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
-    """Maps GPT-NeoX spellings onto ours; removes and returns the keys we ignore."""
-    ignored = sorted(k for k in values if k in IGNORED_NEOX_KEYS)
-    for key in ignored:
-        del values[key]
-    for key in PARALLELISM_KEYS:
-        if key in values:
-            size = values.pop(key)
-            if size not in (0, 1):
-                raise ConfigError(f"{origin[key]}: {key}: {size} is not supported (only data and expert parallelism)")
-            ignored.append(key)
-    if "zero_optimization" in values:  # DeepSpeed's block: its stage maps onto FSDP2; bucket sizes etc. do not
-        section = values.pop("zero_optimization") or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{origin['zero_optimization']}: zero_optimization: expected a mapping with 'stage'")
-        if "stage" in section:
-            if "zero_stage" in values and values["zero_stage"] != section["stage"]:
-                raise ConfigError(f"{origin['zero_optimization']}: zero_optimization.stage contradicts zero_stage")
-            values["zero_stage"] = section["stage"]
-            origin.setdefault("zero_stage", origin["zero_optimization"])
-        ignored += [f"zero_optimization.{k}" for k in sorted(section) if k != "stage"]
-    for key, precision in (("fp16", "fp16"), ("bf16", "bfloat16")):
-        if key not in values:
+    """Reads GPT-NeoX's keys by the table in neox_keys.py; removes and returns the ones that are ignored."""
+    ignored = []
+    extra, where = values.pop("deepspeed_extra_args", None) or {}, origin.get("deepspeed_extra_args", COMMAND_LINE)
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{where}: deepspeed_extra_args: expected a mapping of DeepSpeed config keys")
+    for key, value in extra.items():  # NeoX hands these to DeepSpeed as if they were top-level keys
+        if key in values and values[key] != value:
+            raise ConfigError(f"{where}: deepspeed_extra_args.{key} contradicts {key}")
+        values[key] = value
+        origin.setdefault(key, where)
+    check_unknown_keys(extra, origin)
+    for key in [k for k in values if k not in NeoXArgs.model_fields]:
+        entry = NEOX_KEYS.get(key)
+        if entry is None or entry.kind in (SUPPORTED, TRANSLATED):  # SUPPORTED: all are schema fields
             continue
-        section = values.pop(key)
-        enabled = bool(section.get("enabled", False)) if isinstance(section, dict) else bool(section)
-        if enabled:
-            explicit = values.get("precision")
-            if explicit is not None and explicit.replace("bf16", "bfloat16") != precision:
-                raise ConfigError(f"{origin[key]}: {key}.enabled contradicts precision: {explicit}")
-            values["precision"] = precision
-            origin.setdefault("precision", origin[key])
-    if values.get("merge_file") and "tokenizer_type" not in values:
-        values["tokenizer_type"] = "GPT2BPETokenizer"  # GPT-NeoX's default when a merges file is given
+        if entry.kind == REJECTED and not entry.accepts(values[key]):
+            fix = yaml.safe_dump(entry.default, default_flow_style=True).strip().removesuffix("...").strip()
+            raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: {key}: {values[key]!r} is not supported "
+                              f"({entry.reason}); pass --{key} {fix}" + entry.hint.format(value=values[key]))
+        del values[key]
+        ignored.append(key)
+    ignored += translate_deepspeed_blocks(values, origin)
     if "attention_config" in values:
         kinds = set()
         for entry in values.pop("attention_config") or []:
@@ -169,11 +140,56 @@ def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[
                               "not supported (only global or flash attention)")
         if "flash" in kinds:
             values.setdefault("attention_impl", "flash")
+    for old, new, where in (("expert_interval", "moe_expert_interval", "legacy MoE key"),
+                            ("peak_theoretical_tflops", "peak_tflops", "NeoX key")):
+        if old in values:
+            if new in values and values[new] != values[old]:
+                raise ConfigError(f"{origin.get(old, COMMAND_LINE)}: {old} ({where}) contradicts {new}")
+            values[new] = values.pop(old)
+            origin.setdefault(new, origin.get(old, COMMAND_LINE))
+    if "expansion_factor" in values:
+        factor, where = values.pop("expansion_factor"), origin.get("expansion_factor", COMMAND_LINE)
+        if factor is not None:
+            if values.get("intermediate_size") is not None:
+                raise ConfigError(f"{where}: give either expansion_factor or intermediate_size, not both")
+            if not isinstance(values.get("hidden_size"), int):
+                raise ConfigError(f"{where}: expansion_factor needs hidden_size in the config")
+            values["intermediate_size"] = int(factor * values["hidden_size"])
+            origin.setdefault("intermediate_size", where)
+    return ignored
+
+
+def translate_deepspeed_blocks(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """zero_optimization.stage -> zero_stage, fp16/bf16.enabled -> precision; their other settings are ignored."""
+    ignored = []
+    if "zero_optimization" in values:  # its stage maps onto FSDP2; bucket sizes, overlap, offload do not
+        section, where = values.pop("zero_optimization") or {}, origin.get("zero_optimization", COMMAND_LINE)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: zero_optimization: expected a mapping with 'stage'")
+        if "stage" in section:
+            if "zero_stage" in values and values["zero_stage"] != section["stage"]:
+                raise ConfigError(f"{where}: zero_optimization.stage contradicts zero_stage")
+            values["zero_stage"] = section["stage"]
+            origin.setdefault("zero_stage", where)
+        ignored += [f"zero_optimization.{k}" for k in sorted(section) if k != "stage"]
+    for key, precision in (("fp16", "fp16"), ("bf16", "bfloat16")):
+        if key not in values:
+            continue
+        section, where = values.pop(key), origin.get(key, COMMAND_LINE)
+        enabled = bool(section.get("enabled", False)) if isinstance(section, dict) else bool(section)
+        if isinstance(section, dict):
+            ignored += [f"{key}.{k}" for k in sorted(section) if k != "enabled"]
+        if enabled:
+            explicit = values.get("precision")
+            if explicit is not None and explicit.replace("bf16", "bfloat16") != precision:
+                raise ConfigError(f"{where}: {key}.enabled contradicts precision: {explicit}")
+            values["precision"] = precision
+            origin.setdefault("precision", where)
     return ignored
 
 
 def check_unknown_keys(values: dict[str, Any], origin: dict[str, str]) -> None:
-    known = set(NeoXArgs.model_fields)
+    known = set(NeoXArgs.model_fields) | set(NEOX_KEYS)
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -296,12 +312,12 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
             if key in values:
                 raise ConfigError(f"{path}: key '{key}' is also set in {origin[key]}")
             values[key], origin[key] = value, path
-    ignored = translate_neox_keys(values, origin)
     check_unknown_keys(values, origin)
-    for key, value in parse_overrides(list(overrides)):
+    for key, value in parse_overrides(list(overrides)):  # before NeoX keys are read: an override can undo one
         check_unknown_keys({key.split(".")[0]: value}, {})
         set_dotted(values, key, value)
         origin[key.split(".")[0]] = COMMAND_LINE
+    ignored = translate_neox_keys(values, origin)
 
     fill_batch_sizes(values, data_parallel_size)
     try:
@@ -314,7 +330,8 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     check_combinations(args, data_parallel_size)
     if ignored:
-        log.warning("ignoring GPT-NeoX keys for features this framework does not have: %s", ", ".join(ignored))
+        log.warning("ignored GPT-NeoX keys (speed, memory, launch or logging settings, or "
+                    "at their defaults; see megatron/config/neox_keys.py): %s", ", ".join(ignored))
     object.__setattr__(args, "ignored_keys", ignored)
     object.__setattr__(args, "config_files", list(paths))
     return args

@@ -1,6 +1,7 @@
 """The typed config: one pydantic class per concern, combined into the flat `NeoXArgs` (NeoX keys are flat).
 
-Field names are GPT-NeoX's wherever the concept exists there; our extensions are marked.
+Field names are GPT-NeoX's wherever the concept exists there, and so are their defaults (the exceptions are
+listed in neox_keys.DEFAULT_EXCEPTIONS); our extensions are marked.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ class Strict(BaseModel):
 
 
 class OptimizerParams(Strict):
-    lr: float = Field(6e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    lr: float = Field(1e-3, gt=0)  # GPT-NeoX's defaults when a config has no optimizer block
+    betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
 
 class OptimizerSpec(Strict):
-    type: str = "AdamW"
+    type: str = "Adam"
     params: OptimizerParams = OptimizerParams()
 
     @field_validator("type")
@@ -39,7 +40,7 @@ class ModelArgs(Strict):
     num_attention_heads: int = Field(4, ge=1)
     seq_length: int = Field(128, ge=1)
     max_position_embeddings: int | None = None
-    pos_emb: Literal["rotary", "learned", "none"] = "rotary"
+    pos_emb: Literal["rotary", "learned", "none"] = "learned"
     rotary_pct: float = Field(1.0, ge=0, le=1)
     rotary_emb_base: int = 10000
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -71,7 +72,7 @@ class MoEArgs(Strict):
     moe_num_experts: int = Field(1, ge=1)
     moe_top_k: int = Field(1, ge=1)
     moe_expert_interval: int = Field(1, ge=1)
-    moe_router_type: Literal["topk", "sinkhorn"] = "topk"
+    moe_router_type: Literal["topk", "sinkhorn"] = "sinkhorn"
     moe_num_shared_experts: int = Field(0, ge=0)  # ours (DeepSeekMoE/Qwen-MoE): always-on experts beside the routed
     moe_jitter_eps: float | None = None
     moe_lbl_in_fp32: bool = False
@@ -138,9 +139,9 @@ class DiffusionArgs(Strict):
 class OptimizerArgs(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     min_lr: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
     gradient_clipping: float = Field(1.0, ge=0)
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "linear"
     lr_decay_iters: int | None = None
     warmup: float = Field(0.01, ge=0, le=1)
 
@@ -153,8 +154,8 @@ class TrainingArgs(Strict):
     precision: Literal["fp32", "bfloat16", "fp16"] = "fp32"
     seed: int = 1234
     eval_interval: int = Field(1000, ge=0)
-    eval_iters: int = Field(10, ge=0)
-    log_interval: int = Field(10, ge=1)
+    eval_iters: int = Field(100, ge=0)
+    log_interval: int = Field(100, ge=1)
     exit_interval: int | None = None  # NeoX: stop after this many steps of this run (a checkpoint is saved)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
@@ -178,13 +179,14 @@ class DataArgs(Strict):
     train_data_weights: list[float] | None = None
     valid_data_weights: list[float] | None = None
     test_data_weights: list[float] | None = None
-    split: str = "969,30,1"
-    tokenizer_type: Literal["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"] = "HFTokenizer"
+    split: str = "969, 30, 1"
+    tokenizer_type: Literal["GPT2BPETokenizer", "HFTokenizer", "SPMTokenizer", "CharLevelTokenizer"] = (
+        "GPT2BPETokenizer")
     vocab_file: str | None = None
     merge_file: str | None = None  # GPT2BPETokenizer only
     prepare_data: Literal["shakespeare"] | None = None  # ours: build the bundled corpus into data_path
-    num_workers: int = Field(0, ge=0)
-    data_impl: Literal["mmap"] = "mmap"
+    num_workers: int = Field(2, ge=0)
+    data_impl: Literal["infer", "mmap"] = "infer"  # infer: what the .idx header says; we read mmap only
 
     @field_validator("split")
     @classmethod
