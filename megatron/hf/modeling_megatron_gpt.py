@@ -63,6 +63,10 @@ class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.model.embed = value
 
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """The whole sequence every step: with no cache to continue from, the prefix is recomputed."""
+        return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Causal attention over the whole of `input_ids`; `attention_mask` must be all ones (no padding)."""
