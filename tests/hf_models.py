@@ -26,9 +26,10 @@ def build(folder: Path, data_prefix: str, **overrides):
     return args, GPT(gpt_config_from_args(args, vocab))
 
 
-def saved_model(folder: Path, data_prefix: str, scramble: bool = True, **overrides) -> tuple[Path, GPT]:
+def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tuple[str, ...] = (),
+                **overrides) -> tuple[Path, GPT]:
     """A model saved as SAVE/global_step0; `scramble`: every parameter random (biases and norms too), so a
-    wrong mapping of any tensor shows in the logits."""
+    wrong mapping of any tensor shows in the logits, except those whose names contain a `zero` string."""
     args, model = build(folder, data_prefix, **overrides)
     if scramble:
         gen = torch.Generator().manual_seed(1)
@@ -36,5 +37,7 @@ def saved_model(folder: Path, data_prefix: str, scramble: bool = True, **overrid
             for name, p in model.named_parameters():
                 base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+                if any(z in name for z in zero):
+                    p.zero_()
     write_step0_checkpoint(args, model, args.save)
     return Path(args.save), model.eval()

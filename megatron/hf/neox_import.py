@@ -1,9 +1,10 @@
 """A Hugging Face GPT-NeoX (Pythia-style) folder as our step-0 checkpoint, to continue pretraining or upcycle.
 
 OUTPUT gets `global_step0/` + `latest` (the trainer's own format), `model.yml` (the model's keys and
-tokenizer, to put before a data/optimizer config: `python train.py OUTPUT/model.yml run.yml --load
-OUTPUT`; seq_length is the model's full context, `--seq_length N` trains shorter) and a copy of the folder's tokenizer.json. Only what we compute exactly is accepted: default
-RoPE with an even rotary width, exact activations (gelu, relu, silu; not gelu_new/gelu_fast).
+tokenizer, to put before a data/optimizer config: `python train.py OUTPUT/model.yml run.yml --load OUTPUT`;
+seq_length is the model's full context, `--seq_length N` trains shorter) and a copy of the folder's
+tokenizer.json. Only what we compute exactly is accepted: default RoPE with an even rotary width, exact
+activations (gelu, relu, silu; not gelu_new/gelu_fast).
 """
 
 from __future__ import annotations
