@@ -67,6 +67,8 @@ def test_dense_model_is_a_plain_gpt_neox(tmp_path, data_prefix, overrides):
 def test_tokenizer_files_encode_as_the_run_did(tmp_path, data_prefix):
     save, _ = saved_model(tmp_path / "run", data_prefix, scramble=False)
     convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    with pytest.raises(SystemExit, match="not empty"):  # never mixed with an earlier export's files
+        convert_to_hf.main([str(save), str(tmp_path / "hf")])
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours_tok = HFTokenizer(VOCAB_FILE)
     text = "To be, or not to be, that is the question:\nWhether 'tis nobler"
@@ -85,6 +87,8 @@ def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
     assert report["format"] == "remote_code" and report["because"]
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    moe = config["gpt"]["moe"]  # one process, torch's kernels: no expert-parallel group, no LSH exchange
+    assert moe["expert_parallel"] is None and moe["lsh"] is None and moe["impl"] == "native"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(TOKENS).logits, ours(model, TOKENS), atol=1e-5, rtol=0)

@@ -79,3 +79,12 @@ def test_training_continues_from_the_converted_model(tmp_path, data_prefix):
     with torch.no_grad():
         first, _ = task.loss(model, task.train_batch(0, 0))
     assert result.losses[0] == pytest.approx(float(first), abs=1e-5)  # the converted model's loss, not a fresh one
+
+
+@pytest.mark.parametrize("overrides,message", [({"hidden_act": "gelu_new"}, "hidden_act"),
+                                               ({"rotary_pct": 0.375}, "odd rotary width")],
+                         ids=["inexact_activation", "odd_rotary"])
+def test_what_we_cannot_compute_exactly_is_refused(tmp_path, overrides, message):
+    pythia_like(tmp_path / "hf", **overrides)
+    with pytest.raises(SystemExit, match=message):
+        convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])

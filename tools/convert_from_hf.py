@@ -25,7 +25,7 @@ def main(argv: list[str]) -> Path:
         sys.exit(__doc__)
     try:
         path = convert_from_hf(argv[0], argv[1], argv[2:])
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
         sys.exit(f"convert_from_hf: {err}")
     print(f"wrote {path}")
     return path

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parser.parse_args(argv)
     try:
         report = convert_to_hf(opts.checkpoint, opts.output)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:
         sys.exit(f"convert_to_hf: {err}")
     print(json.dumps(report, indent=2))
     return report

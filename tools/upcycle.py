@@ -45,6 +45,8 @@ def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std:
             seed: int = 0) -> Path:
     src_args, src, path = load_pretrained(source)
     out = Path(out).resolve()
+    if (out / "latest").exists():
+        raise FileExistsError(f"{out}: already holds a checkpoint (latest); choose an empty folder")
     saved = yaml.safe_load((path / "config.yml").read_text())
     per_rank = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"]
     world = saved["train_batch_size"] // per_rank  # the source run's data-parallel size, for the batch check
@@ -76,7 +78,7 @@ def main(argv: list[str]) -> Path:
     try:
         files, overrides = parse_command_line(argv[2:])
         return upcycle(argv[0], argv[1], yaml_overrides(files) + overrides, router_std)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:
         sys.exit(f"upcycle: {err}")
 
 

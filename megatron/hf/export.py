@@ -39,6 +39,8 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     if args.model_type != "gpt":
         raise ConfigError(f"{path}: model_type {args.model_type}: only GPT language models convert to Hugging Face")
     out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: not empty (files of an earlier export could be mistaken for this one's)")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
     ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}

@@ -87,6 +87,8 @@ def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | 
     folder, out = Path(folder), Path(out).resolve()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    if (out / "latest").exists():
+        raise FileExistsError(f"{out}: already holds a checkpoint (latest); choose an empty folder")
     hf = AutoConfig.from_pretrained(folder)
     keys = model_keys(folder, hf)
     out.mkdir(parents=True, exist_ok=True)
