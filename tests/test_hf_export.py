@@ -132,3 +132,21 @@ def test_closure_holds_every_module_gpt_imports():
                             cwd=REPO).stdout.split()
     assert "megatron.model.gpt" in loaded and set(loaded) <= set(closure)
     assert "megatron.model.moe.megablocks" in closure  # imported inside a function: shipped as well
+
+
+def test_gpt2_bpe_files_become_a_tokenizer_json(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from megatron.data.tokenizer import GPT2BPETokenizer
+    from megatron.hf.export import write_tokenizer_files
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["to be, or not to be: that is the question"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    ours_tok = GPT2BPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    (tmp_path / "hf").mkdir()
+    write_tokenizer_files(ours_tok, str(tmp_path / "vocab.json"), tmp_path / "hf", 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "that is not the question, to be"
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text) and hf_tok.eos_token_id == ours_tok.eod_id
