@@ -53,6 +53,10 @@ def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std:
     places = ["--save", str(out), "--load", str(out), "--log_dir", str(out / "logs")]
     if src_args.tensorboard_dir:
         places += ["--tensorboard_dir", str(out / "tensorboard")]
+    dense = [b.mlp for b in src.blocks if hasattr(b.mlp, "down")]
+    if dense and not any(c.lstrip("-").replace("-", "_") == "moe_ffn_hidden_size" for c in changes):
+        # experts as wide as the dense MLP (its down-projection's input; a gated MLP's F is not intermediate_size)
+        places += ["--moe_ffn_hidden_size", str(dense[0].down.weight.shape[1])]
     args = load_config([str(path / "config.yml")], [*changes, *places], data_parallel_size=world)
     if args.moe_num_experts <= 1:
         raise ConfigError("moe_num_experts: the target is dense; upcycling needs moe_num_experts > 1")
