@@ -1,0 +1,80 @@
+"""A megatron-moe GPT as a Hugging Face causal LM (remote code, written by tools/convert_to_hf.py).
+
+Shape legend: B batch, S sequence, V vocabulary.
+
+The model is this project's own code (model_gpt.py and what it imports, shipped beside this file with
+their imports made relative), not a second implementation: this file only rebuilds the GPTConfig from
+config.json and adapts the call. There is no KV cache: `generate()` runs the whole prefix each step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_megatron_gpt import MegatronGPTConfig
+from .megatron_modules import __name__ as _shipped  # noqa: F401  (makes transformers copy every module)
+from .model_gpt import GPT, Attention, Rotary
+
+
+def decode(value: Any) -> Any:
+    """config.json's tagged dicts back into the shipped dataclasses."""
+    if isinstance(value, dict) and "__dataclass__" in value:
+        module, name = value["__dataclass__"].rsplit(".", 1)
+        cls = getattr(importlib.import_module(f".{module}", __package__), name)
+        return cls(**{k: decode(v) for k, v in value.items() if k != "__dataclass__"})
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    return value
+
+
+class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MegatronGPTConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: MegatronGPTConfig):
+        super().__init__(config)
+        self.model = GPT(decode(config.gpt))
+        self._reference: dict[str, torch.nn.Module] = {}
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Every weight comes from model.safetensors; only the rotary tables (buffers that are not saved)
+        are filled here, from an attention block our code builds on the CPU."""
+        if isinstance(module, Rotary):
+            if "rotary" not in self._reference:  # a dict, not a submodule: modules are being iterated
+                with torch.device("cpu"):
+                    self._reference["rotary"] = Attention(self.model.cfg).rotary
+            reference = self._reference["rotary"]
+            for name, buffer in reference.named_buffers():
+                getattr(module, name).copy_(buffer)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.embed = value
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """The whole sequence every step: with no cache to continue from, the prefix is recomputed."""
+        return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Causal attention over the whole of `input_ids`; `attention_mask` must be all ones (no padding)."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("attention_mask: padded batches are not supported (the model attends causally to all)")
+        logits_BSV, _ = self.model(input_ids)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV)

@@ -1,0 +1,43 @@
+"""Small models saved through the real checkpoint writer, for the Hugging Face bridge and upcycling tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from runs import write_config
+
+from megatron.config import load_config
+from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.model.build import gpt_config_from_args
+from megatron.model.gpt import GPT
+from megatron.training.seed_checkpoint import write_step0_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB_FILE = str(REPO / "megatron/data/bundled/shakespeare_tokenizer.json")
+TOKENIZER = {"tokenizer_type": "HFTokenizer", "vocab_file": VOCAB_FILE, "make_vocab_size_divisible_by": 64}
+
+
+def build(folder: Path, data_prefix: str, **overrides):
+    """(args, model) of a config written into `folder`, weights as initialised."""
+    args = load_config([str(write_config(folder, data_prefix, **{**TOKENIZER, **overrides}))])
+    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
+                              args.make_vocab_size_divisible_by)
+    return args, GPT(gpt_config_from_args(args, vocab))
+
+
+def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tuple[str, ...] = (),
+                **overrides) -> tuple[Path, GPT]:
+    """A model saved as SAVE/global_step0; `scramble`: every parameter random (biases and norms too), so a
+    wrong mapping of any tensor shows in the logits, except those whose names contain a `zero` string."""
+    args, model = build(folder, data_prefix, **overrides)
+    if scramble:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
+                if any(z in name for z in zero):
+                    p.zero_()
+    write_step0_checkpoint(args, model, args.save)
+    return Path(args.save), model.eval()

@@ -1,0 +1,152 @@
+"""tools/convert_to_hf.py: dense models as plain GPTNeoXForCausalLM folders, MoE/StructMoE as remote code.
+
+Every expectation is our own model's output on the same tokens (logits to 1e-5 in fp32, greedy
+continuations against an argmax loop), with every parameter scrambled so no tensor maps by luck.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_models import REPO, VOCAB_FILE, saved_model
+
+sys.path.insert(0, str(REPO / "tools"))
+import convert_to_hf  # noqa: E402
+
+from megatron.data.tokenizer import HFTokenizer  # noqa: E402
+from megatron.hf.remote import import_closure  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+TOKENS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))
+MOE = {"moe_num_experts": 4, "moe_top_k": 2}
+STRUCTMOE = {**MOE, "lore_num_experts": 4, "lore_rank": 2, "lore_top_k": 1}
+
+
+@pytest.fixture(autouse=True)
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies remote code into its modules cache: keep it in tmp_path."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+
+
+def greedy(model, prompt_BS: torch.Tensor, steps: int) -> torch.Tensor:
+    """The argmax continuation, recomputing the whole prefix each step with our model."""
+    seq = prompt_BS
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def ours(model, tokens_BS):
+    with torch.no_grad():
+        return model(tokens_BS)[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"rotary_pct": 0.25},  # tied head, sequential residual
+    {"rotary_pct": 0.3, "gpt_j_residual": True, "no_weight_tying": True},  # 2.4 rotary dims -> 2, untied
+    {"rotary_pct": 1.0, "use_bias_in_attn_linear": False, "use_bias_in_norms": False, "activation": "relu"},
+], ids=["tied", "parallel_untied_partial", "no_biases_relu"])
+def test_dense_model_is_a_plain_gpt_neox(tmp_path, data_prefix, overrides):
+    save, model = saved_model(tmp_path / "run", data_prefix, **overrides)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "gpt_neox" and not list((tmp_path / "hf").glob("*.py"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # no custom code
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, ours(model, TOKENS), atol=1e-5, rtol=0)
+    out = hf.generate(TOKENS[:1, :8], max_new_tokens=6, do_sample=False)
+    assert out.tolist() == greedy(model, TOKENS[:1, :8], 6).tolist()
+
+
+def test_tokenizer_files_encode_as_the_run_did(tmp_path, data_prefix):
+    save, _ = saved_model(tmp_path / "run", data_prefix, scramble=False)
+    convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    with pytest.raises(SystemExit, match="not empty"):  # never mixed with an earlier export's files
+        convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours_tok = HFTokenizer(VOCAB_FILE)
+    text = "To be, or not to be, that is the question:\nWhether 'tis nobler"
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert hf_tok.eos_token_id == ours_tok.eod_id == config["eos_token_id"]
+
+
+@pytest.mark.parametrize("overrides", [MOE, {**STRUCTMOE, "gpt_j_residual": True, "no_weight_tying": True},
+                                       {**STRUCTMOE, "lore_mode": "standalone", "lore_top_k": 2,
+                                        "moe_expert_interval": 2, "norm": "rmsnorm"}],
+                         ids=["moe", "structmoe", "standalone_rmsnorm"])
+def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
+    save, model = saved_model(tmp_path / "run", data_prefix, **overrides)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "remote_code" and report["because"]
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    moe = config["gpt"]["moe"]  # one process, torch's kernels: no expert-parallel group, no LSH exchange
+    assert moe["expert_parallel"] is None and moe["lsh"] is None and moe["impl"] == "native"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, ours(model, TOKENS), atol=1e-5, rtol=0)
+    out = hf.generate(TOKENS[:1, :8], max_new_tokens=6, do_sample=False)
+    assert out.tolist() == greedy(model, TOKENS[:1, :8], 6).tolist()
+    for path in (tmp_path / "hf").glob("*.py"):  # no import of the package is left in the shipped files
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.split(".")[0] == "megatron" for n in names), path.name
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~15 s
+def test_remote_code_folder_needs_no_megatron_package(tmp_path, data_prefix):
+    """In a fresh process where `import megatron` fails, the folder alone builds the model."""
+    save, model = saved_model(tmp_path / "run", data_prefix, **STRUCTMOE)
+    convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    code = (
+        "import sys, torch\n"
+        "sys.modules['megatron'] = None  # any import of the repository's package now fails\n"
+        "import transformers.dynamic_module_utils as d\n"
+        f"d.HF_MODULES_CACHE = {str(tmp_path / 'fresh_modules')!r}\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True).eval()\n"
+        f"torch.save(m(torch.load({str(tmp_path / 'tokens.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours(model, TOKENS), atol=1e-5, rtol=0)
+
+
+def test_closure_holds_every_module_gpt_imports():
+    """Against Python's own account: the repository modules a fresh `import megatron.model.gpt` loads, less
+    what the parent packages' __init__ files load (they are not shipped: flat files import directly)."""
+    closure = import_closure()
+    parents = sorted({".".join(m.split(".")[:i]) for m in closure for i in range(1, m.count(".") + 1)} - set(closure))
+    code = (f"import sys, importlib\nfor p in {parents!r}: importlib.import_module(p)\n"
+            "before = set(sys.modules)\nimport megatron.model.gpt\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('megatron.') and m not in before))")
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                            cwd=REPO).stdout.split()
+    assert "megatron.model.gpt" in loaded and set(loaded) <= set(closure)
+    assert "megatron.model.moe.megablocks" in closure  # imported inside a function: shipped as well
+
+
+def test_gpt2_bpe_files_become_a_tokenizer_json(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from megatron.data.tokenizer import GPT2BPETokenizer
+    from megatron.hf.export import write_tokenizer_files
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["to be, or not to be: that is the question"] * 20, vocab_size=300,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    ours_tok = GPT2BPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    (tmp_path / "hf").mkdir()
+    write_tokenizer_files(ours_tok, str(tmp_path / "vocab.json"), tmp_path / "hf", 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "that is not the question, to be"
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text) and hf_tok.eos_token_id == ours_tok.eod_id

@@ -1,0 +1,74 @@
+"""tools/upcycle.py: dense -> MoE -> StructMoE with the source's logits at step 0, and training moves B first."""
+
+import sys
+
+import pytest
+import torch
+from hf_models import REPO, saved_model
+
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO))
+import upcycle  # noqa: E402
+
+import train  # noqa: E402
+from megatron.training.pretrained import load_pretrained  # noqa: E402
+
+TOKENS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))
+NO_MLP_BIAS = ("mlp.up.bias", "mlp.down.bias")  # until use_bias_in_mlp: false exists in gpt.py: biases at zero
+MOE_OVERLAY = str(REPO / "configs/upcycle/tiny_moe.yml")
+STRUCT_OVERLAY = str(REPO / "configs/upcycle/tiny_structmoe.yml")
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(TOKENS)[0]
+
+
+@pytest.mark.parametrize("extra", [[], ["--moe_top_k", "1", "--moe_expert_interval", "2"]], ids=["top2", "top1_every2"])
+def test_dense_to_moe_keeps_the_logits(tmp_path, data_prefix, extra):
+    save, dense = saved_model(tmp_path / "run", data_prefix, zero=NO_MLP_BIAS)
+    upcycle.main([str(save), str(tmp_path / "moe"), MOE_OVERLAY, *extra])
+    args, moe, _ = load_pretrained(tmp_path / "moe")
+    assert args.moe_num_experts == 8 and sum(type(b.mlp).__name__ == "MoELayer" for b in moe.blocks) >= 1
+    torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=0)
+    experts = moe.blocks[-1].mlp.experts.w_up_EDF
+    assert torch.equal(experts[0], dense.blocks[-1].mlp.up.weight.T) and torch.equal(experts[0], experts[7])
+
+
+def test_moe_to_structmoe_keeps_the_logits(tmp_path, data_prefix):
+    save, moe = saved_model(tmp_path / "run", data_prefix, moe_num_experts=4, moe_top_k=2)  # distinct experts
+    upcycle.main([str(save), str(tmp_path / "struct"), STRUCT_OVERLAY, "--lore_rank", "2"])
+    args, struct, _ = load_pretrained(tmp_path / "struct")
+    lore = struct.blocks[0].mlp.lore
+    assert args.lore_num_experts == 4 and not lore.B.any() and lore.A.abs().sum() > 0
+    torch.testing.assert_close(logits(struct), logits(moe), atol=1e-5, rtol=0)
+
+
+def test_dense_mlp_with_biases_is_refused(tmp_path, data_prefix):
+    save, _ = saved_model(tmp_path / "run", data_prefix)  # every bias random
+    with pytest.raises(SystemExit, match="use_bias_in_mlp"):
+        upcycle.main([str(save), str(tmp_path / "moe"), MOE_OVERLAY])
+
+
+def test_gates_that_do_not_sum_to_one_are_refused(tmp_path, data_prefix):
+    save, _ = saved_model(tmp_path / "run", data_prefix, zero=NO_MLP_BIAS)
+    with pytest.raises(SystemExit, match="moe_renormalize_weights"):
+        upcycle.main([str(save), str(tmp_path / "moe"), MOE_OVERLAY, "--moe_renormalize_weights", "false"])
+
+
+def test_first_step_after_upcycling_moves_b_and_only_b(tmp_path, data_prefix):
+    """At step 0 dL/dB is non-zero while dL/dA and dL/d(LoRE router) are exactly zero (both carry B); one
+    train.py step from the upcycled checkpoint then changes B."""
+    save, _ = saved_model(tmp_path / "run", data_prefix, zero=NO_MLP_BIAS)
+    upcycle.main([str(save), str(tmp_path / "moe"), MOE_OVERLAY])
+    upcycle.main([str(tmp_path / "moe"), str(tmp_path / "struct"), STRUCT_OVERLAY, "--lore_rank", "2"])
+    _, struct, _ = load_pretrained(tmp_path / "struct")
+    loss, _ = struct.train()(TOKENS[:, :-1], TOKENS[:, 1:])
+    loss.backward()
+    lore = struct.blocks[0].mlp.lore
+    assert lore.B.grad.abs().sum() > 0
+    assert not lore.A.grad.any() and not lore.router.weight.grad.any()
+    result = train.run([str(tmp_path / "struct/global_step0/config.yml"), "--train_iters", "1"])
+    assert result.final_step == 1
+    _, trained, path = load_pretrained(tmp_path / "struct")
+    assert path.name == "global_step1" and trained.blocks[0].mlp.lore.B.abs().sum() > 0

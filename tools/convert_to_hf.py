@@ -1,0 +1,38 @@
+"""A checkpoint of ours as a Hugging Face folder (docs/huggingface.md).
+
+    python tools/convert_to_hf.py runs/tiny hf/tiny          # SAVE folder (its latest) or a global_stepN folder
+
+A dense model GPT-NeoX computes exactly becomes a plain GPTNeoXForCausalLM folder; anything else (MoE,
+StructMoE, RMSNorm, gated MLPs, ...) ships this project's model code, loaded with trust_remote_code=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.config import ConfigError  # noqa: E402
+from megatron.hf.export import convert_to_hf  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a save folder (its `latest` is read) or one global_stepN folder")
+    parser.add_argument("output", help="the Hugging Face folder to write")
+    opts = parser.parse_args(argv)
+    try:
+        report = convert_to_hf(opts.checkpoint, opts.output)
+    except (ConfigError, OSError, ValueError) as err:
+        sys.exit(f"convert_to_hf: {err}")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
