@@ -244,14 +244,12 @@ def test_neox_dmoe_config_counts_experts_without_biases():
     assert moe["args"].moe_router_type == "sinkhorn"  # NeoX's default: the config names no router
 
 
-needs_blocks = pytest.mark.xfail(strict=False, reason="needs model-blocks branch")
 # Meta's published sizes: Llama-2 (HF config arithmetic: untied, bias-free, SwiGLU widths 11008 / 13824 / 28672,
 # 70B with 8 KV heads) and Mistral-7B-v0.1 (14336 wide, 8 KV heads).
 LLAMA2 = [("llama2/7B.yml", 32, 11008, 4096, 6_738_415_616), ("llama2/13B.yml", 40, 13824, 5120, 13_015_864_320),
           ("llama2/70B.yml", 80, 28672, 8192, 68_976_648_192)]
 
 
-@needs_blocks
 @pytest.mark.parametrize("name, layers, width, d, total", LLAMA2, ids=[c[0] for c in LLAMA2])
 def test_llama2_configs_count_llama2(name, layers, width, d, total):
     # NeoX's llama2/ configs (unlike its llama/ ones) omit use_bias_in_mlp: false, so NeoX gives their MLPs biases
@@ -259,14 +257,13 @@ def test_llama2_configs_count_llama2(name, layers, width, d, total):
     assert run(name, *LLAMA, *NO_PARALLEL, "--use_bias_in_mlp", "false")["total"] == total
 
 
-@needs_blocks
 def test_mistral_config_counts_mistral():
     # NeoX's mistral/7B.yml gives 14336 as intermediate_size, which NeoX's gated sizing shrinks to 2/3: the
-    # published model needs 3 x 14336 rounded as the llama2 configs do it
+    # published model needs 3 x 14336 rounded as the llama2 configs do it; like them it omits use_bias_in_mlp
     extra = [*LLAMA, "--intermediate_size", "43008", "--mlp_multiple_of", "256"]
-    if "sliding_window_width" not in NeoXArgs.model_fields:
-        extra += ["--sliding_window_width", "null"]
-    assert run("mistral/7B.yml", *extra)["total"] == 7_241_732_096
+    layers, width, d = 32, 14336, 4096
+    assert run("mistral/7B.yml", *extra)["total"] == 7_241_732_096 + layers * (2 * width + d)
+    assert run("mistral/7B.yml", *extra, "--use_bias_in_mlp", "false")["total"] == 7_241_732_096
 
 
 def test_every_neox_config_here_is_tested():
