@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
-from megatron.config import ConfigError, load_config, parse_command_line
-from megatron.model.param_count import count_parameters
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
 
-PARTS = ("embeddings", "attention", "norms", "dense_mlp", "experts", "lores", "routers")
+from megatron.config import ConfigError, load_config, parse_command_line  # noqa: E402
+from megatron.model.param_count import count_parameters  # noqa: E402
+
+PARTS = ("embeddings", "attention", "norms", "dense_mlp", "shared_experts", "experts", "lores", "routers")
 
 
 def format_count(n: int) -> str:

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from megatron.config import ConfigError, load_config
-from megatron.config.loader import read_yaml
-from megatron.model.param_count import count_parameters
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the package is the repo's
+    sys.path.insert(0, str(REPO))
+
+from megatron.config import ConfigError, load_config  # noqa: E402
+from megatron.config.loader import read_yaml  # noqa: E402
+from megatron.model.param_count import count_parameters  # noqa: E402
 
 LORE_KEYS = ("lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_loss_coeff", "lore_renormalize_weights")
 
