@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from megatron.model.activations import PLAIN, activate, up_width
+from megatron.model.activations import activate, up_width
 from megatron.model.moe.kernels import autocast_operands, gmm_available, grouped_matmul
 
 if TYPE_CHECKING:
     from megatron.model.moe.dispatcher import RowSources
     from megatron.model.moe.lore import LoREBank
 
-ACTIVATIONS = PLAIN  # the name gpt.py's dense MLP imports; the experts use activations.py's `activate`
 
 
 def normal_init_slice(shape: tuple[int, ...], std: float, rows: range | None = None) -> torch.Tensor:
