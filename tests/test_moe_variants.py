@@ -26,14 +26,16 @@ import match_baseline  # noqa: E402
 
 EVERY_LAYER = ["--moe_expert_interval", "1"]  # every layer MoE: the gated dense MLP is not tested here
 VARIANTS = {
-    "moe_swiglu": ("tiny_moe.yml", ["--activation", "swiglu"]),
-    "moe_geglu_shared2_top2": ("tiny_moe.yml", ["--activation", "geglu", "--moe_num_shared_experts", "2",
-                                                "--moe_top_k", "2"]),
+    "moe_swiglu": ("tiny_moe.yml", ["--activation", "swiglu", "--mlp_multiple_of", "4"]),
+    "moe_geglu_shared2_top2": ("tiny_moe.yml", ["--activation", "geglu", "--mlp_multiple_of", "4",
+                                                "--moe_num_shared_experts", "2", "--moe_top_k", "2"]),
     "moe_shared1_sinkhorn": ("tiny_moe.yml", ["--moe_num_shared_experts", "1", "--moe_router_type", "sinkhorn"]),
-    "structmoe_swiglu_shared1": ("tiny_structmoe.yml", ["--activation", "swiglu", "--moe_num_shared_experts", "1"]),
-    "structmoe_swiglu_l2": ("tiny_structmoe.yml", ["--activation", "swiglu", "--lore_top_k", "2"]),
-    "router_free_geglu": ("tiny_structmoe_router_free.yml", ["--activation", "geglu"]),
-    "standalone_swiglu_shared2": ("tiny_structmoe_standalone.yml", ["--activation", "swiglu",
+    "structmoe_swiglu_shared1": ("tiny_structmoe.yml", ["--activation", "swiglu", "--mlp_multiple_of", "4",
+                                                        "--moe_num_shared_experts", "1"]),
+    "structmoe_swiglu_l2": ("tiny_structmoe.yml", ["--activation", "swiglu", "--mlp_multiple_of", "4",
+                                                   "--lore_top_k", "2"]),
+    "router_free_geglu": ("tiny_structmoe_router_free.yml", ["--activation", "geglu", "--mlp_multiple_of", "4"]),
+    "standalone_swiglu_shared2": ("tiny_structmoe_standalone.yml", ["--activation", "swiglu", "--mlp_multiple_of", "4",
                                                                      "--moe_num_shared_experts", "2"]),
 }
 
@@ -71,7 +73,7 @@ def test_match_baseline_keeps_the_shared_experts(tmp_path):
     """The plain baseline matched to a StructMoE config with shared experts keeps them, and its count is still
     the nearest; the tool's written config carries moe_num_shared_experts."""
     raw = yaml.safe_load((REPO / "configs" / "tiny_structmoe.yml").read_text())
-    raw.update(moe_num_shared_experts=2, activation="swiglu", moe_expert_interval=1)
+    raw.update(moe_num_shared_experts=2, activation="swiglu", mlp_multiple_of=4, moe_expert_interval=1)
     config = tmp_path / "structmoe_shared.yml"
     config.write_text(yaml.safe_dump(raw))
     args = load_config([str(config)])
@@ -128,7 +130,7 @@ def tiny_gpt(checkpointing: bool = False) -> GPT:
     moe = MoESettings(num_experts=4, top_k=2, router_type="sinkhorn", num_shared_experts=1,
                       lore=LoREConfig(4, 2, 1, "entangled"))
     return GPT(GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
-                         activation="swiglu", checkpoint_activations=checkpointing, moe=moe))
+                         activation="swiglu", mlp_multiple_of=4, checkpoint_activations=checkpointing, moe=moe))
 
 
 def test_sinkhorn_gated_shared_model_is_causal_in_eval_and_recomputes_exactly():
