@@ -68,7 +68,8 @@ def wait_for_step(folder: Path, step: int, process: subprocess.Popen, timeout: f
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig, twice", [(signal.SIGUSR1, False), (signal.SIGTERM, True)])
+@pytest.mark.parametrize("sig, twice", [pytest.param(signal.SIGUSR1, False, marks=pytest.mark.slow),
+                                        (signal.SIGTERM, True)])  # SIGTERM, signalled twice, in CI
 def test_preemption_signal_saves_and_exits_zero(tmp_path, data_prefix, reference, sig, twice):
     config = fault_config(tmp_path, data_prefix, ITERS)
     command = [sys.executable, str(REPO / "train.py"), str(config)]

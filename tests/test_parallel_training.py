@@ -55,8 +55,11 @@ def assert_same_parameters(got: dict[str, torch.Tensor], expected: dict[str, tor
 LSH = {"lsh_compression": True, "lsh_num_hashes": 1, "lsh_hash_dim": 4, "lsh_error_interval": 2}  # 8 buckets
 
 
-@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True}, STRUCT_L2,
-                                 {**STRUCT_L1, **LSH}],
+SLOW = pytest.mark.slow  # kept out of CI's time budget; the layer-level 2-rank tests cover these paths too
+
+
+@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True},
+                                 pytest.param(STRUCT_L2, marks=SLOW), pytest.param({**STRUCT_L1, **LSH}, marks=SLOW)],
                          ids=["plain_top2", "structmoe_l1_recompute", "structmoe_l2", "structmoe_lsh"])
 def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
     """EP=2 on 2 ranks with accumulation 2 == 1 rank with accumulation 4: losses and updated parameters
@@ -83,7 +86,8 @@ def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
     assert_same_parameters(final_parameters(two), final_parameters(one))
 
 
-@pytest.mark.parametrize("layout", [{"zero_stage": 1}, {"zero_stage": 3, "moe_expert_parallel_size": 2}],
+@pytest.mark.parametrize("layout", [pytest.param({"zero_stage": 1}, marks=SLOW),
+                                    {"zero_stage": 3, "moe_expert_parallel_size": 2}],
                          ids=["stage1", "stage3_ep2"])
 def test_fsdp_stages_equal_one_rank(tmp_path, data_prefix, layout):
     """FSDP2 on 2 ranks == 1 rank with the same global batch (== DDP on 2 ranks, tested in test_trainer)."""
