@@ -59,6 +59,7 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
 
 # --- torchrun across two "nodes" ------------------------------------------------------------------------------
 
+@pytest.mark.slow  # CI's time budget; run with -m slow
 def test_two_torchrun_nodes_with_expert_parallelism_match_one_process(tmp_path, data_prefix):
     one = write_config(tmp_path / "one", data_prefix, gradient_accumulation_steps=2, train_iters=4,
                        **{**MOE_EP2, "moe_expert_parallel_size": 1}, **QUIET)
@@ -215,6 +216,7 @@ def start_two_nodes_and_break_rank_1(tmp_path: Path, data_prefix: str, sig: int)
 needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds rank 1's process in /proc")
 
 
+@pytest.mark.slow  # CI's time budget: the hung and exiting ranks stay in CI
 @needs_proc
 def test_killing_a_rank_under_torchrun_ends_the_job_with_a_clear_error(tmp_path, data_prefix):
     nodes, _ = start_two_nodes_and_break_rank_1(tmp_path, data_prefix, signal.SIGKILL)
@@ -272,6 +274,7 @@ def _expert_group_member(rank: int, port: int, out_dir: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow  # CI's time budget; run with -m slow
 def test_expert_parallel_subgroups_get_the_timeout_too(tmp_path):
     # without subgroup_backend_override torch gives mesh sub-groups gloo's default 30 minutes
     mp.start_processes(_expert_group_member, args=(free_port(), str(tmp_path)), nprocs=4, start_method="spawn")

@@ -58,7 +58,7 @@ LSH = {"lsh_compression": True, "lsh_num_hashes": 1, "lsh_hash_dim": 4, "lsh_err
 SLOW = pytest.mark.slow  # kept out of CI's time budget; the layer-level 2-rank tests cover these paths too
 
 
-@pytest.mark.parametrize("moe", [PLAIN_TOP2, {**STRUCT_L1, "checkpoint_activations": True},
+@pytest.mark.parametrize("moe", [PLAIN_TOP2, pytest.param({**STRUCT_L1, "checkpoint_activations": True}, marks=SLOW),
                                  pytest.param(STRUCT_L2, marks=SLOW), pytest.param({**STRUCT_L1, **LSH}, marks=SLOW)],
                          ids=["plain_top2", "structmoe_l1_recompute", "structmoe_l2", "structmoe_lsh"])
 def test_expert_parallel_two_ranks_equal_one_rank(tmp_path, data_prefix, moe):
