@@ -15,7 +15,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron.data.indexed_dataset import MMapIndexedDataset
 
@@ -43,9 +42,8 @@ def corpus_loss(model: nn.Module, prefix: str, seq_length: int, batch_size: int,
         rows = range(start, min(start + batch_size, wanted))
         batch_BS1 = torch.from_numpy(np.stack([tokens[j * seq_length:j * seq_length + seq_length + 1]
                                                for j in rows]).astype(np.int64))
-        logits_BSV, _ = model(batch_BS1[:, :-1])
-        total += float(F.cross_entropy(logits_BSV.flatten(0, 1).float(), batch_BS1[:, 1:].flatten(),
-                                       reduction="sum"))
+        mean_loss, _ = model(batch_BS1[:, :-1], batch_BS1[:, 1:])  # the model's own loss path (model/loss.py)
+        total += float(mean_loss) * batch_BS1[:, 1:].numel()
         count += batch_BS1[:, 1:].numel()
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count, "windows": wanted}
