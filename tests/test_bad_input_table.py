@@ -43,7 +43,7 @@ CONFIG_CASES = [
     ("weights without paths", {"valid_data_weights": [1.0]}, [], r"valid_data_weights has 1 entries"),
     ("LSH without MoE", {"lsh_compression": True}, [], r"lsh_compression needs an MoE model"),
     ("LSH layer not MoE", {"moe_num_experts": 2, "moe_expert_interval": 2, "lsh_compression": True,
-                           "lsh_layers": [0]}, [], r"lsh_layers: 0 is not an MoE layer"),
+                           "lsh_layers": [1]}, [], r"lsh_layers: 1 is not an MoE layer"),
     ("missing data", {"data_path": "/nonexistent/corpus"}, [], r"corpus\.bin does not exist"),
     ("missing vocab file", {"tokenizer_type": "HFTokenizer", "vocab_file": "/nonexistent/tok.json"}, [],
      r"vocab_file: /nonexistent/tok\.json does not exist"),

@@ -76,3 +76,21 @@ def test_resolve_checkpoint(tmp_path):
     (tmp_path / "latest").write_text("global_step9")
     with pytest.raises(FileNotFoundError, match="global_step9"):
         ckpt.resolve_checkpoint(tmp_path)
+
+
+def test_moe_layers_placed_elsewhere_name_moe_first_layer(tmp_path):
+    """A checkpoint whose MoE layers are 1, 3 (fairseq-style placement) into a model with GPT-NeoX's 0, 2."""
+    from megatron.model.gpt import GPT, GPTConfig, MoESettings
+
+    def gpt(first_layer: int) -> GPT:
+        moe = MoESettings(num_experts=4, expert_interval=2, first_layer=first_layer)
+        return GPT(GPTConfig(vocab_size=64, num_layers=4, hidden_size=32, num_attention_heads=4,
+                             max_position_embeddings=16, moe=moe))
+
+    saved = gpt(first_layer=1)
+    path = save(tmp_path, 1, saved, torch.optim.AdamW(saved.parameters()))
+    with pytest.raises(ValueError, match=r"MoE layers: checkpoint \[1, 3\], model \[0, 2\]: set moe_first_layer to 1"):
+        ckpt.load_model_weights(path, gpt(first_layer=0))
+    same = gpt(first_layer=1)
+    ckpt.load_model_weights(path, same)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), same.state_dict().values()))

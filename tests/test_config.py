@@ -102,8 +102,11 @@ def test_real_neox_config_loads_with_ignored_keys_reported(caplog):
     ("zero_optimization: {stage: 1}\nzero_stage: 3\n", 1, "zero_optimization.stage contradicts zero_stage"),
     ("lsh_compression: true\n", 1, "lsh_compression needs an MoE model"),
     ("moe_num_experts: 4\nlsh_compression: true\nlsh_num_hashes: 9\n", 1, "do not fit a 40-bit key"),
-    ("moe_num_experts: 4\nmoe_expert_interval: 2\nlsh_compression: true\nlsh_layers: [0]\n", 1,
-     r"lsh_layers: 0 is not an MoE layer \(MoE layers: \[1\]\)"),
+    ("moe_num_experts: 4\nmoe_expert_interval: 2\nlsh_compression: true\nlsh_layers: [1]\n", 1,
+     r"lsh_layers: 1 is not an MoE layer \(MoE layers: \[0\]\)"),
+    ("moe_num_experts: 4\nmoe_expert_interval: 2\nmoe_first_layer: 1\nlsh_compression: true\nlsh_layers: [0]\n",
+     1, r"lsh_layers: 0 is not an MoE layer \(MoE layers: \[1\]\)"),
+    ("moe_num_experts: 4\nmoe_first_layer: 2\n", 1, r"moe_first_layer 2 leaves no MoE layer in num_layers 2"),
 ])
 def test_layout_errors_name_the_key(tmp_path, text, world, message):
     with pytest.raises(ConfigError, match=message):

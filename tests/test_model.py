@@ -59,12 +59,20 @@ def test_one_optimizer_step_reduces_loss_on_a_fixed_batch(variant):
     assert after < before - 1e-3
 
 
-def test_moe_layers_follow_the_interval_and_return_their_aux():
-    model = GPT(tiny_config(num_layers=4, moe=MoESettings(num_experts=4, expert_interval=2)))
-    kinds = [type(block.mlp).__name__ for block in model.blocks]
-    assert kinds == ["MLP", "MoELayer", "MLP", "MoELayer"]
+@pytest.mark.parametrize("interval, first_layer, layout", [
+    (1, 0, "MMMM"),
+    (2, 0, "M-M-"),  # GPT-NeoX: layer i is MoE when i % interval == 0
+    (2, 1, "-M-M"),  # fairseq and the StructMoE paper: (i + 1) % interval == 0
+    (3, 0, "M--M"),
+    (2, 3, "---M"),
+])
+def test_moe_layers_follow_the_interval_and_return_their_aux(interval, first_layer, layout):
+    moe = MoESettings(num_experts=4, expert_interval=interval, first_layer=first_layer)
+    model = GPT(tiny_config(num_layers=4, moe=moe))
+    kinds = "".join("M" if type(block.mlp).__name__ == "MoELayer" else "-" for block in model.blocks)
+    assert kinds == layout
     _, aux = model(torch.randint(0, 64, (2, 8)))
-    assert len(aux) == 2
+    assert len(aux) == layout.count("M")
 
 
 def test_weight_tying_shares_the_embedding():

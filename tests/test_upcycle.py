@@ -31,8 +31,9 @@ def test_dense_to_moe_keeps_the_logits(tmp_path, data_prefix, extra):
     args, moe, _ = load_pretrained(tmp_path / "moe")
     assert args.moe_num_experts == 8 and sum(type(b.mlp).__name__ == "MoELayer" for b in moe.blocks) >= 1
     torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=0)
-    experts = moe.blocks[-1].mlp.experts.w_up_EDF
-    assert torch.equal(experts[0], dense.blocks[-1].mlp.up.weight.T) and torch.equal(experts[0], experts[7])
+    last = max(i for i, b in enumerate(moe.blocks) if type(b.mlp).__name__ == "MoELayer")
+    experts = moe.blocks[last].mlp.experts.w_up_EDF
+    assert torch.equal(experts[0], dense.blocks[last].mlp.up.weight.T) and torch.equal(experts[0], experts[7])
 
 
 def test_moe_to_structmoe_keeps_the_logits(tmp_path, data_prefix):

@@ -262,6 +262,10 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
         if weights is not None and (paths is None or len(paths) != len(weights)):
             raise ConfigError(f"{split}_data_weights has {len(weights)} entries but {split}_data_paths has "
                               f"{len(paths or [])}")
+    moe_layers = moe_layer_indices(args)
+    if args.is_moe and not moe_layers:
+        raise ConfigError(f"moe_first_layer {args.moe_first_layer} leaves no MoE layer in num_layers "
+                          f"{args.num_layers}: expected a layer index below {args.num_layers}")
     if args.moe_expert_parallel_size > 1:
         ep = args.moe_expert_parallel_size
         if not args.is_moe:
@@ -278,7 +282,6 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
             LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        moe_layers = [i for i in range(args.num_layers) if (i + 1) % args.moe_expert_interval == 0]
         for layer in args.lsh_layers or []:
             if layer not in moe_layers:
                 raise ConfigError(f"lsh_layers: {layer} is not an MoE layer (MoE layers: {moe_layers})")
@@ -286,6 +289,15 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
         raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
     if args.model_type == "dit":
         check_dit(args)
+
+
+def moe_layer_indices(args: NeoXArgs) -> list[int]:
+    """The layers the model will build as MoE layers (the model's own rule, MoESettings.is_moe_layer)."""
+    from megatron.model.gpt import MoESettings
+
+    settings = MoESettings(args.moe_num_experts, expert_interval=args.moe_expert_interval,
+                           first_layer=args.moe_first_layer)
+    return [i for i in range(args.num_layers) if settings.is_moe_layer(i)]
 
 
 def check_dit(args: NeoXArgs) -> None:

@@ -72,6 +72,9 @@ class MoEArgs(Strict):
     moe_num_experts: int = Field(1, ge=1)
     moe_top_k: int = Field(1, ge=1)
     moe_expert_interval: int = Field(1, ge=1)
+    # ours: the first MoE layer (0-based), then every moe_expert_interval-th. 0 is GPT-NeoX's placement;
+    # interval - 1 is fairseq's `(i + 1) % interval == 0`, which the StructMoE paper's configs use
+    moe_first_layer: int = Field(0, ge=0)
     moe_router_type: Literal["topk", "sinkhorn"] = "sinkhorn"
     moe_num_shared_experts: int = Field(0, ge=0)  # ours (DeepSeekMoE/Qwen-MoE): always-on experts beside the routed
     moe_jitter_eps: float | None = None

@@ -27,6 +27,7 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         num_experts=args.moe_num_experts,
         top_k=args.moe_top_k,
         expert_interval=args.moe_expert_interval,
+        first_layer=args.moe_first_layer,
         ffn_hidden_size=args.moe_ffn_hidden_size,
         jitter_eps=args.moe_jitter_eps,
         renormalize=args.moe_renormalize_weights,

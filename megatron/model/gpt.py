@@ -34,6 +34,7 @@ class MoESettings:
     num_experts: int
     top_k: int = 1
     expert_interval: int = 1
+    first_layer: int = 0  # MoE layers: first_layer, first_layer + expert_interval, ... (GPT-NeoX: 0)
     ffn_hidden_size: int | None = None
     jitter_eps: float | None = None
     renormalize: bool = False
@@ -53,7 +54,8 @@ class MoESettings:
         return dataclasses.replace(self.lsh, seed=self.lsh.seed + layer_idx)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.num_experts > 1 and (layer_idx + 1) % self.expert_interval == 0
+        offset = layer_idx - self.first_layer
+        return self.num_experts > 1 and offset >= 0 and offset % self.expert_interval == 0
 
 
 @dataclass

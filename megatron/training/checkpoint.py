@@ -311,6 +311,11 @@ def _load_dcp(state: dict[str, Any], path: Path) -> None:
                          "global_step folder") from None
 
 
+def moe_layers(keys) -> list[int]:
+    """The layer indices that hold a router, from state-dict keys (`...blocks.3.mlp.router...`)."""
+    return sorted({int(m.group(1)) for key in keys if (m := re.search(r"blocks\.(\d+)\.mlp\.router\.", key))})
+
+
 def check_compatible(path: Path, state: dict[str, Any]) -> None:
     """The checkpoint holds every tensor of `state` with the same global shape; else one line naming the first
     mismatches (a checkpoint of another model: other width, depth, experts...)."""
@@ -332,6 +337,10 @@ def check_compatible(path: Path, state: dict[str, Any]) -> None:
     parts = [f"{key}: checkpoint {list(have)}, model {list(want)}" for key, have, want in wrong[:3]]
     if missing:
         parts.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+    saved_moe, model_moe = moe_layers(saved), moe_layers(expected)
+    if saved_moe and model_moe and saved_moe != model_moe:
+        parts.append(f"MoE layers: checkpoint {saved_moe}, model {model_moe}: set moe_first_layer to "
+                     f"{saved_moe[0]} to match")
     raise ValueError(f"{path}: a checkpoint of another model shape ({len(wrong)} tensors differ: "
                      + "; ".join(parts) + ")")
 
