@@ -92,8 +92,13 @@ def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(TOKENS).logits, ours(model, TOKENS), atol=1e-5, rtol=0)
-    out = hf.generate(TOKENS[:1, :8], max_new_tokens=6, do_sample=False)
-    assert out.tolist() == greedy(model, TOKENS[:1, :8], 6).tolist()
+    lengths = []  # tokens per forward of our model inside generate()
+    hook = hf.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    cached = hf.generate(TOKENS[:, :8], max_new_tokens=6, do_sample=False)
+    hook.remove()
+    assert lengths == [8, 1, 1, 1, 1, 1]  # the prompt once, then each new token alone against the cache
+    uncached = hf.generate(TOKENS[:, :8], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist() == greedy(model, TOKENS[:, :8], 6).tolist()
     for path in (tmp_path / "hf").glob("*.py"):  # no import of the package is left in the shipped files
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -4,7 +4,8 @@ Shape legend: B batch, S sequence, V vocabulary.
 
 The model is this project's own code (model_gpt.py and what it imports, shipped beside this file with
 their imports made relative), not a second implementation: this file only rebuilds the GPTConfig from
-config.json and adapts the call. There is no KV cache: `generate()` runs the whole prefix each step.
+config.json and adapts the call. `generate()` keeps keys and values in transformers' own cache object
+(`CacheAdapter`), so each step runs only the new token; padded batches are refused, not misread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_megatron_gpt import MegatronGPTConfig
 from .megatron_modules import __name__ as _shipped  # noqa: F401  (makes transformers copy every module)
 from .model_gpt import GPT, Attention, Rotary
+
+
+class CacheAdapter:
+    """A transformers Cache seen through the two methods our attention calls on a KVCache (model_gpt.py), so
+    that `generate()`'s own cache object holds the keys and values and no second cache format exists."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def length(self, layer: int = 0) -> int:
+        return int(self.cache.get_seq_length(layer))
+
+    def extend(self, layer: int, k_BKSDh: torch.Tensor, v_BKSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k_BKSDh, v_BKSDh, layer)
 
 
 def decode(value: Any) -> Any:
@@ -63,18 +78,15 @@ class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.model.embed = value
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
-        """The whole sequence every step: with no cache to continue from, the prefix is recomputed."""
-        return {"input_ids": input_ids, "attention_mask": kwargs.get("attention_mask")}
-
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """Causal attention over the whole of `input_ids`; `attention_mask` must be all ones (no padding)."""
+                labels: torch.LongTensor | None = None, cache: Any = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Causal attention over the tokens in `cache` (transformers' cache object, which `generate()` passes and
+        then slices `input_ids` to the new tokens) and `input_ids`; `attention_mask` must be all ones."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask: padded batches are not supported (the model attends causally to all)")
-        logits_BSV, _ = self.model(input_ids)
+        logits_BSV, _ = self.model(input_ids, cache=None if cache is None else CacheAdapter(cache))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV)
+        return CausalLMOutputWithPast(loss=loss, logits=logits_BSV, cache=cache)
