@@ -28,7 +28,7 @@ import estimate_memory as memory_tool  # noqa: E402
 
 GIB = 1024**3
 
-# d=8, F=32, V=128 (tied), 2 layers, layer 1 is MoE: 4 experts, 4 LoREs of rank 2 each
+# d=8, F=32, V=128 (tied), 2 layers, layer 0 is MoE (GPT-NeoX placement): 4 experts, 4 LoREs of rank 2 each
 HAND = ["--num_layers", "2", "--hidden_size", "8", "--num_attention_heads", "2", "--vocab_size", "128",
         "--pos_emb", "rotary", "--moe_router_type", "topk",
         "--moe_num_experts", "4", "--moe_top_k", "1", "--moe_expert_interval", "2",
@@ -36,7 +36,7 @@ HAND = ["--num_layers", "2", "--hidden_size", "8", "--num_attention_heads", "2",
 # embedding, attention, norms, dense MLP, router
 NON_EXPERT = 128 * 8 + 2 * (4 * 8 * 8 + 4 * 8) + 5 * 2 * 8 + (2 * 8 * 32 + 32 + 8) + 8 * 4
 EXPERT = 2 * 4 * 8 * 32 + 4 * 4 * 2 * (8 + 32) + 8 * 4 * 4  # experts, LoREs, LoRE routers
-TENSORS = 1 + 12 + 14 + 2  # embed; block 0; block 1 (norms 4, attention 4, router 1, experts 2, LoREs 3); final norm
+TENSORS = 1 + 12 + 14 + 2  # embed; dense block; MoE block (norms 4, attn 4, router 1, experts 2, LoREs 3); final norm
 STEPS = 4 * TENSORS  # AdamW's float32 step counters
 
 

@@ -42,7 +42,7 @@ def test_active_parameters_on_a_hand_computed_case():
     embeddings = 100 * d
     attention = 2 * (4 * d * d + 4 * d)
     norms = 5 * 2 * d
-    dense = 2 * d * f + f + d  # layer 0 only; layer 1 is MoE
+    dense = 2 * d * f + f + d  # layer 1 only; layer 0 is MoE (GPT-NeoX placement)
     experts, lores, routers = 4 * 2 * d * f, 4 * 4 * 2 * (d + f), d * 4 + d * 4 * 4
     assert counts.total == embeddings + attention + norms + dense + experts + lores + routers
     # a token uses 2 of 4 experts and, in each, 1 of 4 LoREs
