@@ -30,8 +30,8 @@ COUNTED = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: 
 
 
 # every layer MoE: the gated dense MLP is not this test's business
-GATED_SHARED_SINKHORN = ["--activation", "swiglu", "--moe_expert_interval", "1", "--moe_num_shared_experts", "2",
-                         "--moe_router_type", "sinkhorn"]
+GATED_SHARED_SINKHORN = ["--activation", "swiglu", "--moe_expert_interval", "1", "--moe_first_layer", "0",
+                         "--moe_num_shared_experts", "2", "--moe_router_type", "sinkhorn"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -61,7 +61,7 @@ def test_flops_per_token_equal_the_counted_forward(config, overrides):
 @pytest.mark.parametrize("activation", ["gelu", "geglu"])
 def test_shared_experts_count_as_dense(activation):
     """Each MoE layer's shared experts add 2 x their weights to the dense FLOPs; routed FLOPs do not move."""
-    overrides = ["--activation", activation, "--moe_expert_interval", "1"]
+    overrides = ["--activation", activation, "--moe_expert_interval", "1", "--moe_first_layer", "0"]
     args = load_config(["configs/tiny_structmoe.yml"], overrides)
     shared = load_config(["configs/tiny_structmoe.yml"], [*overrides, "--moe_num_shared_experts", "3"])
     base, with_shared = (flops_per_token(GPT(gpt_config_from_args(a, 384)), a.seq_length) for a in (args, shared))

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import match_baseline  # noqa: E402
 
-EVERY_LAYER = ["--moe_expert_interval", "1"]  # every layer MoE: the gated dense MLP is not tested here
+EVERY_LAYER = ["--moe_expert_interval", "1", "--moe_first_layer", "0"]  # every layer MoE (no dense MLP here)
 VARIANTS = {
     "moe_swiglu": ("tiny_moe.yml", ["--activation", "swiglu", "--mlp_multiple_of", "4"]),
     "moe_geglu_shared2_top2": ("tiny_moe.yml", ["--activation", "geglu", "--mlp_multiple_of", "4",
@@ -73,7 +73,8 @@ def test_match_baseline_keeps_the_shared_experts(tmp_path):
     """The plain baseline matched to a StructMoE config with shared experts keeps them, and its count is still
     the nearest; the tool's written config carries moe_num_shared_experts."""
     raw = yaml.safe_load((REPO / "configs" / "tiny_structmoe.yml").read_text())
-    raw.update(moe_num_shared_experts=2, activation="swiglu", mlp_multiple_of=4, moe_expert_interval=1)
+    raw.update(moe_num_shared_experts=2, activation="swiglu", mlp_multiple_of=4, moe_expert_interval=1,
+               moe_first_layer=0)
     config = tmp_path / "structmoe_shared.yml"
     config.write_text(yaml.safe_dump(raw))
     args = load_config([str(config)])
