@@ -38,6 +38,8 @@ CONFIG_CASES = [
     ("EP without MoE", {"moe_expert_parallel_size": 2}, [], r"needs an MoE model"),
     ("batch sizes disagree", {"train_batch_size": 7, "train_micro_batch_size_per_gpu": 2,
                               "gradient_accumulation_steps": 2}, [], r"train_batch_size 7 != "),
+    ("batch size not an integer", {"train_batch_size": "16x"}, [],
+     r"config\.yml: train_batch_size: expected a positive integer, got '16x'"),
     ("min_lr above lr", {"min_lr": 1.0}, [], r"min_lr 1\.0 > optimizer\.params\.lr"),
     ("bad split", {"split": "90,10"}, [], r"split: .*three non-negative weights"),
     ("weights without paths", {"valid_data_weights": [1.0]}, [], r"valid_data_weights has 1 entries"),

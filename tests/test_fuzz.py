@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megatron.config import ConfigError, load_config
@@ -81,6 +81,8 @@ KEYS = sorted(NeoXArgs.model_fields) + ["hiden_size", "optimizer.params.lr", "fp
 
 @FUZZ
 @given(values=st.dictionaries(st.sampled_from(KEYS), SCALARS, max_size=6))
+# found by this test: batch sizes were multiplied out before their types were checked (a TypeError)
+@example(values={"train_batch_size": "0", "train_micro_batch_size_per_gpu": True})
 def test_config_values_load_or_give_a_config_error(values):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.yml"

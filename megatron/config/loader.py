@@ -210,10 +210,19 @@ def describe_validation_error(err: ValidationError, origin: dict[str, str]) -> s
     return f"{where}: {path}: {message}"
 
 
-def fill_batch_sizes(values: dict[str, Any], dp: int) -> None:
-    micro = values.get("train_micro_batch_size_per_gpu")
-    accum = values.get("gradient_accumulation_steps")
-    total = values.get("train_batch_size")
+def batch_size_value(values: dict[str, Any], key: str, origin: dict[str, str]) -> int | None:
+    """A batch-size key as an int before the schema sees it (the sizes are derived from each other first)."""
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: {key}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def fill_batch_sizes(values: dict[str, Any], dp: int, origin: dict[str, str] | None = None) -> None:
+    micro, accum, total = (batch_size_value(values, key, origin or {}) for key in (
+        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"))
     if micro and accum and total:
         if micro * accum * dp != total:
             raise ConfigError(
@@ -331,7 +340,7 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
         origin[key.split(".")[0]] = COMMAND_LINE
     ignored = translate_neox_keys(values, origin)
 
-    fill_batch_sizes(values, data_parallel_size)
+    fill_batch_sizes(values, data_parallel_size, origin)
     try:
         args = NeoXArgs.model_validate(values)
     except ValidationError as err:
