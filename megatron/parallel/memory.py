@@ -40,8 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.model.activations import is_gated, up_width
 from megatron.model.build import gpt_config_from_args, moe_settings_from_args
-from megatron.model.gpt import GPT
+from megatron.model.gpt import GPT, mlp_width
 from megatron.model.param_count import count_parameters, vocab_size_of
 from megatron.parallel.data_parallel import expert_parameter_names, expert_shard_dim
 from megatron.parallel.expert_parallel import experts_per_rank
@@ -201,50 +202,90 @@ def ddp_overhead_bytes(args, world_size: int, ep_size: int, zero_stage: int) -> 
     return buckets + copies
 
 
-def activation_bytes(args) -> int:
-    """A rough estimate of the activation memory of one micro-batch at the start of backward.
+def block_activation_bytes(args) -> list[int]:
+    """What each transformer block's forward keeps for backward, one micro-batch (T = micro-batch x seq_length
+    tokens), in bytes, from the shapes alone. `a` = 2 bytes under bf16/fp16 autocast and 4 in fp32; the residual
+    stream and the norms' inputs stay fp32. Per token:
 
-    Counted, in bytes per token (T = micro-batch x seq_length tokens), with a = 2 under bf16/fp16
-    autocast and 4 in fp32; the residual stream (embedding output + block outputs) stays fp32:
-    - attention: the first norm's input (4D), the qkv input (aD) and output (3aD, v is a view of it),
-      the rotated q and k (2aD, with rotary), the attention output and its reshaped copy (2aD);
-    - dense MLP: the second norm's input (4D), the up input (aD), the up output and the activation's (2aF);
+    - attention: the first norm's input (4D) and what the norm keeps besides (8 for LayerNorm's mean and
+      1/std; 4D + 4 for RMSNorm's normalised input and 1/rms, as torch's composite RMSNorm keeps them, an
+      upper bound where a fused kernel keeps only 1/rms; the same for every norm below), the qkv input (aD)
+      and output (a(D + 2 D K/H), v is a view of it; K the K/V heads), the rotated q and k (a(D + D K/H),
+      with rotary), the attention output and its reshaped copy (2aD), and the fp32 logsumexp per head (4H);
+    - dense MLP: the second norm's input (4D), the up input (aD) and the activation's tensors: the up output
+      and act output (2aF), or, gated, the 2F-wide up output, act(gate) and the product (4aF);
     - MoE layer: the second norm's input (4D), the router input (aD) and its fp32 logits and probabilities
-      (8E); per routed row (K per token, balanced routing assumed): the dispatched row (4D, gathered from
-      the fp32 norm output), the expert's up output and activation (2aF), its output (aD); with LoREs the
-      rows regrouped by LoRE (aD, top-l = 1; l*aD for l > 1), x A and its pi-weighted copy (2*l*aR), the
-      LoRE router's fp32 logits and probabilities (8M);
-    - dropout masks (1 byte each, 2D per layer) when hidden_dropout > 0;
-    - head: the final norm's input (4D), the head input (aD), and 12 bytes per logit (T x V): the loss's
-      fp32 log-softmax output, its gradient and the logits' gradient at the start of backward (the bf16
-      logits and their fp32 copy, alive in forward, are about as large).
-    With checkpoint_activations each block keeps only its fp32 input (4D) and one block at a time is
-    recomputed whole: L*4D + the largest block + the head. Without: every block + the head.
-    Not counted: attention scores (flash/memory-efficient SDPA keeps only a logsumexp per head), the
-    expert-parallel exchange buffers, routing imbalance, backward's transient gradient buffers.
+      (8E), the top-k expert ids (8K) and the z-loss's logsumexp (4); per routed row (K per token, balanced
+      routing assumed) the dispatched row (4D, gathered from the fp32 norm output), the expert's activation
+      tensors (2aF or 4aF as above), its output (aD) and its gate-weighted fp32 copy (4D, which the combine's
+      index_add keeps), the gate (4) and two int64 row indices (16); with
+      routed LoREs the LoRE router's fp32 probabilities (4M) and per chosen LoRE (l per row) x A and its
+      pi-weighted copy (2aR) and pi (4); for l = 1 the rows regrouped by LoRE (4D), the output put back in
+      expert order (aD) and int64 ids and orders (24); for l > 1 per slot the row's copy (4D), the LoRE term
+      that index_add keeps (aU, U the up-projection's width, or D standalone) and int64 ids and orders (24),
+      plus 8; router-free: x A of the one rank-M r LoRE (aMr); shared experts, one MLP S x F wide on every
+      token (2aSF or 4aSF);
+    - dropout masks (1 byte each, 2D per layer) when hidden_dropout > 0.
+    Not counted: the expert-parallel exchange buffers, routing imbalance, autocast's half-precision copies
+    of rows gathered in fp32. tests/test_memory.py checks these sums against the tensors autograd saves.
     """
     tokens = args.train_micro_batch_size_per_gpu * args.seq_length
-    d, ffn = args.hidden_size, args.intermediate_size or 4 * args.hidden_size
+    d, heads = args.hidden_size, args.num_attention_heads
+    kv = d * (args.num_kv_heads or heads) // heads  # the K (and V) width
     a = 2 if args.precision in ("bfloat16", "fp16") else FP32
+    gated = is_gated(args.activation)
+    act = lambda width: a * (4 if gated else 2) * width  # noqa: E731  (the activation's saved tensors)
     rotary = args.pos_emb == "rotary" and args.rotary_pct > 0
-    attention = FP32 * d + a * (d + 3 * d + (2 * d if rotary else 0) + 2 * d)
+    stats = 2 * FP32 if args.norm == "layernorm" else FP32 * d + FP32
+    attention = FP32 * d + stats + a * (d + (d + 2 * kv) + (d + kv if rotary else 0) + 2 * d) + FP32 * heads
     masks = 2 * d if args.hidden_dropout > 0 else 0
+    dense_width = mlp_width(args.activation, args.intermediate_size, d, args.mlp_multiple_of)
     moe = moe_settings_from_args(args)
     per_layer = []
     for layer in range(args.num_layers):
         if moe is None or not moe.is_moe_layer(layer):
-            mlp = FP32 * d + a * (d + 2 * ffn)
+            mlp = FP32 * d + stats + a * d + act(dense_width)
         else:
-            row = FP32 * d + 2 * a * (moe.ffn_hidden_size or ffn) + a * d
+            expert_width = moe.ffn_hidden_size or dense_width
+            row = FP32 * d + act(expert_width) + a * d + FP32 * d + FP32 + 16
             lore = moe.lore
-            if lore is not None:
-                routed = lore.mode != "router_free"
-                rank = lore.rank if routed else lore.num_lores * lore.rank
-                top_l = lore.top_l if routed else 1
-                row += (a * d * top_l if routed else 0) + 2 * top_l * a * rank + (8 * lore.num_lores if routed else 0)
-            mlp = FP32 * d + a * d + 8 * moe.num_experts + moe.top_k * row
+            if lore is not None and lore.mode == "router_free":
+                row += a * lore.num_lores * lore.rank  # x A of the one always-on LoRE
+            elif lore is not None:
+                top_l = lore.top_l
+                row += FP32 * lore.num_lores + top_l * (2 * a * lore.rank + FP32)  # probs; x A, pi x A, pi
+                if top_l == 1:  # rows regrouped by LoRE, output put back in expert order, int64 ids and orders
+                    row += FP32 * d + a * d + 24
+                else:  # per slot: the row's copy and the LoRE term index_add keeps; int64 ids and slot orders
+                    term = up_width(args.activation, expert_width) if lore.mode == "entangled" else d
+                    row += top_l * (FP32 * d + a * term + 24) + 8
+            shared = act(moe.num_shared_experts * expert_width) if moe.num_shared_experts else 0
+            router = 8 * moe.num_experts + 8 * moe.top_k + FP32
+            mlp = FP32 * d + stats + a * d + router + moe.top_k * row + shared
         per_layer.append(tokens * (attention + mlp + masks))
-    head = tokens * (FP32 * d + a * d + 12 * vocab_size_of(args))
+    return per_layer
+
+
+def activation_bytes(args) -> int:
+    """A rough estimate of the activation memory of one micro-batch at the start of backward: the blocks'
+    saved tensors (`block_activation_bytes`) and the head's: the final norm's input (4D), the head input (aD)
+    and 12 bytes per logit (T x V): the loss's fp32 log-softmax output, its gradient and the logits' gradient
+    (the bf16 logits and their fp32 copy, alive in forward, are about as large); with loss_chunk_tokens C, the
+    per-token log-sum-exp and target (12) and one chunk's fp32 logits (4 C V).
+    With checkpoint_activations each block keeps only its fp32 input (4D) and one block at a time is
+    recomputed whole: L*4D + the largest block + the head. Without: every block + the head.
+    Not counted: attention scores (flash/memory-efficient SDPA keeps only a logsumexp per head), backward's
+    transient gradient buffers.
+    """
+    tokens = args.train_micro_batch_size_per_gpu * args.seq_length
+    d = args.hidden_size
+    a = 2 if args.precision in ("bfloat16", "fp16") else FP32
+    per_layer = block_activation_bytes(args)
+    vocab = vocab_size_of(args)
+    if args.loss_chunk_tokens:  # only one chunk's fp32 logits exist at a time (model/loss.py)
+        head = tokens * (FP32 * d + a * d + 12) + FP32 * min(args.loss_chunk_tokens, tokens) * vocab
+    else:
+        head = tokens * (FP32 * d + a * d + 12 * vocab)
     if args.checkpoint_activations:
         return args.num_layers * tokens * FP32 * d + max(per_layer) + head
     return sum(per_layer) + head
