@@ -77,6 +77,52 @@ def test_chunks_after_a_cache_see_the_right_positions(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole_BSV, rtol=1e-5, atol=1e-5)
 
 
+def padded(rows: list[torch.Tensor], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one batch padded on the `side`, and its attention mask (1: a token)."""
+    tokens_BS = torch.zeros(len(rows), width, dtype=torch.long)
+    mask_BS = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        tokens_BS[b, span], mask_BS[b, span] = row, 1
+    return tokens_BS, mask_BS
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_rows_give_each_rows_own_logits(variant, side):
+    """A batch of rows padded to one width, with their attention mask: at every token, the logits of the row run
+    alone (positions count the row's tokens; padding is not attended to)."""
+    model = tiny_model(**VARIANTS[variant])
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 64, (n,), generator=generator) for n in (9, 6, 4)]
+    tokens_BS, mask_BS = padded(rows, 9, side)
+    with torch.no_grad():
+        padded_BSV, _ = model(tokens_BS, attention_mask_BT=mask_BS)
+        for b, row in enumerate(rows):
+            alone_SV = model(row[None])[0][0]
+            torch.testing.assert_close(padded_BSV[b][mask_BS[b].bool()], alone_SV, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["dense", "learned_positions", "mqa_window", "structmoe_window"])
+def test_left_padded_prompts_continue_against_a_cache(variant):
+    """Left-padded prompts, then one new token per row at a time against the cache, the mask growing by a 1 each
+    step (what Hugging Face generation does): each row's logits are those of its own unpadded sequence."""
+    model = tiny_model(**VARIANTS[variant])
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 64, (n,), generator=generator) for n in (8, 5, 2)]
+    new_BN = torch.randint(0, 64, (3, 4), generator=generator)
+    tokens_BS, mask_BT = padded(rows, 8, "left")
+    cache = KVCache(len(model.blocks))
+    with torch.no_grad():
+        last = [model(tokens_BS, cache=cache, attention_mask_BT=mask_BT)[0][:, -1]]
+        for i in range(new_BN.shape[1]):
+            mask_BT = torch.cat([mask_BT, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            last.append(model(new_BN[:, i:i + 1], cache=cache, attention_mask_BT=mask_BT)[0][:, -1])
+        for b, row in enumerate(rows):
+            alone_SV = model(torch.cat([row, new_BN[b]])[None])[0][0, len(row) - 1:]
+            torch.testing.assert_close(torch.stack([step[b] for step in last]), alone_SV, rtol=1e-5, atol=1e-5)
+
+
 def test_positions_beyond_the_model_are_one_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"prompt of 30 tokens \+ max_new_tokens 3 exceed .*embeddings 32"):

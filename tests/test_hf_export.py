@@ -99,6 +99,12 @@ def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
     assert lengths == [8, 1, 1, 1, 1, 1]  # the prompt once, then each new token alone against the cache
     uncached = hf.generate(TOKENS[:, :8], max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist() == greedy(model, TOKENS[:, :8], 6).tolist()
+    prompts = [TOKENS[0, :8], TOKENS[1, :5]]  # left-padded to one width, as batched generation pads
+    ids_BS = torch.stack([torch.cat([torch.zeros(8 - len(p), dtype=torch.long), p]) for p in prompts])
+    mask_BS = torch.stack([torch.arange(8) >= 8 - len(p) for p in prompts]).long()
+    batch = hf.generate(ids_BS, attention_mask=mask_BS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b, prompt in enumerate(prompts):
+        assert batch[b, 8:].tolist() == greedy(model, prompt[None], 6)[0, len(prompt):].tolist()
     for path in (tmp_path / "hf").glob("*.py"):  # no import of the package is left in the shipped files
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

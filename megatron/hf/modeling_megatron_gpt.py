@@ -5,7 +5,7 @@ Shape legend: B batch, S sequence, V vocabulary.
 The model is this project's own code (model_gpt.py and what it imports, shipped beside this file with
 their imports made relative), not a second implementation: this file only rebuilds the GPTConfig from
 config.json and adapts the call. `generate()` keeps keys and values in transformers' own cache object
-(`CacheAdapter`), so each step runs only the new token; padded batches are refused, not misread.
+(`CacheAdapter`), so each step runs only the new token; `attention_mask` pads rows on either side.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, cache: Any = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Causal attention over the tokens in `cache` (transformers' cache object, which `generate()` passes and
-        then slices `input_ids` to the new tokens) and `input_ids`; `attention_mask` must be all ones."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("attention_mask: padded batches are not supported (the model attends causally to all)")
-        logits_BSV, _ = self.model(input_ids, cache=None if cache is None else CacheAdapter(cache))
+        then slices `input_ids` to the new tokens) and `input_ids`; `attention_mask` (cached and new tokens, 0
+        for padding) gives each row its own positions and hides its padding."""
+        logits_BSV, _ = self.model(input_ids, cache=None if cache is None else CacheAdapter(cache),
+                                   attention_mask_BT=attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -6,7 +6,8 @@ K key/value heads, Dh head dim, V vocabulary, F MLP width.
 Every feed-forward block (dense or MoE) returns `(y, aux)`; `aux` is None for a dense MLP and a
 `MoEAux` for an MoE layer. The model hands the per-layer aux objects back to its caller, which owns
 the loss: nothing is stashed in globals. For generation, `forward(tokens, cache=KVCache(...))` runs only the
-new tokens, attending to the keys and values the cache holds from earlier calls.
+new tokens, attending to the keys and values the cache holds from earlier calls; `attention_mask_BT` (1 for
+a token, 0 for padding, over the cached and new tokens) lets rows of a batch be padded on either side.
 """
 
 from __future__ import annotations
@@ -142,14 +143,19 @@ class Rotary(nn.Module):
         self.register_buffer("cos_SR", angles_SR.cos(), persistent=False)
         self.register_buffer("sin_SR", angles_SR.sin(), persistent=False)
 
-    def forward(self, x_BHSDh: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Rotates the S positions from `start` on (start > 0: new tokens after a cache)."""
+    def forward(self, x_BHSDh: torch.Tensor, start: int = 0, positions_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotates the S positions from `start` on (start > 0: new tokens after a cache), or each row's own
+        `positions_BS` (padded rows)."""
         r = self.rotary_dims
         if r == 0:
             return x_BHSDh
-        stop = start + x_BHSDh.shape[-2]
         x_rot, x_pass = x_BHSDh[..., :r], x_BHSDh[..., r:]
-        cos, sin = self.cos_SR[start:stop].to(x_rot.dtype), self.sin_SR[start:stop].to(x_rot.dtype)
+        if positions_BS is None:
+            stop = start + x_BHSDh.shape[-2]
+            cos, sin = self.cos_SR[start:stop], self.sin_SR[start:stop]
+        else:  # [B, 1, S, R]: one table row per token, broadcast over heads
+            cos, sin = self.cos_SR[positions_BS].unsqueeze(1), self.sin_SR[positions_BS].unsqueeze(1)
+        cos, sin = cos.to(x_rot.dtype), sin.to(x_rot.dtype)
         half1, half2 = x_rot.chunk(2, dim=-1)
         rotated = torch.cat([-half2, half1], dim=-1)
         return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
@@ -177,17 +183,39 @@ class KVCache:
         return k_BKSDh, v_BKSDh
 
 
-def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+@dataclass
+class Padding:
+    """Padded rows (Hugging Face's attention_mask): each new token's position within its own row, and which
+    keys hold tokens, so that padding neither shifts positions nor is attended to."""
+
+    positions_BS: torch.Tensor
+    keys_valid_BT: torch.Tensor  # bool: the cached keys, then the new ones
+
+    @classmethod
+    def from_mask(cls, attention_mask_BT: torch.Tensor, num_new: int) -> Padding:
+        valid_BT = attention_mask_BT.bool()
+        positions_BT = (valid_BT.long().cumsum(dim=-1) - 1).clamp(min=0)
+        return cls(positions_BT[:, -num_new:], valid_BT)
+
+
+def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch.device,
+              padding: Padding | None = None) -> torch.Tensor | None:
     """Which keys each query sees, [S, T] bool: the queries are the last S of T positions; causal, and with a
     window only the `window` keys before a query (and itself), GPT-NeoX's flash window (w, 0) and Mistral's.
-    None when plain causal attention over the whole sequence is meant (sdpa's is_causal path)."""
+    With `padding`, [B, 1, S, T]: and only keys that hold tokens (a padding query sees itself, so that no row
+    of the softmax is empty). None when plain causal attention over the whole sequence is meant (sdpa's
+    is_causal path)."""
     start = num_keys - num_queries
-    if window is None and start == 0:
+    if window is None and start == 0 and padding is None:
         return None
     query_S1 = torch.arange(start, num_keys, device=device)[:, None]
     key_1T = torch.arange(num_keys, device=device)[None, :]
     allowed_ST = key_1T <= query_S1
-    return allowed_ST if window is None else allowed_ST & (key_1T >= query_S1 - window)
+    if window is not None:
+        allowed_ST = allowed_ST & (key_1T >= query_S1 - window)
+    if padding is None:
+        return allowed_ST
+    return (allowed_ST & padding.keys_valid_BT[:, None, None, :]) | (key_1T == query_S1)
 
 
 class Attention(nn.Module):
@@ -217,7 +245,8 @@ class Attention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         self.use_flash = cfg.attention_impl == "flash"
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None,
+                padding: Padding | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
@@ -225,14 +254,15 @@ class Attention(nn.Module):
         k_BKSDh, v_BKSDh = k.view(B, S, K, Dh).transpose(1, 2), v.view(B, S, K, Dh).transpose(1, 2)
         start = 0 if cache is None else cache.length(self.layer_idx)
         if self.rotary is not None:
-            q_BHSDh, k_BKSDh = self.rotary(q_BHSDh, start), self.rotary(k_BKSDh, start)
+            positions_BS = None if padding is None else padding.positions_BS
+            q_BHSDh, k_BKSDh = self.rotary(q_BHSDh, start, positions_BS), self.rotary(k_BKSDh, start, positions_BS)
         if cache is not None:  # from here on T keys: the cached ones, then these S
             k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.use_flash and cache is None:
+        if self.use_flash and cache is None and padding is None:
             out_BSHDh = flash_attention(q_BHSDh, k_BKSDh, v_BKSDh, dropout_p, self.window)
         else:
-            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device)
+            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device, padding)
             out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BKSDh, v_BKSDh, attn_mask=mask_ST,
                                                        dropout_p=dropout_p, is_causal=mask_ST is None,
                                                        enable_gqa=K != H)
@@ -301,12 +331,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.parallel_residual = cfg.gpt_j_residual
 
-    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None,
+                padding: Padding | None = None) -> tuple[torch.Tensor, MoEAux | None]:
         if self.parallel_residual:  # GPT-J: attention and MLP both read the block's input
             mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
-            x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD), cache)) + self.dropout(mlp_out)
-            return x_BSD, aux
-        x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD), cache))
+            attention = self.attention(self.input_norm(x_BSD), cache, padding)
+            return x_BSD + self.dropout(attention) + self.dropout(mlp_out), aux
+        x_BSD = x_BSD + self.dropout(self.attention(self.input_norm(x_BSD), cache, padding))
         mlp_out, aux = self.mlp(self.post_attention_norm(x_BSD))
         return x_BSD + self.dropout(mlp_out), aux
 
@@ -347,25 +378,33 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, loss_chunk_tokens: int = 0,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+                cache: KVCache | None = None,
+                attention_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
         """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order. With `targets_BS`, the
         mean cross-entropy instead of the logits, `loss_chunk_tokens` at a time so the full logits never exist
         (megatron/model/loss.py); inside the forward, so a sharded (FSDP2) head weight is gathered for it.
-        With `cache`, the tokens follow the ones it holds (their positions start there) and are added to it."""
+        With `cache`, the tokens follow the ones it holds (their positions start there) and are added to it.
+        With `attention_mask_BT` (T = cached + new tokens, 0 for padding), positions count each row's tokens
+        and padding is not attended to; the logits at padded positions mean nothing."""
         start = 0 if cache is None else cache.length()
+        padding = None
+        if attention_mask_BT is not None and not bool(attention_mask_BT.all()):
+            padding = Padding.from_mask(attention_mask_BT, tokens_BS.shape[1])
         if start + tokens_BS.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"{start + tokens_BS.shape[1]} positions exceed max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         x_BSD = self.embed(tokens_BS)
         if self.pos_embed is not None:
-            x_BSD = x_BSD + self.pos_embed(torch.arange(start, start + tokens_BS.shape[1], device=tokens_BS.device))
+            positions = (torch.arange(start, start + tokens_BS.shape[1], device=tokens_BS.device) if padding is None
+                         else padding.positions_BS)
+            x_BSD = x_BSD + self.pos_embed(positions)
         x_BSD = self.embed_dropout(x_BSD)
         moe_aux: list[MoEAux] = []
         for block in self.blocks:
             if self.cfg.checkpoint_activations and self.training:
-                x_BSD, aux = checkpoint(block, x_BSD, cache, use_reentrant=False)
+                x_BSD, aux = checkpoint(block, x_BSD, cache, padding, use_reentrant=False)
             else:
-                x_BSD, aux = block(x_BSD, cache)
+                x_BSD, aux = block(x_BSD, cache, padding)
             if aux is not None:
                 moe_aux.append(aux)
         x_BSD = self.final_norm(x_BSD)
