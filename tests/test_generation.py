@@ -123,6 +123,24 @@ def test_left_padded_prompts_continue_against_a_cache(variant):
             torch.testing.assert_close(torch.stack([step[b] for step in last]), alone_SV, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("variant", ["dense", "learned_positions", "structmoe_window"])
+def test_a_left_padded_batch_generates_what_each_prompt_does_alone(variant, use_cache):
+    model = tiny_model(**VARIANTS[variant])
+    generator = torch.Generator().manual_seed(6)
+    rows = [torch.randint(0, 64, (n,), generator=generator) for n in (7, 3)]
+    prompt_BS, mask_BS = padded(rows, 7, "left")
+    batch, batch_logits_BNV = generate(model, prompt_BS, 8, temperature=0.0, use_cache=use_cache,
+                                       attention_mask_BS=mask_BS)
+    for b, row in enumerate(rows):
+        alone, alone_logits_BNV = generate(model, row[None], 8, temperature=0.0)
+        assert batch[b, 7:].tolist() == alone[0, len(row):].tolist()
+        torch.testing.assert_close(batch_logits_BNV[b], alone_logits_BNV[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs left padding"):
+        right_BS, right_mask_BS = padded(rows, 7, "right")
+        generate(model, right_BS, 2, attention_mask_BS=right_mask_BS)  # the next token would follow padding
+
+
 def test_positions_beyond_the_model_are_one_clear_error():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"prompt of 30 tokens \+ max_new_tokens 3 exceed .*embeddings 32"):
@@ -193,6 +211,10 @@ def test_generate_cli_continues_the_prompt_with_and_without_the_cache(checkpoint
                          vocab_size=tokenizer.vocab_size)
     assert sampled == tokenizer.decode(tokens[0].tolist())
     assert capsys.readouterr().out.splitlines()[0] + "\n" == cached.stdout  # main prints what it returns
+    short = generate_tool.main([str(checkpoint), "--prompt", "not", "--max-new-tokens", "10", "--temperature", "0"])
+    both = generate_tool.main([str(checkpoint), "--prompt", "to be or", "--prompt", "not", "--max-new-tokens", "10",
+                               "--temperature", "0"])  # one left-padded batch: each as it is alone
+    assert both == cached.stdout.rstrip("\n") + "\n----\n" + short
 
 
 def test_generate_cli_errors_are_one_line(tmp_path, capsys):

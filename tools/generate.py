@@ -1,10 +1,12 @@
 """Text from a trained GPT checkpoint: the prompt, tokenized with the run's tokenizer, continued token by token.
 
-    python tools/generate.py CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
-                             [--top-p P] [--seed S] [--no-cache]
+    python tools/generate.py CHECKPOINT --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
+                             [--top-k K] [--top-p P] [--seed S] [--no-cache]
 
 CHECKPOINT is a save folder (its latest step) or one global_stepN folder. Temperature 0 is greedy decoding.
---no-cache recomputes the whole sequence each step (slower; the same tokens).
+--no-cache recomputes the whole sequence each step (slower; the same tokens). Several prompts run as one
+batch, left-padded with an attention mask (greedy: each continues as it would alone); their texts are
+printed in order, separated by a line of dashes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from megatron.training.pretrained import load_pretrained  # noqa: E402
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: all")
@@ -49,15 +51,19 @@ def main(argv: list[str]) -> str:
         if args.model_type != "gpt":
             raise ConfigError(f"{opts.checkpoint}: a {args.model_type} checkpoint (tools/sample_dit.py samples DiTs)")
         tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
-        prompt = tokenizer.encode(opts.prompt)
-        if not prompt:
-            raise ValueError("--prompt: the prompt has no tokens")
-        tokens, _ = generate(model, torch.tensor([prompt]), opts.max_new_tokens, opts.temperature, opts.top_k,
-                             opts.top_p, torch.Generator().manual_seed(opts.seed), use_cache=not opts.no_cache,
-                             vocab_size=tokenizer.vocab_size)
+        prompts = [tokenizer.encode(text) for text in opts.prompt]
+        if not all(prompts):
+            raise ValueError(f"--prompt: prompt {[bool(p) for p in prompts].index(False) + 1} has no tokens")
+        width = max(len(p) for p in prompts)
+        prompt_BS = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left-padded; 0 is masked
+        mask_BS = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        tokens, _ = generate(model, prompt_BS, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
+                             torch.Generator().manual_seed(opts.seed), use_cache=not opts.no_cache,
+                             vocab_size=tokenizer.vocab_size, attention_mask_BS=mask_BS if len(prompts) > 1 else None)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"generate: {err}")
-    text = tokenizer.decode(tokens[0].tolist())
+    texts = [tokenizer.decode(row[width - len(p):].tolist()) for row, p in zip(tokens, prompts)]
+    text = "\n----\n".join(texts)
     print(text)
     return text
 

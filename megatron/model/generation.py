@@ -41,11 +41,14 @@ def next_token(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: f
 @torch.no_grad()
 def generate(model: GPT, prompt_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-             vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             vocab_size: int | None = None,
+             attention_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt and new tokens [B, S + N], the logits each new token was drawn from [B, N, V]).
 
     With the cache the prompt runs once (prefill) and then each new token alone; without, the whole sequence
-    runs again every step. `vocab_size`: the tokenizer's, so the embedding's padding rows are never drawn."""
+    runs again every step. `vocab_size`: the tokenizer's, so the embedding's padding rows are never drawn.
+    `attention_mask_BS`: prompts of different lengths, left-padded (0 for padding), so that every row's next
+    token follows the last column."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected at least 1, got {max_new_tokens}")
     if prompt_BS.shape[1] < 1:
@@ -54,11 +57,15 @@ def generate(model: GPT, prompt_BS: torch.Tensor, max_new_tokens: int, temperatu
     if prompt_BS.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt of {prompt_BS.shape[1]} tokens + max_new_tokens {max_new_tokens} exceed the "
                          f"model's max_position_embeddings {limit}")
+    if attention_mask_BS is not None and not bool(attention_mask_BS[:, -1].all()):
+        raise ValueError("attention_mask: generation needs left padding (each row's prompt ending in the last column)")
     cache = KVCache(len(model.blocks)) if use_cache else None
-    tokens_BS, step_logits = prompt_BS, []
+    tokens_BS, step_logits, mask_BT = prompt_BS, [], attention_mask_BS
     new_BS = prompt_BS  # what the model has not seen yet
-    for _ in range(max_new_tokens):
-        logits_BSV, _ = model(new_BS if use_cache else tokens_BS, cache=cache)
+    for step in range(max_new_tokens):
+        if mask_BT is not None and step > 0:  # the token drawn last step is a token in every row
+            mask_BT = torch.cat([mask_BT, mask_BT.new_ones(mask_BT.shape[0], 1)], dim=1)
+        logits_BSV, _ = model(new_BS if use_cache else tokens_BS, cache=cache, attention_mask_BT=mask_BT)
         logits_BV = logits_BSV[:, -1].float()
         if vocab_size is not None:
             logits_BV[:, vocab_size:] = float("-inf")
