@@ -153,14 +153,14 @@ def millions(count: int | None) -> str:
 
 def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: dict) -> str:
     lines = ["| arm | config | seeds | final val loss (mean ± sd) | best val | total params | active params "
-             "| tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "| tokens/s | training time |", "|---|---|---|---|---|---|---|---|---|"]
     for name, arm in ARMS.items():
         if name not in groups:
             continue
         g = groups[name]
         lines.append(f"| {arm} | `{name}` | {len(g['final_val_per_seed'])} | {g['final_val']['mean']:.4f} ± "
                      f"{g['final_val']['sd']:.4f} | {g['best_val']['mean']:.4f} | {millions(g['total'])} | "
-                     f"{millions(g['active'])} | {g['tokens_per_sec']:.0f} |")
+                     f"{millions(g['active'])} | {g['tokens_per_sec']:.0f} | {g['train_seconds'] / 60:.1f} min |")
     lines += ["", "| question | method - baseline | pairs | mean difference | 95% CI | reading |",
               "|---|---|---|---|---|---|"]
     for r in rows:
