@@ -25,7 +25,7 @@ def test_common_direction_dominates_and_centring_rebalances():
     counts = torch.tensor([rows, rows])
     result = lore_routing.analyse_layer(bank, x, counts)
 
-    w = bank.router.weight.view(E, M, D)
+    w = bank.router.weight.detach().view(E, M, D)
     shares, ratios = [], []
     for e in range(E):
         part = x[e * rows:(e + 1) * rows]
