@@ -14,7 +14,7 @@ import pytest
 import torch
 from runs import write_config
 
-from megatron.model.generation import filter_logits, generate, next_token
+from megatron.model.generation import filter_logits, generate, next_token, pad_batch
 from megatron.model.gpt import GPT, GPTConfig, KVCache, MoESettings
 from megatron.model.moe import LoREConfig
 
@@ -77,16 +77,6 @@ def test_chunks_after_a_cache_see_the_right_positions(variant):
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole_BSV, rtol=1e-5, atol=1e-5)
 
 
-def padded(rows: list[torch.Tensor], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of different lengths as one batch padded on the `side`, and its attention mask (1: a token)."""
-    tokens_BS = torch.zeros(len(rows), width, dtype=torch.long)
-    mask_BS = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        tokens_BS[b, span], mask_BS[b, span] = row, 1
-    return tokens_BS, mask_BS
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_padded_rows_give_each_rows_own_logits(variant, side):
@@ -95,7 +85,7 @@ def test_padded_rows_give_each_rows_own_logits(variant, side):
     model = tiny_model(**VARIANTS[variant])
     generator = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 64, (n,), generator=generator) for n in (9, 6, 4)]
-    tokens_BS, mask_BS = padded(rows, 9, side)
+    tokens_BS, mask_BS = pad_batch(rows, side)
     with torch.no_grad():
         padded_BSV, _ = model(tokens_BS, attention_mask_BT=mask_BS)
         for b, row in enumerate(rows):
@@ -111,7 +101,7 @@ def test_left_padded_prompts_continue_against_a_cache(variant):
     generator = torch.Generator().manual_seed(4)
     rows = [torch.randint(0, 64, (n,), generator=generator) for n in (8, 5, 2)]
     new_BN = torch.randint(0, 64, (3, 4), generator=generator)
-    tokens_BS, mask_BT = padded(rows, 8, "left")
+    tokens_BS, mask_BT = pad_batch(rows, "left")
     cache = KVCache(len(model.blocks))
     with torch.no_grad():
         last = [model(tokens_BS, cache=cache, attention_mask_BT=mask_BT)[0][:, -1]]
@@ -129,7 +119,7 @@ def test_a_left_padded_batch_generates_what_each_prompt_does_alone(variant, use_
     model = tiny_model(**VARIANTS[variant])
     generator = torch.Generator().manual_seed(6)
     rows = [torch.randint(0, 64, (n,), generator=generator) for n in (7, 3)]
-    prompt_BS, mask_BS = padded(rows, 7, "left")
+    prompt_BS, mask_BS = pad_batch(rows, "left")
     batch, batch_logits_BNV = generate(model, prompt_BS, 8, temperature=0.0, use_cache=use_cache,
                                        attention_mask_BS=mask_BS)
     for b, row in enumerate(rows):
@@ -137,7 +127,7 @@ def test_a_left_padded_batch_generates_what_each_prompt_does_alone(variant, use_
         assert batch[b, 7:].tolist() == alone[0, len(row):].tolist()
         torch.testing.assert_close(batch_logits_BNV[b], alone_logits_BNV[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="needs left padding"):
-        right_BS, right_mask_BS = padded(rows, 7, "right")
+        right_BS, right_mask_BS = pad_batch(rows, "right")
         generate(model, right_BS, 2, attention_mask_BS=right_mask_BS)  # the next token would follow padding
 
 

@@ -18,6 +18,7 @@ import convert_to_hf  # noqa: E402
 
 from megatron.data.tokenizer import HFTokenizer  # noqa: E402
 from megatron.hf.remote import import_closure  # noqa: E402
+from megatron.model.generation import pad_batch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 TOKENS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -100,8 +101,7 @@ def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
     uncached = hf.generate(TOKENS[:, :8], max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist() == greedy(model, TOKENS[:, :8], 6).tolist()
     prompts = [TOKENS[0, :8], TOKENS[1, :5]]  # left-padded to one width, as batched generation pads
-    ids_BS = torch.stack([torch.cat([torch.zeros(8 - len(p), dtype=torch.long), p]) for p in prompts])
-    mask_BS = torch.stack([torch.arange(8) >= 8 - len(p) for p in prompts]).long()
+    ids_BS, mask_BS = pad_batch(prompts)
     batch = hf.generate(ids_BS, attention_mask=mask_BS, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for b, prompt in enumerate(prompts):
         assert batch[b, 8:].tolist() == greedy(model, prompt[None], 6)[0, len(prompt):].tolist()

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError  # noqa: E402
 from megatron.data.tokenizer import build_tokenizer  # noqa: E402
-from megatron.model.generation import generate  # noqa: E402
+from megatron.model.generation import generate, pad_batch  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
 
@@ -54,15 +54,13 @@ def main(argv: list[str]) -> str:
         prompts = [tokenizer.encode(text) for text in opts.prompt]
         if not all(prompts):
             raise ValueError(f"--prompt: prompt {[bool(p) for p in prompts].index(False) + 1} has no tokens")
-        width = max(len(p) for p in prompts)
-        prompt_BS = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left-padded; 0 is masked
-        mask_BS = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        prompt_BS, mask_BS = pad_batch(prompts)  # one prompt: a mask of ones, which the model skips
         tokens, _ = generate(model, prompt_BS, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
                              torch.Generator().manual_seed(opts.seed), use_cache=not opts.no_cache,
-                             vocab_size=tokenizer.vocab_size, attention_mask_BS=mask_BS if len(prompts) > 1 else None)
+                             vocab_size=tokenizer.vocab_size, attention_mask_BS=mask_BS)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         sys.exit(f"generate: {err}")
-    texts = [tokenizer.decode(row[width - len(p):].tolist()) for row, p in zip(tokens, prompts)]
+    texts = [tokenizer.decode(row[prompt_BS.shape[1] - len(p):].tolist()) for row, p in zip(tokens, prompts)]
     text = "\n----\n".join(texts)
     print(text)
     return text

@@ -38,6 +38,18 @@ def next_token(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: f
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+def pad_batch(rows: list[torch.Tensor], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch [B, S] (S the longest) padded with 0 on `side`, and its
+    attention mask (1: a token). `generate` wants left padding: every row's next token follows the last column."""
+    width = max(len(row) for row in rows)
+    tokens_BS = torch.zeros(len(rows), width, dtype=torch.long)
+    mask_BS = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        tokens_BS[b, span], mask_BS[b, span] = torch.as_tensor(row, dtype=torch.long), 1
+    return tokens_BS, mask_BS
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
