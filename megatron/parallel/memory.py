@@ -202,6 +202,11 @@ def ddp_overhead_bytes(args, world_size: int, ep_size: int, zero_stage: int) -> 
     return buckets + copies
 
 
+def activation_element_bytes(args) -> int:
+    """Bytes of an activation element autocast produces: 2 under bf16/fp16, 4 in fp32."""
+    return 2 if args.precision in ("bfloat16", "fp16") else FP32
+
+
 def block_activation_bytes(args) -> list[int]:
     """What each transformer block's forward keeps for backward, one micro-batch (T = micro-batch x seq_length
     tokens), in bytes, from the shapes alone. `a` = 2 bytes under bf16/fp16 autocast and 4 in fp32; the residual
@@ -232,7 +237,7 @@ def block_activation_bytes(args) -> list[int]:
     tokens = args.train_micro_batch_size_per_gpu * args.seq_length
     d, heads = args.hidden_size, args.num_attention_heads
     kv = d * (args.num_kv_heads or heads) // heads  # the K (and V) width
-    a = 2 if args.precision in ("bfloat16", "fp16") else FP32
+    a = activation_element_bytes(args)
     gated = is_gated(args.activation)
     act = lambda width: a * (4 if gated else 2) * width  # noqa: E731  (the activation's saved tensors)
     rotary = args.pos_emb == "rotary" and args.rotary_pct > 0
@@ -279,7 +284,7 @@ def activation_bytes(args) -> int:
     """
     tokens = args.train_micro_batch_size_per_gpu * args.seq_length
     d = args.hidden_size
-    a = 2 if args.precision in ("bfloat16", "fp16") else FP32
+    a = activation_element_bytes(args)
     per_layer = block_activation_bytes(args)
     vocab = vocab_size_of(args)
     if args.loss_chunk_tokens:  # only one chunk's fp32 logits exist at a time (model/loss.py)
