@@ -47,3 +47,45 @@ def test_async_checkpoints_equal_synchronous_ones_and_resume_exactly(tmp_path, d
     train.run([str(write_config(tmp_path / "async", data_prefix, async_save=True, **settings))])
     resumed = train_losses(read_metrics(tmp_path / "async" / "logs"))
     assert resumed == train_losses(read_metrics(tmp_path / "sync" / "logs"))
+
+
+def _async_save_over_the_host_group(rank: int, world_size: int, folder: str) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from megatron.parallel import DistInfo, distributed
+    from megatron.training import checkpoint
+
+    # as under NCCL: init_distributed's separate gloo group of every rank carries DCP's host-side collectives
+    distributed._host_group = dist.new_group(backend="gloo")
+    groups = []
+    real_async_save = dcp.async_save
+
+    def recording_async_save(*args, **kwargs):
+        groups.append(kwargs.get("process_group"))
+        return real_async_save(*args, **kwargs)
+
+    checkpoint.dcp.async_save = recording_async_save
+    try:
+        torch.manual_seed(0)  # the same weights on every rank
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters())
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        info = DistInfo(rank, world_size, rank, torch.device("cpu"))
+        pending = checkpoint.begin_save(folder, 1, model, optimizer, {"rank": rank}, "{}\n", info, asynchronous=True)
+        assert pending.error is None, pending.error
+        final = pending.finish()
+        assert groups == [distributed._host_group]
+        assert final.name == "global_step1" and (final.parent / "latest").read_text() == "global_step1"
+    finally:
+        checkpoint.dcp.async_save = real_async_save
+        distributed._host_group = None
+
+
+def test_async_save_runs_its_collectives_over_the_host_group(tmp_path):
+    from distributed import run_on_ranks
+
+    run_on_ranks(_async_save_over_the_host_group, 2, str(tmp_path / "ckpt"))
+    state = saved_tensors(tmp_path / "ckpt" / "global_step1", tmp_path)
+    assert any(key.endswith("weight") for key in state)

@@ -10,6 +10,7 @@ from distributed import assert_grads_match_one_rank, run_on_ranks
 from megatron.model.moe import LoREConfig, MoELayer
 from megatron.parallel.expert_parallel import (
     ExpertParallel,
+    all_gather_counts,
     experts_per_rank,
     local_expert_range,
     source_to_expert_major,
@@ -37,6 +38,19 @@ def test_received_rows_are_regrouped_by_expert_then_source():
     order = source_to_expert_major(counts_SL)
     assert [labels[i] for i in order] == sorted(labels, key=lambda se: (se[1], se[0]))
     assert source_to_expert_major(torch.zeros(2, 3, dtype=torch.long)).numel() == 0
+
+
+def _gather_counts_without_the_new_name(rank: int, world_size: int, hide_new_name: bool) -> None:
+    if hide_new_name:  # torch 2.11/2.12 have only all_gather_into_tensor
+        del dist.all_gather_single
+    counts_E = torch.tensor([rank, 10 + rank, 20 + rank])
+    gathered_SE = all_gather_counts(counts_E, None)
+    assert gathered_SE.tolist() == [[s, 10 + s, 20 + s] for s in range(world_size)]
+
+
+@pytest.mark.parametrize("hide_new_name", [False, True], ids=["torch2.13", "torch2.11"])
+def test_counts_are_gathered_on_every_supported_torch(hide_new_name):
+    run_on_ranks(_gather_counts_without_the_new_name, 2, hide_new_name)
 
 
 LAYER_CASES = {

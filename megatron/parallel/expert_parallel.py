@@ -71,8 +71,15 @@ def all_gather_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     """Every rank's per-expert row counts: [S, E]. A small collective that precedes the row exchange."""
     size = dist.get_world_size(group)
     gathered = counts_E.new_empty(size * counts_E.numel())  # gloo wants a flat output
-    dist.all_gather_single(gathered, counts_E.contiguous(), group=group)
+    all_gather_flat(gathered, counts_E.contiguous(), group)
     return gathered.view(size, -1)
+
+
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    """Every rank's `input` concatenated into `output`, on whichever name this torch has: torch 2.13 added
+    `all_gather_single` and deprecated `all_gather_into_tensor`, the only one torch 2.11 and 2.12 have."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
 
 
 def source_to_expert_major(counts_SL: torch.Tensor, total: int | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import expert_parameter_names
+from megatron.parallel.distributed import host_group
 
 log = logging.getLogger("megatron.checkpoint")
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -163,7 +164,7 @@ def begin_save(
     try:
         _, _, state = layout_free_state(model, optimizer)
         if asynchronous:
-            pending.future = dcp.async_save(state, checkpoint_id=pending.tmp)
+            pending.future = dcp.async_save(state, checkpoint_id=pending.tmp, process_group=host_group())
         else:
             dcp.save(state, checkpoint_id=pending.tmp)
     except (OSError, CheckpointException, RuntimeError) as err:  # ENOSPC and friends, as DCP or torch report them

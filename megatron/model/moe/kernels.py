@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 MOE_IMPLS = ("auto", "native", "grouped_gemm", "megablocks")
 TORCH_FUSED_GROUPED_MM_MAJORS = (9, 10)  # torch's fused bf16 grouped_mm: sm90 and sm100 only
+CUDA_GROUPED_MM_MAX_GROUPS = 1023  # torch's CUDA grouped_mm rejects 1024 groups or more (the CPU one does not)
 GMM_DEVICE_TYPES = ("cuda",)  # where gmm runs (tests add "cpu" to drive the gmm path with a stand-in)
 GMM_NEEDS = "moe_impl: grouped_gemm needs CUDA and the grouped_gemm package (pip install grouped_gemm)"
 SLOW_GROUPED_MM = (
@@ -147,10 +148,17 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """grouped_mm wants fp32/bf16 and rows whose byte strides are multiples of 16."""
+    """grouped_mm wants fp32/bf16, rows whose byte strides are multiples of 16, and on CUDA fewer than 1024
+    groups (local experts x LoREs can reach that: 8 experts of 128 LoREs; those take the per-group loop)."""
     if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype:
         return False
+    if not grouped_mm_takes_groups(x.device.type, w.shape[0]):
+        return False
     return all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], w.shape[-1], w.shape[-2]))
+
+
+def grouped_mm_takes_groups(device_type: str, groups: int) -> bool:
+    return device_type != "cuda" or groups <= CUDA_GROUPED_MM_MAX_GROUPS
 
 
 def gmm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
