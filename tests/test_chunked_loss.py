@@ -88,3 +88,37 @@ def test_training_with_chunks_gives_the_same_losses(tmp_path, data_prefix):
     assert full.keys() == chunked.keys()
     for step in full:
         assert chunked[step] == pytest.approx(full[step], rel=1e-4)
+
+
+class MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtype of every matrix product run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.dtypes.append(args[-2].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_under_bf16_autocast_runs_in_bf16_like_the_full_logits_path():
+    """The chunked backward recomputes logits as the forward made them (bf16 GEMMs under autocast), so its
+    GEMMs are bf16 and its gradients those of the full-logits path under the same autocast."""
+    torch.manual_seed(3)
+    h = torch.randn(96, 64, requires_grad=True)
+    w = (torch.randn(300, 64) * 0.3).requires_grad_(True)
+    targets = torch.randint(300, (96,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = lm_loss(h, w, targets, 0)
+        chunked = lm_loss(h, w, targets, 32)
+    full_grads = torch.autograd.grad(full, (h, w))
+    recorder = MatmulDtypes()
+    with recorder:
+        chunked_grads = torch.autograd.grad(chunked, (h, w))
+    assert recorder.dtypes and set(recorder.dtypes) == {torch.bfloat16}, recorder.dtypes
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-3)
+    for got, want in zip(chunked_grads, full_grads):
+        assert got.dtype == torch.float32  # the parameters' and inputs' own dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

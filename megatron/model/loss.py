@@ -32,10 +32,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             lse_N[start:start + chunk] = lse_C
         ctx.save_for_backward(hidden_ND, weight_VD, targets_N, lse_N)
         ctx.chunk = chunk
+        device_type = hidden_ND.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         return total / hidden_ND.shape[0]
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        # The backward runs outside the forward's autocast (the autograd engine does not carry it): enter it
+        # again, so the recomputed logits are the forward's (bf16 GEMMs on tensor cores under bf16 autocast)
+        # and agree with the saved log-sum-exp, and the two gradient GEMMs run in the same precision.
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return ChunkedCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss: torch.Tensor):
         hidden_ND, weight_VD, targets_N, lse_N = ctx.saved_tensors
         scale = grad_loss / hidden_ND.shape[0]
         grad_hidden = torch.empty_like(hidden_ND) if ctx.needs_input_grad[0] else None
