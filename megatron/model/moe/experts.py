@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from megatron.model.activations import activate, up_width
-from megatron.model.moe.kernels import autocast_operands, gmm_available, grouped_matmul
+from megatron.model.moe.kernels import compute_dtype, gmm_available, grouped_matmul
 
 if TYPE_CHECKING:
     from megatron.model.moe.dispatcher import RowSources
@@ -80,9 +80,8 @@ class GroupedExperts(nn.Module):
         """Rows of expert e are the tokens_per_expert_E[e] rows after those of experts < e; `sources`
         says whose batch they came from (for the LoRE balancing loss; None: all from this rank's)."""
         sizes = None
-        if self.gmm is not None and self.use_grouped_mm is not False and gmm_available(
-            *autocast_operands(x_ND, self.w_up_EDF)
-        ):
+        on_gmm = self.gmm is not None and self.use_grouped_mm is not False
+        if on_gmm and gmm_available(x_ND, self.w_up_EDF, compute_dtype(x_ND)):
             sizes = tokens_per_expert_E.cpu()  # host sync: gmm's group sizes, once for both projections
         up = lambda x: grouped_matmul(x, self.w_up_EDF, tokens_per_expert_E, self.use_grouped_mm, self.gmm, sizes)
         down = lambda h: grouped_matmul(h, self.w_down_EFD, tokens_per_expert_E, self.use_grouped_mm, self.gmm, sizes)

@@ -19,10 +19,9 @@ the run will use; nothing here queries CUDA in forward):
   per-group in-place addmm loop (memory-bound there, and measured faster than one grouped call).
 
 Host syncs left in the MoE layer on a GPU (each stalls the host until the device has done the queued
-work), and why each is there:
-- `TopKRouter.forward` (router.py) and `LoREBank.plan` (lore.py): `torch.bincount` on CUDA reads its
-  input's min and max on the host (`.cpu()` / `.item()` inside torch) to size the output; the plan's
-  `repeat_interleave` without `output_size` reads the total row count the same way.
+work), and why each is there. Counts use `router.count_ids` (a scatter-add of known size), never
+`torch.bincount` (which reads its input's maximum on the host), and every `repeat_interleave` is given its
+`output_size`; tests/test_host_syncs.py runs the layer's GPU path on the CPU and finds no other sync:
 - `AllToAllDispatcher.exchange` (dispatcher.py, expert parallelism only): one `.tolist()` of the send and
   receive split sizes, because `all_to_all_single` takes Python ints (the received row count that sizes
   the regrouping index comes from those, not from another sync).
@@ -35,6 +34,8 @@ work), and why each is there:
   `moe_impl: grouped_gemm` the LoRE router and A projection (lore.py) still run here.
 - the per-group loops: `grouped_matmul` where no grouped kernel takes the dtype/shape (fp16, or widths
   that are not multiples of 16 bytes) and `accumulate_grouped_matmul` on CPU: `rows_per_group.tolist()`.
+- `LSHDispatcher` (LSH-MoE only): `torch.unique` of the bucket keys sizes the centroids on the host.
+- `SinkhornRouter` in training: one `.item()`-like test per Sinkhorn iteration, as GPT-NeoX has it.
 The LoRE B term on CUDA in bf16 (`accumulate_grouped_matmul`) is one grouped call on device offsets: on
 sm90/sm100 it has no host sync (fp32 keeps the in-place loop and its one `.tolist()`).
 """
@@ -116,13 +117,19 @@ def resolve_moe_impl(requested: str, device: torch.device | str | None = None) -
 
 # -- kernels ----------------------------------------------------------------------------------------
 
-def autocast_operands(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What autocast does to a matmul's operands, for the grouped kernels it does not cover."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in (x's own outside autocast), found without casting."""
     device_type = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return x.to(dtype), w.to(dtype)
-    return x, w
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def autocast_operands(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What autocast does to a matmul's operands, for the grouped kernels it does not cover. Operands
+    already in that dtype pass through uncopied, so callers cast once and hand the result on."""
+    dtype = compute_dtype(x)
+    return x.to(dtype), w.to(dtype)
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -161,10 +168,12 @@ def grouped_mm_takes_groups(device_type: str, groups: int) -> bool:
     return device_type != "cuda" or groups <= CUDA_GROUPED_MM_MAX_GROUPS
 
 
-def gmm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
+def gmm_available(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """grouped_gemm's gmm takes bf16 CUDA tensors (2-D rows, 3-D weights) only; its CUTLASS build wants
-    rows of 8-element multiples (16 bytes), the same rule as torch's grouped_mm."""
-    if x.device.type not in GMM_DEVICE_TYPES or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+    rows of 8-element multiples (16 bytes), the same rule as torch's grouped_mm. `dtype`: the one both
+    operands will have (`compute_dtype`), to ask before casting them."""
+    x_dtype, w_dtype = (x.dtype, w.dtype) if dtype is None else (dtype, dtype)
+    if x.device.type not in GMM_DEVICE_TYPES or x_dtype != torch.bfloat16 or w_dtype != torch.bfloat16:
         return False
     return x.dim() == 2 and w.dim() == 3 and all(size % 8 == 0 for size in (x.shape[-1], w.shape[-1], w.shape[-2]))
 
@@ -248,8 +257,7 @@ class _AccumulateGroupedMatmul(torch.autograd.Function):
 
 
 def grouped_kernel_applies(a_NK: torch.Tensor, w_GKO: torch.Tensor, gmm: Callable | None = None) -> bool:
-    """Whether one grouped call (gmm or torch's grouped_mm) can take these operands (after autocast)."""
-    a_NK, w_GKO = autocast_operands(a_NK, w_GKO)
+    """Whether one grouped call (gmm or torch's grouped_mm) can take these operands (already autocast)."""
     return (gmm is not None and gmm_available(a_NK, w_GKO)) or grouped_mm_available(a_NK, w_GKO)
 
 
@@ -269,9 +277,9 @@ def accumulate_grouped_matmul(
     would sync in forward and twice in backward where the loop syncs once. True / False force one or the
     other (True still takes the loop where no grouped kernel supports the dtype/shape).
     """
+    a_NK, w_GKO = autocast_operands(a_NK, w_GKO)  # the fp32 weight cast once per call, not once per question
     if use_grouped_kernel is None:
-        operand_dtype = autocast_operands(a_NK, w_GKO)[0].dtype
-        use_grouped_kernel = out_NO.device.type == "cuda" and operand_dtype == torch.bfloat16
+        use_grouped_kernel = out_NO.device.type == "cuda" and a_NK.dtype == torch.bfloat16
     if use_grouped_kernel and grouped_kernel_applies(a_NK, w_GKO, gmm):
         return out_NO + grouped_matmul(a_NK, w_GKO, rows_per_group_G, gmm=gmm)
     # addmm_ needs one dtype: under autocast `out` and `a` come out of autocast's matmuls, w does not

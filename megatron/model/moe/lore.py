@@ -49,6 +49,7 @@ from megatron.model.activations import up_width
 from megatron.model.moe.dispatcher import RowSources
 from megatron.model.moe.experts import normal_init_slice
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
+from megatron.model.moe.router import count_ids
 
 MODES = ("entangled", "router_free", "standalone")
 B_INIT_SCALE = 0.1
@@ -171,9 +172,10 @@ class LoREBank(nn.Module):
         pi_NL, lore_ids_NL = torch.topk(probs_NM, L, dim=-1)
         if self.config.renormalize:
             pi_NL = pi_NL / pi_NL.sum(dim=-1, keepdim=True)
-        expert_of_row_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), tokens_per_expert_E)
+        expert_of_row_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), tokens_per_expert_E,
+                                                  output_size=x_ND.shape[0])
         group_NL = expert_of_row_N.unsqueeze(1) * M + lore_ids_NL
-        rows_per_group_G = torch.bincount(group_NL.flatten(), minlength=E * M)
+        rows_per_group_G = count_ids(group_NL, E * M)
         if sources is None:  # every row from this rank's batch
             sources = RowSources(tokens_per_expert_E.unsqueeze(0), tokens_per_expert_E.sum().unsqueeze(0))
         aux = lore_aux(probs_NM, lore_ids_NL, sources.rows_SL, sources.total_rows_S, rows_per_group_G.view(E, M))
@@ -224,7 +226,7 @@ def lore_aux(
     rows_G = rows_SE.T.flatten()  # g = e * S + s: the rows' order
     segment_N = torch.repeat_interleave(torch.arange(E * S, device=probs_NM.device), rows_G,
                                         output_size=probs_NM.shape[0])
-    slots_GM = torch.bincount((segment_N.unsqueeze(1) * M + lore_ids_NL).flatten(), minlength=E * S * M)
+    slots_GM = count_ids(segment_N.unsqueeze(1) * M + lore_ids_NL, E * S * M)
     sum_prob_GM = probs_NM.new_zeros(E * S, M).index_add(0, segment_N, probs_NM)
     denominators_G = (rows_G * total_rows_S.repeat(E)).to(probs_NM.dtype).clamp_min(1)
     loss = (M / top_l) * ((slots_GM.view(E * S, M) * sum_prob_GM).sum(dim=1) / denominators_G).sum()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.model.moe.router import count_ids
+
 
 @dataclass(frozen=True)
 class LSHConfig:
@@ -77,7 +79,8 @@ class CrossPolytopeHash:
         if self.rotation_DK.device != x_ND.device:
             self.rotation_DK = self.rotation_DK.to(x_ND.device)
         H, R = self.config.num_hashes, self.config.hash_dim
-        rotated_NHR = (x_ND.detach().float() @ self.rotation_DK).view(-1, H, R)
+        with torch.autocast(x_ND.device.type, enabled=False):  # fp32 buckets under bf16 autocast too
+            rotated_NHR = (x_ND.detach().float() @ self.rotation_DK).view(-1, H, R)
         index_NH = rotated_NHR.abs().argmax(dim=-1)
         negative_NH = rotated_NHR.gather(-1, index_NH.unsqueeze(-1)).squeeze(-1) < 0
         code_NH = index_NH * 2 + negative_NH.long()  # one of 2R buckets per hash
@@ -114,7 +117,7 @@ def compress(
         centroid_of_row_N]
     sums_CD = x_ND.new_zeros(keys_C.shape[0], x_ND.shape[1]).index_add(0, centroid_of_row_N, x_ND)
     centroids_CD = sums_CD / rows_per_centroid_C.unsqueeze(1).to(x_ND.dtype)
-    centroids_per_expert_E = torch.bincount(keys_C // hasher.config.num_buckets, minlength=num_experts)
+    centroids_per_expert_E = count_ids(keys_C // hasher.config.num_buckets, num_experts)
     residual_ND = None
     if keep_residual:
         # a row alone in its bucket has x - c = 0; masking it keeps the gradient a + 0, not (a + g) - g,

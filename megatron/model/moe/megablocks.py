@@ -99,7 +99,7 @@ class MegablocksExperts(nn.Module):
         view_EDF = lambda w: w.view(self.num_experts, -1, w.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w
         w1_EDF, w2_EFD = view_EDF(self.w1), self.w2.view(self.num_experts, -1, self.w2.shape[-1])
         batch_sizes = None
-        if kernels.gmm_available(*kernels.autocast_operands(x_ND, w1_EDF)):
+        if kernels.gmm_available(x_ND, w1_EDF, kernels.compute_dtype(x_ND)):
             batch_sizes = tokens_per_expert_E.cpu()  # host sync: gmm takes the group sizes on the host
         grouped = lambda x, w: grouped_matmul(x, w, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
         if self.v1 is None:

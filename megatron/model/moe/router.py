@@ -26,6 +26,16 @@ class Routing:
     z_loss: torch.Tensor
 
 
+def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0 .. size-1 occurs in `ids`: long [size].
+
+    Not torch.bincount: on CUDA it reads the ids' maximum on the host to size its output, a host sync per
+    call (and a graph break under torch.compile); a scatter-add into a tensor of known size needs neither.
+    """
+    flat = ids.flatten()
+    return torch.zeros(size, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(
     probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, counts_E: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -36,7 +46,7 @@ def load_balancing_loss(
     """
     num_experts = probs_TE.shape[-1]
     if counts_E is None:
-        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=num_experts)
+        counts_E = count_ids(expert_ids_TK, num_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / expert_ids_TK.numel()
     return num_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
 
@@ -76,7 +86,7 @@ class TopKRouter(Router):
         probs_TE = F.softmax(logits_TE, dim=-1)
         weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         lbl_probs = probs_TE if self.lbl_in_fp32 else probs_TE.to(x_TD.dtype)
-        counts_E = torch.bincount(expert_ids_TK.flatten(), minlength=probs_TE.shape[-1])
+        counts_E = count_ids(expert_ids_TK, probs_TE.shape[-1])
         return Routing(
             expert_ids_TK=expert_ids_TK,
             weights_TK=self.chosen_gates(weights_TK, x_TD.dtype),
@@ -136,7 +146,7 @@ class SinkhornRouter(Router):
             expert_ids_TK=expert_ids_TK,
             weights_TK=self.chosen_gates(weights_TK, x_TD.dtype),
             probs_TE=probs_TE,
-            tokens_per_expert_E=torch.bincount(expert_ids_TK.flatten(), minlength=logits_TE.shape[-1]),
+            tokens_per_expert_E=count_ids(expert_ids_TK, logits_TE.shape[-1]),
             load_balancing_loss=logits_TE.new_zeros(()),
             z_loss=z_loss(logits_TE),
         )
