@@ -109,3 +109,25 @@ def _compare_layer(rank: int, world: int, name: str) -> None:
 @pytest.mark.parametrize("name", list(LAYER_CASES))
 def test_moe_layer_on_two_ranks_equals_one_rank(name):
     run_on_ranks(_compare_layer, 2, name)
+
+
+def _exchange_under_bf16_autocast(rank: int, world: int) -> None:
+    ep = ExpertParallel(world, rank, dist.group.WORLD)
+    full, part, x = _layers_and_input(dict(num_experts=4, top_k=2, lore=LoREConfig(4, 8, top_l=1)), ep)
+    mine = slice(rank * 12, (rank + 1) * 12)
+    x_mine = x[mine].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_full, _ = full(x[mine])
+        y_part, aux = part(x_mine)
+    y_part.sum().backward()
+    assert x_mine.grad.dtype == torch.float32 and torch.isfinite(x_mine.grad).all()
+    # the rows cross in bf16: 2 bytes an element, not fp32's 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = part.router(x[mine])
+    crossing = int(sum(routing.tokens_per_expert_E[e] for e in range(4) if e not in part.local_experts))
+    assert aux.dispatch_stats["exchange_bytes_sent"] == crossing * 16 * 2
+    torch.testing.assert_close(y_part, y_full, rtol=2e-2, atol=2e-2)  # the same bf16 rows reach the experts
+
+
+def test_rows_cross_the_exchange_in_the_autocast_dtype():
+    run_on_ranks(_exchange_under_bf16_autocast, 2)

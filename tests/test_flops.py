@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import load_config
 from megatron.model.build import gpt_config_from_args
-from megatron.model.flops import flops_per_token
+from megatron.model.flops import data_sheet_peak, flops_per_token
 from megatron.model.gpt import GPT
 
 CONFIGS = ["tiny.yml", "tiny_moe.yml", "tiny_structmoe.yml", "tiny_structmoe_router_free.yml",
@@ -92,3 +92,17 @@ def test_training_logs_tflops_and_mfu(tmp_path, data_prefix):
     for record in [r for r in read_metrics(tmp_path / "logs") if "loss" in r]:
         assert record["tflops_per_rank"] == pytest.approx(record["tokens_per_sec"] * per_token / 1e12, rel=1e-6)
         assert record["mfu"] == pytest.approx(record["tflops_per_rank"] / 0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),  # SXM
+    ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+    ("NVIDIA H100 NVL", "bfloat16", 835.0),
+    ("NVIDIA H100 NVL", "fp32", 60.0),
+    ("NVIDIA H200", "bfloat16", 989.0),
+    ("NVIDIA H200 NVL", "bfloat16", 835.0),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", None),  # unknown: the caller measures a matmul instead
+])
+def test_data_sheet_peaks_tell_the_h100_boards_apart(name, precision, expected):
+    assert data_sheet_peak(name, precision) == expected

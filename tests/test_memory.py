@@ -215,7 +215,7 @@ def _measure_layouts(rank: int, world: int, out_dir: str) -> None:
         dims = build_parallel_dims(DistInfo(rank, world, rank, torch.device("cpu")), ep)
         torch.manual_seed(0)  # the same weights on every rank
         model = GPT(gpt_config_from_args(args, vocab_size_of(args), dims.expert_parallel()))
-        parallel = ParallelModel(model, dims, zero_stage, find_unused_parameters=True)
+        parallel = ParallelModel(model, dims, zero_stage)
         optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, torch.device("cpu"))
         tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(rank))
         logits, aux = parallel.module(tokens[:, :-1])

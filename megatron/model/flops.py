@@ -87,14 +87,26 @@ def _lore_flops(layer: nn.Module) -> float:
 
 
 # Dense peak TFLOP/s per GPU from the vendors' data sheets (no sparsity); fp32 matmuls run on TF32 tensor cores
-# only when allowed, so fp32 lists the plain FP32 figure.
+# only when allowed, so fp32 lists the plain FP32 figure. Matched by substring of the device name, first match
+# wins, so the PCIe and NVL boards (lower clocks and power) come before their SXM namesakes.
 GPU_PEAK_TFLOPS = {
-    "A100": {"bfloat16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "H100": {"bfloat16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bfloat16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100 NVL": {"bfloat16": 835.0, "fp16": 835.0, "fp32": 60.0},
+    "H100": {"bfloat16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM ("NVIDIA H100 80GB HBM3")
+    "H200 NVL": {"bfloat16": 835.0, "fp16": 835.0, "fp32": 60.0},
     "H200": {"bfloat16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bfloat16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "L40S": {"bfloat16": 362.0, "fp16": 362.0, "fp32": 91.6},
     "A10": {"bfloat16": 125.0, "fp16": 125.0, "fp32": 31.2},
 }
+
+
+def data_sheet_peak(device_name: str, precision: str) -> float | None:
+    """The data-sheet peak of the first GPU_PEAK_TFLOPS key the device name contains; None if none does."""
+    for key, peaks in GPU_PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks.get(precision, peaks["fp32"])
+    return None
 
 
 def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
@@ -102,9 +114,9 @@ def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
     probe on this device (on a CPU: the threads this process uses), so MFU is measured against something real."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return peaks.get(precision, peaks["fp32"]), f"{name} data sheet, {precision}"
+        known = data_sheet_peak(name, precision)
+        if known is not None:
+            return known, f"{name} data sheet, {precision}"
     dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     dtype = torch.float32 if device.type == "cpu" else dtype  # CPU configs train in fp32
     n = 1024 if device.type == "cpu" else 8192

@@ -399,6 +399,10 @@ class GPT(nn.Module):
                          else padding.positions_BS)
             x_BSD = x_BSD + self.pos_embed(positions)
         x_BSD = self.embed_dropout(x_BSD)
+        if torch.is_autocast_enabled(tokens_BS.device.type):
+            # the residual stream in fp32 under autocast whatever the weights' dtype: FSDP2's bf16 compute
+            # copies would otherwise make it bf16 from the embedding on, and numerics depend on the layout
+            x_BSD = x_BSD.float()
         moe_aux: list[MoEAux] = []
         for block in self.blocks:
             if self.cfg.checkpoint_activations and self.training:

@@ -59,7 +59,10 @@ class ParallelModel:
     """The model as the trainer drives it: call `module`, sync gradients, reduce them, clip them."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, zero_stage: int = 0,
-                 param_dtype: torch.dtype | None = None, find_unused_parameters: bool = False):
+                 param_dtype: torch.dtype | None = None):
+        """DDP runs without `find_unused_parameters` (a traversal of the autograd graph every step): every
+        parameter gets a gradient each step, experts included, since the grouped kernels' backward writes
+        the whole stacked weight (zeros for an expert that got no rows)."""
         self.model, self.dims, self.zero_stage = model, dims, zero_stage
         expert_names = expert_parameter_names(model)
         self.sharded = dims.world_size > 1 and zero_stage > 0
@@ -71,7 +74,7 @@ class ParallelModel:
         else:
             if dims.ep_size > 1:  # experts differ per EP rank: DDP must leave them to `reduce_gradients`
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
-            self.module = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+            self.module = DistributedDataParallel(model)
         # after wrapping: FSDP2 replaces the parameter objects (by DTensors of the same names)
         named = dict(model.named_parameters())
         self.expert_params = [named[name] for name in expert_names]
@@ -153,7 +156,10 @@ def expert_shard_dim(shape: tuple[int, ...] | torch.Size, shards: int) -> int:
 def shard_with_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool,
                     param_dtype: torch.dtype | None = None) -> None:
     """FSDP2 in place: experts over their replicas, every transformer block and the root over all ranks."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # cast_forward_inputs off: the residual stream stays fp32 between blocks as under DDP's autocast (torch's
+    # default would round it to bf16 at every block), so numerics do not depend on the layout
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None,
+                                  cast_forward_inputs=False)
     expert_mesh = dims.expert_mesh["edp"]
     for module, _ in expert_modules(model).values():
         fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,

@@ -92,7 +92,6 @@ class DiTTask:
             log.info("every basis initialised from the plain DiT %s", args.remix_init_from)
         self.diffusion = GaussianDiffusion(args.diffusion_steps, args.beta_start, args.beta_end, args.learn_sigma)
         self.remix = self.model.config.remix
-        self.ddp_find_unused_parameters = False
         self.micro_batch = args.train_micro_batch_size_per_gpu
         self.global_batch = args.train_batch_size
         self.anneal_iters = (args.remix_prior_anneal_iters if args.remix_prior_anneal_iters is not None

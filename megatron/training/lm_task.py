@@ -105,7 +105,6 @@ class LMTask:
         if compile_wanted(args.torch_compile, dist_info.device):
             regions = compile_regions(self.model)
             log.info("torch_compile: %d regions compiled (attention, norms, dense MLPs, routers)", len(regions))
-        self.ddp_find_unused_parameters = args.moe_num_experts > 1
         self.micro_batch = args.train_micro_batch_size_per_gpu
         self.global_batch = args.train_batch_size
         self.eval_samples_per_rank = args.eval_iters * self.micro_batch

@@ -17,7 +17,6 @@ class Task(Protocol):
     """
 
     model: nn.Module
-    ddp_find_unused_parameters: bool
 
     def train_batch(self, step: int, micro_batch: int) -> Any: ...
 

@@ -87,8 +87,7 @@ class Trainer:
         self.model = task.model.to(self.device)
         dims = dims or ParallelDims(dist_info.world_size, 1, dist_info.rank)
         param_dtype = torch.bfloat16 if args.precision == "bfloat16" and self.device.type == "cuda" else None
-        self.parallel = ParallelModel(self.model, dims, args.zero_stage, param_dtype,
-                                      task.ddp_find_unused_parameters)
+        self.parallel = ParallelModel(self.model, dims, args.zero_stage, param_dtype)
         opt = args.optimizer.params  # built after sharding: FSDP2 turns the parameters into DTensors
         self.optimizer = build_optimizer(
             self.model, opt.lr, tuple(opt.betas), opt.eps, args.weight_decay, self.device, task.lr_scales(),

@@ -19,16 +19,20 @@ def normalized_entropy(load: torch.Tensor) -> torch.Tensor:
 
 
 def routing_stats(aux_list: list) -> dict[str, Any]:
-    """Per MoE layer: expert load and its entropy; LoRE load [E][M] and its mean entropy within experts."""
+    """Per MoE layer: expert load and its entropy; LoRE load [E][M] and its mean entropy within experts.
+
+    Each load table comes to the host once (one copy, one sync on a GPU), not element by element."""
     stats: dict[str, Any] = {}
     for i, aux in enumerate(aux_list):
-        stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(aux.expert_load_E))
-        stats[f"moe/layer{i}/expert_load"] = [round(float(v), 5) for v in aux.expert_load_E]
+        expert_load_E = aux.expert_load_E.detach().cpu()
+        stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(expert_load_E))
+        stats[f"moe/layer{i}/expert_load"] = [round(v, 5) for v in expert_load_E.tolist()]
         for key, value in aux.dispatch_stats.items():  # e.g. exchange_bytes_sent, lsh_compression_rate
             stats[f"moe/layer{i}/{key}"] = float(value)
         if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
-            stats[f"moe/layer{i}/lore_load"] = [[round(float(v), 4) for v in row] for row in aux.lore_load_EM]
-            used = aux.lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
+            lore_load_EM = aux.lore_load_EM.detach().cpu()
+            stats[f"moe/layer{i}/lore_load"] = [[round(v, 4) for v in row] for row in lore_load_EM.tolist()]
+            used = lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
             if used.any():
-                stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(aux.lore_load_EM[used]).mean())
+                stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(lore_load_EM[used]).mean())
     return stats
