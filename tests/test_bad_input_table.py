@@ -54,6 +54,30 @@ CONFIG_CASES = [
     ("DiT betas reversed", {"model_type": "dit", "beta_start": 0.02, "beta_end": 0.01}, [],
      r"beta_start 0\.02 must be below beta_end 0\.01"),
     ("missing config file", None, [], r"nope\.yml: config file does not exist"),
+    # found silently accepted before: each is refused before the first step now
+    ("key given twice in a file", "num_layers: 2\nhidden_size: 32\nnum_layers: 3\n", [],
+     r"config\.yml: line 3: .*key 'num_layers' is given twice \(lines 1 and 3\)"),
+    ("micro-batch 0", {"train_micro_batch_size_per_gpu": 0}, [],
+     r"train_micro_batch_size_per_gpu: expected a positive integer, got 0"),
+    ("micro-batch 0 on the command line", {}, ["--train_micro_batch_size_per_gpu", "0"],
+     r"command line: train_micro_batch_size_per_gpu: expected a positive integer, got 0"),
+    ("negative lr_decay_iters", {}, ["--lr_decay_iters", "-5"], r"lr_decay_iters: .*greater than or equal to 1"),
+    ("negative corpus weight", {"data_path": None, "train_data_paths": ["a", "b"], "train_data_weights": [1, -1]},
+     [], r"train_data_weights: expected non-negative weights with a positive sum, got \[1\.0, -1\.0\]"),
+    ("corpus weights all zero", {"data_path": None, "train_data_paths": ["a", "b"], "train_data_weights": [0, 0]},
+     [], r"train_data_weights: expected non-negative weights with a positive sum"),
+    ("split without validation but evaluating", {"split": "100,0,0"}, [],
+     r"split '100,0,0' leaves no validation documents but eval_interval is 4"),
+    ("split without training", {"split": "0,100,0"}, [], r"split '0,100,0' gives training no documents"),
+    ("data_path a folder", {}, ["--data_path", "/tmp/"], r"data_path: /tmp/ is a folder; expected a dataset prefix"),
+    ("negative intermediate_size", {"intermediate_size": -4}, [], r"intermediate_size: .*greater than or equal to 1"),
+    ("negative init_method_std", {"init_method_std": -0.02}, [], r"init_method_std: .*greater than 0"),
+    ("Adam beta of 1.5", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 1.5]}}}, [],
+     r"optimizer\.params\.betas: expected two Adam betas in \[0, 1\), got \[0\.9, 1\.5\]"),
+    ("vocab_file a folder", {"tokenizer_type": "HFTokenizer", "vocab_file": "/tmp"}, [],
+     r"vocab_file: /tmp is a folder; expected the tokenizer's file"),
+    ("lr contradicting the optimizer block", {"lr": 0.5}, [],
+     r"config\.yml: lr 0\.5 contradicts optimizer\.params\.lr"),
 ]
 
 
@@ -149,3 +173,19 @@ def test_data_from_a_larger_tokenizer(tmp_path, capsys):
     builder.finalize(f"{prefix}.idx")
     config = write_config(tmp_path, str(prefix), pos_emb="rotary", train_iters=2)
     assert_one_line(*run_main([str(config)], capsys), r"data: token id \d+ .* outside the model's vocabulary \(384")
+
+
+def test_config_that_is_not_utf8(tmp_path, capsys):
+    config = tmp_path / "latin1.yml"
+    config.write_bytes("num_layers: 2\n# r\xe9sum\xe9\n".encode("latin-1"))
+    assert_one_line(*run_main([str(config)], capsys), r"latin1\.yml: not UTF-8 text \(byte 17")
+
+
+def test_lr_on_the_command_line_sets_the_learning_rate(tmp_path, data_prefix):
+    """GPT-NeoX users set the learning rate with --lr; it takes effect (it used to be ignored)."""
+    from megatron.config import load_config
+
+    config = write_config(tmp_path, data_prefix)  # its optimizer block says lr 3e-3
+    args = load_config([str(config)], ["--lr", "0.5"])
+    assert args.lr == 0.5 and args.optimizer.params.lr == 0.5 and args.optimizer.params.betas == (0.9, 0.95)
+    assert load_config([str(config)]).lr == 3e-3

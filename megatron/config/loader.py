@@ -33,11 +33,32 @@ def normalize_keys(value: Any) -> Any:
     return value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last one without a word, so a duplicated setting would silently lose to its copy."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            key = key.replace("-", "_") if isinstance(key, str) else key  # hyphens and underscores: one key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict[str, Any]:
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a .yml config file")
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file does not exist")
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -140,6 +161,17 @@ def translate_neox_keys(values: dict[str, Any], origin: dict[str, str]) -> list[
                               "not supported (only global or flash attention)")
         if "flash" in kinds:
             values.setdefault("attention_impl", "flash")
+    if "lr" in values:
+        lr, where = values.pop("lr"), origin.get("lr", COMMAND_LINE)
+        optimizer = values.setdefault("optimizer", {}) or {}
+        if not isinstance(optimizer, dict):
+            raise ConfigError(f"{origin.get('optimizer', COMMAND_LINE)}: optimizer: expected a mapping with params")
+        params = optimizer.setdefault("params", {}) or {}
+        if where != COMMAND_LINE and "lr" in params and params["lr"] != lr:
+            raise ConfigError(f"{where}: lr {lr!r} contradicts optimizer.params.lr {params['lr']!r}")
+        params["lr"] = lr  # a command-line --lr overrides the file's optimizer block
+        optimizer["params"], values["optimizer"] = params, optimizer
+        origin.setdefault("optimizer", where)
     for old, new, where in (("expert_interval", "moe_expert_interval", "legacy MoE key"),
                             ("peak_theoretical_tflops", "peak_tflops", "NeoX key")):
         if old in values:
@@ -215,7 +247,8 @@ def batch_size_value(values: dict[str, Any], key: str, origin: dict[str, str]) -
     value = values.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())) \
+            or int(value) < 1:
         raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: {key}: expected a positive integer, got {value!r}")
     return int(value)
 
@@ -271,6 +304,13 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
         if weights is not None and (paths is None or len(paths) != len(weights)):
             raise ConfigError(f"{split}_data_weights has {len(weights)} entries but {split}_data_paths has "
                               f"{len(paths or [])}")
+    if args.model_type == "gpt" and not args.train_data_paths:  # one corpus split three ways
+        train_share, valid_share, _ = (float(w) for w in args.split.replace("/", ",").split(",") if w.strip())
+        if train_share == 0:
+            raise ConfigError(f"split {args.split!r} gives training no documents: expected a positive first weight")
+        if args.eval_interval and args.eval_iters and valid_share == 0 and not args.valid_data_paths:
+            raise ConfigError(f"split {args.split!r} leaves no validation documents but eval_interval is "
+                              f"{args.eval_interval}: give the second weight a share, or set eval_interval 0")
     moe_layers = moe_layer_indices(args)
     if args.is_moe and not moe_layers:
         raise ConfigError(f"moe_first_layer {args.moe_first_layer} leaves no MoE layer in num_layers "
@@ -366,6 +406,9 @@ def check_data_files(args: NeoXArgs) -> None:
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}: {path} does not exist")
         return
+    if args.vocab_file and Path(args.vocab_file).is_dir():
+        raise ConfigError(f"vocab_file: {args.vocab_file} is a folder; expected the tokenizer's file (a .json, .model "
+                          "or GPT-2 vocab.json)")
     if args.vocab_file and not Path(args.vocab_file).is_file():
         raise ConfigError(f"vocab_file: {args.vocab_file} does not exist")
     if args.tokenizer_type == "GPT2BPETokenizer" and not (args.merge_file and Path(args.merge_file).is_file()):
@@ -375,11 +418,17 @@ def check_data_files(args: NeoXArgs) -> None:
     if not args.data_path and not args.train_data_paths:
         raise ConfigError("no training data: set data_path or train_data_paths")
     if args.prepare_data:
+        if args.data_path.endswith(("/", "\\")) or Path(args.data_path).is_dir():
+            raise ConfigError(f"data_path: {args.data_path} is a folder; expected the prefix to build the corpus at "
+                              "(e.g. data/shakespeare/shakespeare_text_document)")
         return
     prefixes = [("data_path", args.data_path)] if args.data_path else []
     for split in ("train", "valid", "test"):
         prefixes += [(f"{split}_data_paths", p) for p in getattr(args, f"{split}_data_paths") or []]
     for key, prefix in prefixes:
+        if prefix.endswith(("/", "\\")) or Path(prefix).is_dir():
+            raise ConfigError(f"{key}: {prefix} is a folder; expected a dataset prefix, the path of its .bin/.idx "
+                              "pair without the suffix (e.g. data/mydata_text_document)")
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(f"{key}: {prefix}{suffix} does not exist (expected a GPT-NeoX .bin/.idx "

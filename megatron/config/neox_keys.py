@@ -70,6 +70,8 @@ TRANSLATED_KEYS = {
     "expansion_factor": NeoXKey(TRANSLATED, "MLP width as a multiple of hidden_size -> intermediate_size"),
     "peak_theoretical_tflops": NeoXKey(TRANSLATED, "one device's peak for MFU -> peak_tflops"),
     "deepspeed_extra_args": NeoXKey(TRANSLATED, "more DeepSpeed config: each key is read as a top-level key"),
+    # NeoX derives it from optimizer.params.lr, but `--lr X` is how people set it: it must take effect
+    "lr": NeoXKey(TRANSLATED, "the learning rate -> optimizer.params.lr (a command-line --lr overrides the file's)"),
 }
 
 _FUSED = "a fused kernel or kernel choice (speed only)"
@@ -95,7 +97,7 @@ IGNORED_KEYS = {
     """),
     **_group(IGNORED, _DERIVED, """
         world_size is_pipe_parallel local_rank rank user_script iteration do_train do_valid do_test global_num_gpus
-        padded_vocab_size optimizer_type lr zero_reduce_scatter zero_contiguous_gradients zero_reduce_bucket_size
+        padded_vocab_size optimizer_type zero_reduce_scatter zero_contiguous_gradients zero_reduce_bucket_size
         zero_allgather_bucket_size clip_grad batch_size config_files git_hash dynamic_loss_scale curriculum_seqlen
     """),
     **_group(IGNORED, _LOG, """

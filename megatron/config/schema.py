@@ -20,6 +20,13 @@ class OptimizerParams(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
 
+    @field_validator("betas")
+    @classmethod
+    def betas_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"expected two Adam betas in [0, 1), got {list(value)}")
+        return value
+
 
 class OptimizerSpec(Strict):
     type: str = "Adam"
@@ -39,13 +46,13 @@ class ModelArgs(Strict):
     hidden_size: int = Field(128, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     seq_length: int = Field(128, ge=1)
-    max_position_embeddings: int | None = None
+    max_position_embeddings: int | None = Field(None, ge=1)
     pos_emb: Literal["rotary", "learned", "none"] = "learned"
     rotary_pct: float = Field(1.0, ge=0, le=1)
-    rotary_emb_base: int = 10000
+    rotary_emb_base: int = Field(10000, ge=1)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    layernorm_epsilon: float = 1e-5
-    rms_norm_epsilon: float = 1e-8
+    layernorm_epsilon: float = Field(1e-5, gt=0)
+    rms_norm_epsilon: float = Field(1e-8, gt=0)
     activation: Literal["gelu", "relu", "silu", "swiglu", "geglu"] = "gelu"
     mlp_multiple_of: int = Field(1, ge=1)  # NeoX: gated MLP widths (2/3 of intermediate_size) rounded up to this
     use_bias_in_mlp: bool = True
@@ -56,11 +63,11 @@ class ModelArgs(Strict):
     make_vocab_size_divisible_by: int = Field(128, ge=1)
     init_method: Literal["normal", "scaled_normal", "small_init", "wang_init"] = "normal"
     output_layer_init_method: Literal["normal", "scaled_normal", "small_init", "wang_init"] = "scaled_normal"
-    init_method_std: float = 0.02
+    init_method_std: float = Field(0.02, gt=0)
     hidden_dropout: float = Field(0.0, ge=0, lt=1)
     attention_dropout: float = Field(0.0, ge=0, lt=1)
-    intermediate_size: int | None = None
-    vocab_size: int | None = None  # ours: when no tokenizer file is at hand (parameter counting)
+    intermediate_size: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=1)  # ours: when no tokenizer file is at hand (parameter counting)
     checkpoint_activations: bool = False
     loss_chunk_tokens: int = Field(0, ge=0)  # ours: LM head + loss this many tokens at a time; 0: full logits
     attention_impl: Literal["sdpa", "flash"] = "sdpa"
@@ -84,7 +91,7 @@ class MoEArgs(Strict):
     moe_renormalize_weights: bool = False
     moe_impl: Literal["auto", "native", "grouped_gemm", "megablocks"] = "auto"  # auto: by GPU (moe/kernels.py)
     moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
-    moe_ffn_hidden_size: int | None = None
+    moe_ffn_hidden_size: int | None = Field(None, ge=1)
     lore_num_experts: int = Field(0, ge=0)
     lore_rank: int = Field(0, ge=0)
     lore_top_k: int = Field(1, ge=1)
@@ -145,7 +152,7 @@ class OptimizerArgs(Strict):
     weight_decay: float = Field(0.1, ge=0)
     gradient_clipping: float = Field(1.0, ge=0)
     lr_decay_style: Literal["cosine", "linear", "constant"] = "linear"
-    lr_decay_iters: int | None = None
+    lr_decay_iters: int | None = Field(None, ge=1)
     warmup: float = Field(0.01, ge=0, le=1)
 
 
@@ -159,7 +166,7 @@ class TrainingArgs(Strict):
     eval_interval: int = Field(1000, ge=0)
     eval_iters: int = Field(100, ge=0)
     log_interval: int = Field(100, ge=1)
-    exit_interval: int | None = None  # NeoX: stop after this many steps of this run (a checkpoint is saved)
+    exit_interval: int | None = Field(None, ge=1)  # NeoX: stop after this many steps of this run (then save)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = Field(0, ge=0, le=3)  # zero_optimization.stage: 0 DDP, 1-2 FSDP2 (ZeRO-2), 3 FSDP2 (ZeRO-3)
     distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
@@ -190,6 +197,13 @@ class DataArgs(Strict):
     prepare_data: Literal["shakespeare"] | None = None  # ours: build the bundled corpus into data_path
     num_workers: int = Field(2, ge=0)
     data_impl: Literal["infer", "mmap"] = "infer"  # infer: what the .idx header says; we read mmap only
+
+    @field_validator("train_data_weights", "valid_data_weights", "test_data_weights")
+    @classmethod
+    def weights_that_sample(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (min(value, default=0) < 0 or sum(value) <= 0):
+            raise ValueError(f"expected non-negative weights with a positive sum, got {value}")
+        return value
 
     @field_validator("split")
     @classmethod
