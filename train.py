@@ -21,6 +21,7 @@ from megatron.runtime import keep_freed_memory_in_process
 from megatron.training.checkpoint import CheckpointSaveError
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
+from megatron.training.preflight import preflight
 from megatron.training.task import Task
 from megatron.training.trainer import NonFiniteTraining, Trainer, TrainResult, rank_seed, seed_everything
 
@@ -46,6 +47,15 @@ def run(argv: list[str]) -> TrainResult:
     args = load_config(config_paths, overrides, data_parallel_size=world_size)
     check_data_files(args)
     dist_info = init_distributed(args.device, args.distributed_timeout_minutes)
+    save_lock = preflight(args, dist_info.is_main)  # ranks agree, folders writable, no other run's checkpoints
+    try:
+        return run_training(args, dist_info)
+    finally:
+        if save_lock is not None:
+            save_lock.release()
+
+
+def run_training(args, dist_info) -> TrainResult:
     dims = build_parallel_dims(dist_info, args.moe_expert_parallel_size)
     if dist_info.is_main:
         log.info("resolved config:\n%s", args.to_yaml())

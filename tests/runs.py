@@ -1,10 +1,13 @@
-"""Shared pieces of the end-to-end tests: a tiny config writer and the metrics reader."""
+"""Shared pieces of the end-to-end tests: a tiny config writer, the metrics reader, and train.py run in-process."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -33,3 +36,25 @@ def read_metrics(log_dir: Path) -> list[dict]:
 
 def train_losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """`python train.py ARGV` in this process: its exit code and what it printed to stderr."""
+    import train
+
+    saved = sys.argv
+    sys.argv = ["train.py", *argv]
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main()
+    finally:
+        sys.argv = saved
+    return stopped.value.code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, stderr: str, pattern: str) -> None:
+    assert code not in (0, None), stderr
+    errors = [line for line in stderr.splitlines() if line.startswith(("config error:", "error:"))]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    assert re.search(pattern, errors[0]), errors[0]

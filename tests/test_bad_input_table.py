@@ -4,16 +4,12 @@ table stays fast; tests/test_bad_input.py runs a few of the same through a real 
 
 from __future__ import annotations
 
-import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
-from runs import write_config
-
-import train
+from runs import assert_one_line, run_main, write_config
 
 # (name, config overrides or a YAML text, extra command-line arguments, pattern the error line must match)
 CONFIG_CASES = [
@@ -79,25 +75,6 @@ CONFIG_CASES = [
     ("lr contradicting the optimizer block", {"lr": 0.5}, [],
      r"config\.yml: lr 0\.5 contradicts optimizer\.params\.lr"),
 ]
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    saved = sys.argv
-    sys.argv = ["train.py", *argv]
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            train.main()
-    finally:
-        sys.argv = saved
-    return stopped.value.code, capsys.readouterr().err
-
-
-def assert_one_line(code: int, stderr: str, pattern: str) -> None:
-    assert code not in (0, None), stderr
-    errors = [line for line in stderr.splitlines() if line.startswith(("config error:", "error:"))]
-    assert len(errors) == 1, stderr
-    assert "Traceback" not in stderr
-    assert re.search(pattern, errors[0]), errors[0]
 
 
 @pytest.mark.parametrize("name, overrides, extra, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])

@@ -81,12 +81,17 @@ def test_bad_inputs(tmp_path: Path) -> None:
     ('{"text": "fine"}\n[1, 2]\n', "text", r"bad\.jsonl:2: a JSON list, expected an object"),
     ('{"body": "no text key"}\n', "text", r"bad\.jsonl:1: jsonl record has no key 'text' \(--jsonl-keys"),
     ('{"text": 5}\n', "text", r"bad\.jsonl:1: key 'text' holds int, expected a string"),
+    ("", "text", r"--input: .*bad\.jsonl: no documents \(empty, or only blank lines\); nothing written"),
+    ("\n  \n", "text", r"bad\.jsonl: no documents"),
+    (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "text", r"bad\.jsonl:2: not UTF-8 text \(byte 13 of the line"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path: Path, content: str | None, keys: str, expected: str) -> None:
+def test_cli_bad_input_is_one_line(tmp_path: Path, content: str | bytes | None, keys: str, expected: str) -> None:
     import re
 
     path = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     cmd = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(path), "--output-prefix",
            str(tmp_path / "out"), "--tokenizer-type", "CharLevelTokenizer", "--jsonl-keys", keys]
@@ -95,6 +100,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, content: str | None, keys: st
     lines = [line for line in result.stderr.splitlines() if "error:" in line]  # beside the progress bar
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(expected, lines[0]), lines[0]
+    assert not list(tmp_path.glob("out*"))  # no dataset, not even an empty one
 
 
 def test_cli_matches_the_library(tmp_path: Path) -> None:

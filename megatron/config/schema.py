@@ -224,6 +224,7 @@ class CheckpointArgs(Strict):
     checkpoint_factor: int = Field(1000, ge=1)
     keep_last_n_checkpoints: int | None = Field(None, ge=1)
     async_save: bool = False  # ours: write checkpoints on a background thread (only the copy to CPU stalls)
+    overwrite_save: bool = False  # ours: a run that does not resume from `save` may write over its checkpoints
 
 
 class LoggingArgs(Strict):
@@ -259,3 +260,19 @@ class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArg
     @classmethod
     def from_dict(cls, values: dict) -> NeoXArgs:
         return cls.model_validate(values)
+
+
+# What a checkpoint's model is: a resume whose config differs from the checkpoint's in any of these is refused,
+# naming the key (a run's speed and memory settings, its losses' weights and its regularisation may change).
+MODEL_KEYS = (
+    "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
+    "rotary_emb_base", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
+    "use_bias_in_mlp", "sliding_window_width", "gpt_j_residual", "no_weight_tying", "intermediate_size",
+    "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
+    "moe_first_layer", "moe_router_type", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",
+    "lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_renormalize_weights",
+    "image_size", "image_channels", "patch_size", "num_classes", "mlp_ratio", "learn_sigma", "diffusion_steps",
+    "remix_num_basis", "remix_num_experts", "remix_mixer", "remix_coeff_scope",
+)
+# Where a resumed run is in its data: its samples are counted in global batches of seq_length tokens.
+DATA_POSITION_KEYS = ("train_batch_size", "seq_length")

@@ -41,19 +41,23 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
         return
     if path.endswith((".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json")):
         if path.endswith(".gz"):
-            handle = gzip.open(path, "rt", encoding="utf-8")
+            handle = gzip.open(path, "rb")
         elif path.endswith(".zst"):
             try:
                 import zstandard
             except ImportError:
                 raise ValueError(f"--input: {path}: reading .zst needs the zstandard package") from None
 
-            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-            handle = io.TextIOWrapper(reader, encoding="utf-8")
+            handle = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
         else:
-            handle = open(path, encoding="utf-8")
-        with handle:
-            for line_no, line in enumerate(handle, 1):
+            handle = open(path, "rb")
+        with handle:  # bytes, decoded line by line, so that a line that is not UTF-8 is named
+            for line_no, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {err.start} of the line: "
+                                     f"{err.reason})") from None
                 if not line.strip():
                     continue
                 try:
@@ -144,17 +148,28 @@ def preprocess(
         pool = None
         _init_worker(tokenizer_type, vocab_file, append_eod, dtype)
         results = map(_encode_chunk, _chunks(inputs, keys))
+    documents = 0
     try:
         for chunk in results:
             for doc in chunk:
                 for key, tokens in doc.items():
                     builders[key].add_document(tokens)
+            documents += len(chunk)
             bar.update(len(chunk))
+        if documents == 0:  # an empty dataset would only fail later, at training
+            raise ValueError(f"--input: {', '.join(inputs)}: no documents (empty, or only blank lines); "
+                             "nothing written")
+        for key, builder in builders.items():
+            builder.finalize(f"{prefixes[key]}.idx")
+    except BaseException:  # bad input or an interrupt: no partial dataset is left behind
+        for prefix, builder in zip(prefixes.values(), builders.values()):
+            builder.bin_file.close()
+            for suffix in (".bin", ".idx"):
+                Path(prefix + suffix).unlink(missing_ok=True)
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
         bar.close()
-    for key, builder in builders.items():
-        builder.finalize(f"{prefixes[key]}.idx")
     return prefixes

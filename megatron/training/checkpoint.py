@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -254,17 +255,51 @@ def prune_checkpoints(save_dir: Path, keep_last_n: int) -> None:
 
 
 def resolve_checkpoint(load: str | Path) -> Path | None:
-    """`load` names a save folder (its `latest` is used) or one checkpoint; None when there is none yet."""
+    """`load` names a save folder (its `latest` is used) or one checkpoint; None when the folder has none yet.
+    A checkpoint named explicitly (`.../global_stepN`) that is not there, or a file, is an error."""
     load = Path(load)
     if (load / ".metadata").is_file():
         return load
+    if load.is_file():
+        raise FileNotFoundError(f"load: {load} is a file; expected a save folder or one of its global_stepN folders")
+    if TAG_PATTERN.match(load.name):
+        present = sorted(p.name for p in load.parent.glob("global_step*")) if load.parent.is_dir() else []
+        raise FileNotFoundError(f"load: {load} is not a complete checkpoint (no .metadata); "
+                                f"checkpoints in {load.parent}: {', '.join(present[-5:]) or 'none'}")
     latest = load / "latest"
     if not latest.is_file():
         return None
-    path = load / latest.read_text().strip()
+    name = latest.read_text().strip()
+    if not name:
+        raise FileNotFoundError(f"load: {latest} is empty; expected the name of a checkpoint folder such as "
+                                "global_step100 (write one there, or delete the file to start from scratch)")
+    path = load / name
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"load: {latest} names {path.name}, which is not a complete checkpoint")
     return path
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_same_run_settings(path: Path, config: dict[str, Any]) -> None:
+    """The run resuming from `path` has the checkpoint's model (MODEL_KEYS) and counts its data position in the
+    same global batches (DATA_POSITION_KEYS); else one line naming every key that differs. Checked against the
+    config.yml the checkpoint was saved with (a checkpoint without one is checked by its tensor shapes only)."""
+    from megatron.config.schema import DATA_POSITION_KEYS, MODEL_KEYS
+
+    try:
+        saved = yaml.safe_load((path / "config.yml").read_text()) or {}
+    except FileNotFoundError:
+        return
+    differ = [key for key in MODEL_KEYS + DATA_POSITION_KEYS if key in saved and saved[key] != config.get(key)]
+    if not differ:
+        return
+    shown = "; ".join(f"{key}: checkpoint {saved[key]!r}, config {config.get(key)!r}" for key in differ)
+    what = "another model" if any(key in MODEL_KEYS for key in differ) else "another global batch or sequence"
+    raise ValueError(f"{path}: saved by a run with {what} ({shown}): resume with the checkpoint's values, or start "
+                     "a new run with another save folder")
 
 
 def load_checkpoint(
@@ -331,13 +366,17 @@ def check_compatible(path: Path, state: dict[str, Any]) -> None:
             if isinstance(value, torch.Tensor):
                 expected[f"{prefix}.{name}"] = tuple(value.shape)
     missing = [key for key in expected if key not in saved]
+    prefixes = tuple(f"{prefix}." for prefix in state)
+    extra = [key for key in saved if key.startswith(prefixes) and key not in expected]  # e.g. a deeper model's
     wrong = [(key, tuple(saved[key].size), shape) for key, shape in expected.items()
              if key in saved and hasattr(saved[key], "size") and tuple(saved[key].size) != shape]
-    if not missing and not wrong:
+    if not missing and not wrong and not extra:
         return
     parts = [f"{key}: checkpoint {list(have)}, model {list(want)}" for key, have, want in wrong[:3]]
     if missing:
         parts.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} checkpoint tensors the model lacks, e.g. {extra[0]}")
     saved_moe, model_moe = moe_layers(saved), moe_layers(expected)
     if saved_moe and model_moe and saved_moe != model_moe:
         parts.append(f"MoE layers: checkpoint {saved_moe}, model {model_moe}: set moe_first_layer to "

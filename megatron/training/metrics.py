@@ -7,6 +7,7 @@ records carry `val/loss` and `val/ppl`. Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ class MetricsLogger:
         run_config: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
+        self.write_failed = False
         self.jsonl = None
         self.tensorboard = None
         self.wandb_run = None
@@ -67,12 +69,21 @@ class MetricsLogger:
         """Writes one record; lists (e.g. per-expert load) go to jsonl/wandb but not TensorBoard scalars."""
         if not self.enabled:
             return
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(key, value, step)
+        try:
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self.tensorboard is not None:
+                for key, value in scalars.items():
+                    self.tensorboard.add_scalar(key, value, step)
+            if self.write_failed:
+                log.warning("metrics: writing works again at step %d", step)
+            self.write_failed = False
+        except OSError as err:  # a full disk (the shipped configs keep log_dir in the save folder): as for checkpoints,
+            if not self.write_failed:  # training goes on; the records are lost until writing works again
+                log.warning("metrics: writing failed at step %d (%s); training goes on, records are dropped until "
+                            "writing works again", step, err.strerror or err)
+            self.write_failed = True
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if echo:
@@ -81,7 +92,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.jsonl is not None:
-            self.jsonl.close()
+            with contextlib.suppress(OSError):  # a record still buffered on a full disk is lost, not the run
+                self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb_run is not None:

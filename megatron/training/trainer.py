@@ -117,8 +117,12 @@ class Trainer:
             return
         path = ckpt.resolve_checkpoint(self.args.load)
         if path is None:
+            if self.args.save and not ckpt.same_folder(self.args.load, self.args.save):
+                raise FileNotFoundError(f"load: {self.args.load} holds no checkpoint (no 'latest' file), and it is "
+                                        f"not this run's save folder: expected a save folder or a global_stepN")
             log.info("no checkpoint in %s yet: starting from scratch", self.args.load)
             return
+        ckpt.check_same_run_settings(path, self.args.to_dict())
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.dist)
         self.step = state["step"]
         self.task.load_state_dict(state["task"])

@@ -65,7 +65,7 @@ class CrossPolytopeHash:
     def _draw(self, period: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.config.seed + period * 1_000_003)  # apart from layer seeds
         return torch.randn(self.hidden_size, self.config.num_hashes * self.config.hash_dim, generator=generator,
-                           dtype=torch.float32)  # hashes in fp32 whatever the model precision
+                           dtype=torch.float32, device="cpu")  # fp32 on the generator's device, whatever the defaults
 
     def at_step(self, step: int) -> None:
         """Use the rotation of the refresh period `step` falls in (a no-op without refreshing)."""

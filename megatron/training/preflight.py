@@ -1,0 +1,175 @@
+"""What can be checked about a run's surroundings before its first step, checked there, on every rank at once.
+
+Three checks, each one generic mechanism rather than a case per value:
+- **the ranks agree on the config**: every rank hashes its resolved config; if any differs from rank 0's, every
+  rank stops with one line naming the keys that differ (instead of a shape error or a timeout later);
+- **the output folders can be written**: `save`, `log_dir` and `tensorboard_dir` are created and written to
+  once, so a path that is a file, read-only or on a full disk is found now, not at the first save;
+- **no run damages checkpoints it did not write**: a fresh run refuses a save folder that holds another run's
+  checkpoints (unless `overwrite_save: true`), and a lock file in the save folder keeps a second run from
+  writing the same folder at once (a lock left by a killed run on this host is taken over).
+
+Rank 0 looks at the file system and tells the others what it found, so every rank fails with the same line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron.config import ConfigError
+
+log = logging.getLogger("megatron.preflight")
+LOCK_NAME = ".lock"
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differing_keys(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    return sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
+
+
+def check_ranks_agree(config: dict[str, Any]) -> None:
+    """Every rank's resolved config equals rank 0's; else one line on every rank naming the keys that differ."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, config_digest(config))
+    if len(set(digests)) == 1:
+        return
+    first_other = next(rank for rank, digest in enumerate(digests) if digest != digests[0])
+    configs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config)  # only when they differ: say how
+    keys = differing_keys(configs[0], configs[first_other])
+    shown = ", ".join(f"{key} ({configs[0].get(key)!r} on rank 0, {configs[first_other].get(key)!r} on rank "
+                      f"{first_other})" for key in keys[:4])
+    ranks = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    raise ConfigError(f"ranks {ranks} were started with another config than rank 0: {shown}"
+                      + (f" and {len(keys) - 4} more" if len(keys) > 4 else ""))
+
+
+def check_writable(key: str, folder: str | None) -> None:
+    """Creates `folder` and writes a file in it once; one line naming the key on any failure."""
+    if not folder:
+        return
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {folder} is a file; expected a folder to write into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}: {folder} cannot be written ({err.strerror or type(err).__name__})") from None
+
+
+def checkpoints_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("global_step*") if p.is_dir()) if folder.is_dir() else []
+
+
+def resumes_from(load: str | None, save: str) -> bool:
+    """Whether `load` names the save folder itself or a checkpoint inside it (then saving there continues it)."""
+    if not load:
+        return False
+    load_path, save_path = Path(load).resolve(), Path(save).resolve()
+    return load_path == save_path or load_path.parent == save_path
+
+
+def check_not_overwriting(save: str | None, load: str | None, overwrite: bool) -> None:
+    """A run that does not continue the checkpoints in its save folder would write over them and move `latest`."""
+    if not save or overwrite or resumes_from(load, save):
+        return
+    found = checkpoints_in(Path(save))
+    if found:
+        raise ConfigError(f"save: {save} holds another run's checkpoints ({', '.join(found[-3:])}) and this run does "
+                          "not resume from them (load is not that folder): set load to it to continue that run, "
+                          "choose another save folder, or set overwrite_save: true to write over them")
+
+
+@dataclass
+class SaveLock:
+    """`SAVE/.lock`, held by one run at a time: created exclusively, removed when the run ends."""
+
+    path: Path
+
+    @classmethod
+    def acquire(cls, folder: str) -> SaveLock:
+        path = Path(folder) / LOCK_NAME
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(path)
+                if is_stale(holder):
+                    log.warning("save: taking over %s, left by process %s on %s, which is no longer running",
+                                path, holder.get("pid"), holder.get("host"))
+                    path.unlink(missing_ok=True)
+                    continue
+                raise ConfigError(
+                    f"save: {folder} is in use by another run (process {holder.get('pid')} on {holder.get('host')} "
+                    f"since {holder.get('since')}, lock {path}); if that run is dead, delete the lock file") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return cls(path)
+        raise ConfigError(f"save: could not take the lock {path}")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # half-written by a run killed while taking it: stale
+
+
+def is_stale(holder: dict[str, Any]) -> bool:
+    """A lock is stale when its process is gone: known only on the host that took it (another host's lock is
+    kept, and the message says to delete it if that run is dead)."""
+    if "pid" not in holder or "host" not in holder:
+        return True
+    if holder["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def preflight(args, is_main: bool) -> SaveLock | None:
+    """All three checks; rank 0's file-system findings reach every rank, so all stop with the same line.
+    Returns the save lock (rank 0 holds it) for the caller to release when the run ends."""
+    check_ranks_agree(args.to_dict())
+    problem, lock = None, None
+    if is_main:
+        try:
+            for key in ("save", "log_dir", "tensorboard_dir"):
+                check_writable(key, getattr(args, key))
+            check_not_overwriting(args.save, args.load, args.overwrite_save)
+            lock = SaveLock.acquire(args.save) if args.save else None
+        except ConfigError as err:
+            problem = str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise ConfigError(problem)
+    return lock
