@@ -62,7 +62,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 _timeout_minutes: float | None = None  # as given to the live process group, for describe_failure
-_host_group: dist.ProcessGroup | None = None  # gloo over every rank, when the default group is NCCL's
+_checkpoint_group: dist.ProcessGroup | None = None  # gloo over every rank, for background checkpoint saves only
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
@@ -71,7 +71,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> Dis
     `timeout_minutes` bounds the rendezvous and every collective on the default group: when another
     rank dies or hangs, this one raises (gloo) or is torn down by the NCCL watchdog instead of waiting.
     """
-    global _timeout_minutes, _host_group
+    global _timeout_minutes
     if timeout_minutes <= 0:
         raise ValueError(f"distributed_timeout_minutes must be positive, got {timeout_minutes}")
     rank, world_size, local_rank = ranks_from_env()
@@ -83,19 +83,27 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> Dis
         _timeout_minutes = timeout_minutes  # before the rendezvous, which can time out too
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes))
-        if backend == "nccl":
-            _host_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
+        add_checkpoint_group(timeout_minutes)
     return DistInfo(rank, world_size, local_rank, torch_device)
 
 
-def host_group() -> dist.ProcessGroup | None:
-    """Every rank, over a backend that moves CPU tensors; None means the default group already does (gloo).
+def add_checkpoint_group(timeout_minutes: float = 10.0) -> None:
+    """Builds `checkpoint_group()`; a collective: every rank calls it (init_distributed does)."""
+    global _checkpoint_group
+    if _checkpoint_group is None:
+        _checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=timeout_minutes))
 
-    DCP's async save plans and commits from a background thread over CPU tensors and refuses a group
-    without a CPU backend (an NCCL-only default group raises "A CPU backend must be enabled for async
-    save"), so under NCCL init_distributed also builds this gloo group of all ranks, as torchtitan does.
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank that only DCP's asynchronous saves use (None before init_distributed).
+
+    An async save runs its collectives (planning, commit) from a background thread while training goes on.
+    On the default group they interleave with training's own collectives (FSDP2's all-gathers, DDP's
+    all-reduces) and gloo fails with "Received data size doesn't match expected size"; and under NCCL the
+    default group has no CPU backend, which async save refuses ("A CPU backend must be enabled for async
+    save"). A group of its own avoids both, as torchtitan does.
     """
-    return _host_group
+    return _checkpoint_group
 
 
 def subgroup_backend_override(mesh_shape: tuple[int, ...], mesh_dim_names: tuple[str, ...]) -> dict | None:
@@ -155,7 +163,7 @@ def barrier() -> None:
 
 
 def destroy() -> None:
-    global _host_group
+    global _checkpoint_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _host_group = None
+    _checkpoint_group = None

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import expert_parameter_names
-from megatron.parallel.distributed import host_group
+from megatron.parallel.distributed import checkpoint_group
 
 log = logging.getLogger("megatron.checkpoint")
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
@@ -63,20 +63,23 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     _fsync_path(path.parent)
 
 
-def _expert_block(tensor: torch.Tensor, index: int, num_local: int) -> torch.Tensor:
-    """Expert `index`'s block of rows of a stacked expert tensor, as a view (so DCP loads in place)."""
+def _expert_block(tensor: torch.Tensor, index: int, num_local: int, to_host: bool = False) -> torch.Tensor:
+    """Expert `index`'s block of rows of a stacked expert tensor, as a view (so DCP loads in place); `to_host`:
+    as a CPU copy of its own instead (for asynchronous saves: DCP's stager fails on several views of one storage,
+    "Attempted to call copy_() on an invalid python storage", and copies everything to the host anyway)."""
     rows = tensor.shape[0] // num_local
+    take = (lambda t: t.to("cpu", copy=True)) if to_host else (lambda t: t)
     if not isinstance(tensor, DTensor):
-        return tensor[index * rows:(index + 1) * rows]
+        return take(tensor[index * rows:(index + 1) * rows])
     if any(getattr(p, "dim", None) == 0 for p in tensor.placements):
         raise ValueError("expert tensors must not be sharded along the expert dimension")
     shape = torch.Size((rows, *tensor.shape[1:]))
-    block = tensor.to_local()[index * rows:(index + 1) * rows]
+    block = take(tensor.to_local()[index * rows:(index + 1) * rows])
     return DTensor.from_local(block, tensor.device_mesh, tensor.placements, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def _split_experts(values: dict[str, Any], experts: dict[str, range]) -> dict[str, Any]:
+def _split_experts(values: dict[str, Any], experts: dict[str, range], to_host: bool = False) -> dict[str, Any]:
     """The same entries, with every stacked expert tensor split into one entry per global expert."""
     out = {}
     for key, value in values.items():
@@ -86,21 +89,24 @@ def _split_experts(values: dict[str, Any], experts: dict[str, range]) -> dict[st
         elif isinstance(value, dict):  # an optimizer's per-parameter state: exp_avg, exp_avg_sq, step
             for i, expert in enumerate(ids):
                 out[f"{key}/expert{expert}"] = {
-                    name: _expert_block(t, i, len(ids)) if torch.is_tensor(t) and t.ndim > 0 else t
+                    name: _expert_block(t, i, len(ids), to_host) if torch.is_tensor(t) and t.ndim > 0 else t
                     for name, t in value.items()
                 }
         else:
             for i, expert in enumerate(ids):
-                out[f"{key}/expert{expert}"] = _expert_block(value, i, len(ids))
+                out[f"{key}/expert{expert}"] = _expert_block(value, i, len(ids), to_host)
     return out
 
 
-def layout_free_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
-    """(model state, optimizer state, what DCP writes/reads): the last views the first two per expert."""
+def layout_free_state(model: nn.Module, optimizer: torch.optim.Optimizer, experts_to_host: bool = False
+                      ) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, what DCP writes/reads): the last views the first two per expert (or, with
+    `experts_to_host`, holds CPU copies of the expert blocks, for an asynchronous save)."""
     model_state, optim_state = get_state_dict(model, optimizer)
     experts = expert_parameter_names(model)
-    optim_view = {**optim_state, "state": _split_experts(optim_state["state"], experts)}
-    return model_state, optim_state, {"model": _split_experts(model_state, experts), "optim": optim_view}
+    optim_view = {**optim_state, "state": _split_experts(optim_state["state"], experts, experts_to_host)}
+    model_view = _split_experts(model_state, experts, experts_to_host)
+    return model_state, optim_state, {"model": model_view, "optim": optim_view}
 
 
 class CheckpointSaveError(RuntimeError):
@@ -163,9 +169,9 @@ def begin_save(
     if not _all_ranks_succeeded(error is None):
         raise _save_failed(save_dir, pending.tmp, step, error, dist_info)
     try:
-        _, _, state = layout_free_state(model, optimizer)
+        _, _, state = layout_free_state(model, optimizer, experts_to_host=asynchronous)
         if asynchronous:
-            pending.future = dcp.async_save(state, checkpoint_id=pending.tmp, process_group=host_group())
+            pending.future = dcp.async_save(state, checkpoint_id=pending.tmp, process_group=checkpoint_group())
         else:
             dcp.save(state, checkpoint_id=pending.tmp)
     except (OSError, CheckpointException, RuntimeError) as err:  # ENOSPC and friends, as DCP or torch report them
