@@ -79,7 +79,13 @@ def resume_config(trained: Path, tmp_path: Path, data_prefix: str, **overrides) 
 
 
 def test_checkpoint_of_another_shape_names_the_tensors(trained, tmp_path, data_prefix):
-    line = one_error_line(run_train(resume_config(trained, tmp_path, data_prefix, hidden_size=64)))
+    config = resume_config(trained, tmp_path, data_prefix, hidden_size=64)
+    line = one_error_line(run_train(config))
+    # the key, from the config the checkpoint was saved with
+    assert "saved by a run with another model (hidden_size: checkpoint 32, config 64" in line, line
+    # without that config.yml (copied by hand, say), the tensors themselves
+    (tmp_path / "ckpt" / "global_step2" / "config.yml").unlink()
+    line = one_error_line(run_train(config))
     assert "another model shape" in line and "checkpoint [" in line and ", model [" in line
     assert re.search(r"model\.\S+: checkpoint \[\d+(, \d+)*\], model \[\d+(, \d+)*\]", line), line
 

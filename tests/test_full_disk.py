@@ -71,12 +71,12 @@ def test_full_disk_keeps_the_previous_checkpoint_and_trains_on(tmp_path, data_pr
     assert (disk / "ckpt" / "latest").read_text() == "global_step8"
 
 
-def test_a_save_path_that_is_not_a_folder_is_one_line(tmp_path, data_prefix):
+def test_a_save_path_that_is_not_a_folder_is_one_line_before_the_first_step(tmp_path, data_prefix):
     (tmp_path / "a_file").write_text("not a folder")
     config = write_config(tmp_path, data_prefix, train_iters=2, checkpoint_factor=2, eval_interval=0,
                           pos_emb="rotary", save=str(tmp_path / "a_file" / "ckpt"), load=None)
     result = train(config)
-    assert result.returncode == 5, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "a_file/ckpt/global_step2 failed (NotADirectoryError" in errors[0], errors
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and "save: " in errors[0] and "a_file/ckpt cannot be written" in errors[0], errors
+    assert "Traceback" not in result.stderr and "step 1 " not in result.stdout  # found before training

@@ -221,15 +221,15 @@ def block_activation_bytes(args) -> list[int]:
       and act output (2aF), or, gated, the 2F-wide up output, act(gate) and the product (4aF);
     - MoE layer: the second norm's input (4D), the router input (aD) and its fp32 logits and probabilities
       (8E), the top-k expert ids (8K) and the z-loss's logsumexp (4); per routed row (K per token, balanced
-      routing assumed) the dispatched row (4D, gathered from the fp32 norm output), the expert's activation
+      routing assumed) the dispatched row (aD: the dispatcher casts it to the compute dtype), the expert's activation
       tensors (2aF or 4aF as above), its output (aD) and its gate-weighted fp32 copy (4D, which the combine's
       index_add keeps), the gate (4) and two int64 row indices (16); with
       routed LoREs the LoRE router's fp32 probabilities (4M) and per chosen LoRE (l per row) x A and its
-      pi-weighted copy (2aR) and pi (4); for l = 1 the rows regrouped by LoRE (4D), the output put back in
-      expert order (aD) and int64 ids and orders (24); for l > 1 per slot the row's copy (4D), the LoRE term
+      pi-weighted copy (2aR) and pi (4); for l = 1 the rows regrouped by LoRE (aD), the output put back in
+      expert order (aD) and int64 ids and orders (24); for l > 1 per slot the row's copy (aD), the LoRE term
       that index_add keeps (aU, U the up-projection's width, or D standalone) and int64 ids and orders (24),
       plus 8; router-free: x A of the one rank-M r LoRE (aMr); shared experts, one MLP S x F wide on every
-      token (2aSF or 4aSF);
+      token (2aSF or 4aSF), and under autocast their own half-precision copy of the input (aD);
     - dropout masks (1 byte each, 2D per layer) when hidden_dropout > 0.
     Not counted: the expert-parallel exchange buffers, routing imbalance, autocast's half-precision copies
     of rows gathered in fp32. tests/test_memory.py checks these sums against the tensors autograd saves.
@@ -252,7 +252,7 @@ def block_activation_bytes(args) -> list[int]:
             mlp = FP32 * d + stats + a * d + act(dense_width)
         else:
             expert_width = moe.ffn_hidden_size or dense_width
-            row = FP32 * d + act(expert_width) + a * d + FP32 * d + FP32 + 16
+            row = a * d + act(expert_width) + a * d + FP32 * d + FP32 + 16
             lore = moe.lore
             if lore is not None and lore.mode == "router_free":
                 row += a * lore.num_lores * lore.rank  # x A of the one always-on LoRE
@@ -260,11 +260,13 @@ def block_activation_bytes(args) -> list[int]:
                 top_l = lore.top_l
                 row += FP32 * lore.num_lores + top_l * (2 * a * lore.rank + FP32)  # probs; x A, pi x A, pi
                 if top_l == 1:  # rows regrouped by LoRE, output put back in expert order, int64 ids and orders
-                    row += FP32 * d + a * d + 24
+                    row += a * d + a * d + 24
                 else:  # per slot: the row's copy and the LoRE term index_add keeps; int64 ids and slot orders
                     term = up_width(args.activation, expert_width) if lore.mode == "entangled" else d
-                    row += top_l * (FP32 * d + a * term + 24) + 8
-            shared = act(moe.num_shared_experts * expert_width) if moe.num_shared_experts else 0
+                    row += top_l * (a * d + a * term + 24) + 8
+            shared = 0
+            if moe.num_shared_experts:  # under autocast their input is cast (and kept) once more, beside the router's
+                shared = act(moe.num_shared_experts * expert_width) + (a * d if a < FP32 else 0)
             router = 8 * moe.num_experts + 8 * moe.top_k + FP32
             mlp = FP32 * d + stats + a * d + router + moe.top_k * row + shared
         per_layer.append(tokens * (attention + mlp + masks))

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from megatron.config.schema import DATA_POSITION_KEYS, MODEL_KEYS
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import expert_parameter_names
 from megatron.parallel.distributed import checkpoint_group
@@ -292,14 +293,15 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
 def check_same_run_settings(path: Path, config: dict[str, Any]) -> None:
     """The run resuming from `path` has the checkpoint's model (MODEL_KEYS) and counts its data position in the
     same global batches (DATA_POSITION_KEYS); else one line naming every key that differs. Checked against the
-    config.yml the checkpoint was saved with (a checkpoint without one is checked by its tensor shapes only)."""
-    from megatron.config.schema import DATA_POSITION_KEYS, MODEL_KEYS
-
+    config.yml the checkpoint was saved with (a checkpoint without one is checked by its tensor shapes only).
+    A step-0 checkpoint (a converted or upcycled model) has consumed no data, so its batch does not matter."""
     try:
         saved = yaml.safe_load((path / "config.yml").read_text()) or {}
     except FileNotFoundError:
         return
-    differ = [key for key in MODEL_KEYS + DATA_POSITION_KEYS if key in saved and saved[key] != config.get(key)]
+    tag = TAG_PATTERN.match(path.name)
+    keys = MODEL_KEYS + (DATA_POSITION_KEYS if tag is None or int(tag.group(1)) > 0 else ())
+    differ = [key for key in keys if key in saved and saved[key] != config.get(key)]
     if not differ:
         return
     shown = "; ".join(f"{key}: checkpoint {saved[key]!r}, config {config.get(key)!r}" for key in differ)
@@ -373,7 +375,9 @@ def check_compatible(path: Path, state: dict[str, Any]) -> None:
                 expected[f"{prefix}.{name}"] = tuple(value.shape)
     missing = [key for key in expected if key not in saved]
     prefixes = tuple(f"{prefix}." for prefix in state)
-    extra = [key for key in saved if key.startswith(prefixes) and key not in expected]  # e.g. a deeper model's
+    # tensors the model lacks (a deeper model's, say); per-expert entries aside: with expert parallelism a rank
+    # holds only its own experts' share of them
+    extra = [key for key in saved if key.startswith(prefixes) and key not in expected and "/expert" not in key]
     wrong = [(key, tuple(saved[key].size), shape) for key, shape in expected.items()
              if key in saved and hasattr(saved[key], "size") and tuple(saved[key].size) != shape]
     if not missing and not wrong and not extra:
