@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron.config import ConfigError, check_data_files, load_config, parse_command_line
+from megatron.config import ConfigError, check_data_files, check_machine, load_config, parse_command_line
 from megatron.parallel import destroy, init_distributed
 from megatron.parallel.distributed import describe_failure, ranks_from_env
 from megatron.parallel.mesh import build_parallel_dims
@@ -46,6 +46,7 @@ def run(argv: list[str]) -> TrainResult:
     config_paths, overrides = parse_command_line(argv)
     args = load_config(config_paths, overrides, data_parallel_size=world_size)
     check_data_files(args)
+    check_machine(args)
     dist_info = init_distributed(args.device, args.distributed_timeout_minutes)
     save_lock = preflight(args, dist_info.is_main)  # ranks agree, folders writable, no other run's checkpoints
     try:

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from runs import assert_one_line, run_main, write_config
 
 # (name, config overrides or a YAML text, extra command-line arguments, pattern the error line must match)
@@ -72,6 +73,10 @@ CONFIG_CASES = [
      r"optimizer\.params\.betas: expected two Adam betas in \[0, 1\), got \[0\.9, 1\.5\]"),
     ("vocab_file a folder", {"tokenizer_type": "HFTokenizer", "vocab_file": "/tmp"}, [],
      r"vocab_file: /tmp is a folder; expected the tokenizer's file"),
+    ("device cuda without a GPU", {"device": "cuda"}, [], r"device: cuda, but this machine has no CUDA device"),
+    ("flash attention without a GPU", {"attention_impl": "flash"}, [], r"attention_impl: flash needs a CUDA device"),
+    ("megablocks without a GPU", {"moe_num_experts": 2, "moe_impl": "megablocks"}, [],
+     r"moe_impl: megablocks needs a CUDA device and the grouped_gemm package"),
     ("lr contradicting the optimizer block", {"lr": 0.5}, [],
      r"config\.yml: lr 0\.5 contradicts optimizer\.params\.lr"),
 ]
@@ -79,6 +84,8 @@ CONFIG_CASES = [
 
 @pytest.mark.parametrize("name, overrides, extra, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_config_and_file_errors(tmp_path, data_prefix, capsys, name, overrides, extra, pattern):
+    if "without a GPU" in name and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     if overrides is None:
         config = tmp_path / "nope.yml"
     elif isinstance(overrides, str):
@@ -166,3 +173,14 @@ def test_lr_on_the_command_line_sets_the_learning_rate(tmp_path, data_prefix):
     args = load_config([str(config)], ["--lr", "0.5"])
     assert args.lr == 0.5 and args.optimizer.params.lr == 0.5 and args.optimizer.params.betas == (0.9, 0.95)
     assert load_config([str(config)]).lr == 3e-3
+
+
+@pytest.mark.parametrize("tokenizer_type, content, pattern", [
+    ("HFTokenizer", "hello, not JSON\n", r"vocab_file: .*tok\.json is not a tokenizers \.json \(HFTokenizer\)"),
+    ("SPMTokenizer", '{"a": 1}\n', r"vocab_file: .*tok\.json is not a SentencePiece \.model \(SPMTokenizer\)"),
+])
+def test_a_file_that_is_not_the_tokenizer_named(tmp_path, data_prefix, capsys, tokenizer_type, content, pattern):
+    vocab = tmp_path / "tok.json"
+    vocab.write_text(content)
+    config = write_config(tmp_path, data_prefix, pos_emb="rotary", tokenizer_type=tokenizer_type, vocab_file=str(vocab))
+    assert_one_line(*run_main([str(config)], capsys), pattern)

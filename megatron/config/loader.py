@@ -433,3 +433,28 @@ def check_data_files(args: NeoXArgs) -> None:
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(f"{key}: {prefix}{suffix} does not exist (expected a GPT-NeoX .bin/.idx "
                                   "dataset; make one with tools/preprocess_data.py)")
+
+
+def check_machine(args: NeoXArgs) -> None:
+    """What the config asks of this machine (a GPU, flash-attn, the grouped GEMM kernel) is here: one line each,
+    before anything is built, instead of a traceback from deep inside the first forward."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise ConfigError("device: cuda, but this machine has no CUDA device: use device: auto or cpu")
+    runs_on_cuda = cuda and args.device != "cpu"
+    if args.attention_impl == "flash" and args.model_type == "gpt":
+        if not runs_on_cuda:
+            raise ConfigError("attention_impl: flash needs a CUDA device: use attention_impl: sdpa here")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("attention_impl: flash needs the flash-attn package (pip install flash-attn), "
+                              "or use attention_impl: sdpa")
+    if args.moe_impl in ("grouped_gemm", "megablocks") and args.is_moe:
+        from megatron.model.moe.kernels import load_gmm
+
+        if not runs_on_cuda or load_gmm() is None:
+            raise ConfigError(f"moe_impl: {args.moe_impl} needs a CUDA device and the grouped_gemm package "
+                              "(pip install grouped_gemm): use moe_impl: auto here")

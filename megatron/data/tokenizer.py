@@ -106,15 +106,23 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str
     if tokenizer_type not in ("HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer"):
         raise ValueError(f"tokenizer_type: unknown {tokenizer_type!r} "
                          "(expected HFTokenizer, SPMTokenizer, GPT2BPETokenizer or CharLevelTokenizer)")
+    if vocab_file and Path(vocab_file).is_dir():
+        raise IsADirectoryError(f"vocab_file: {vocab_file} is a folder; expected the {tokenizer_type} file")
     if not vocab_file or not Path(vocab_file).is_file():
         raise FileNotFoundError(f"vocab_file: {vocab_file} does not exist ({tokenizer_type} needs it)")
-    if tokenizer_type == "HFTokenizer":
-        return HFTokenizer(vocab_file)
-    if tokenizer_type == "SPMTokenizer":
-        return SPMTokenizer(vocab_file)
-    if not merge_file or not Path(merge_file).is_file():
+    if tokenizer_type == "GPT2BPETokenizer" and (not merge_file or not Path(merge_file).is_file()):
         raise FileNotFoundError(f"merge_file: {merge_file} does not exist (GPT2BPETokenizer needs it)")
-    return GPT2BPETokenizer(vocab_file, merge_file)
+    expected = {"HFTokenizer": "a tokenizers .json", "SPMTokenizer": "a SentencePiece .model",
+                "GPT2BPETokenizer": "a GPT-2 vocab.json with its merges.txt"}[tokenizer_type]
+    try:  # the libraries raise their own errors (tokenizers: a bare Exception) on a file of another kind
+        if tokenizer_type == "HFTokenizer":
+            return HFTokenizer(vocab_file)
+        if tokenizer_type == "SPMTokenizer":
+            return SPMTokenizer(vocab_file)
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"vocab_file: {vocab_file} is not {expected} ({tokenizer_type}): {reason}") from None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
