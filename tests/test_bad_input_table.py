@@ -184,3 +184,14 @@ def test_a_file_that_is_not_the_tokenizer_named(tmp_path, data_prefix, capsys, t
     vocab.write_text(content)
     config = write_config(tmp_path, data_prefix, pos_emb="rotary", tokenizer_type=tokenizer_type, vocab_file=str(vocab))
     assert_one_line(*run_main([str(config)], capsys), pattern)
+
+
+def test_a_dataset_without_documents(tmp_path, capsys):
+    import numpy as np
+
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = tmp_path / "empty"
+    IndexedDatasetBuilder(f"{prefix}.bin", np.uint16).finalize(f"{prefix}.idx")
+    config = write_config(tmp_path, str(prefix), pos_emb="rotary", train_iters=2)
+    assert_one_line(*run_main([str(config)], capsys), r"data: no training documents in .*empty \(split '90,10,0'\)")

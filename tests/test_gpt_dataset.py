@@ -159,3 +159,27 @@ def test_blended_prefixes_end_to_end(tmp_path: Path) -> None:
     from_a = sum(int(train.dataset_index[i] == 0) for i in range(200))
     assert abs(from_a - 150) <= 1
     assert all(train[i].shape == (11,) for i in range(0, 200, 17))
+
+
+def test_a_read_only_data_folder_caches_the_index_elsewhere_and_says_where(tmp_path, monkeypatch, caplog):
+    from megatron.data import gpt_dataset
+
+    prefix = make_corpus(tmp_path, [7, 3, 9, 4])
+    data = MMapIndexedDataset(prefix)
+    fallback = tmp_path / "user_cache"
+    monkeypatch.setattr(gpt_dataset, "FALLBACK_CACHE", fallback)
+    real_save = gpt_dataset._save_atomically
+
+    def read_only_beside_the_data(path, array):
+        if path.parent == Path(prefix).parent:
+            raise PermissionError(13, "Read-only file system")
+        real_save(path, array)
+
+    monkeypatch.setattr(gpt_dataset, "_save_atomically", read_only_beside_the_data)
+    with caplog.at_level("WARNING", logger="megatron"):
+        first = GPTDataset("train", prefix, data, np.arange(4), num_samples=5, seq_length=4, seed=1)
+    assert all(path.parent == fallback and path.is_file() for path in first.cache_paths)
+    assert any(f"cached in {fallback} instead" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(GPTDataset, "_build", lambda *args: pytest.fail("rebuilt instead of read from the cache"))
+    second = GPTDataset("train", prefix, data, np.arange(4), num_samples=5, seq_length=4, seed=1)
+    assert np.array_equal(second.shuffle_idx, first.shuffle_idx) and np.array_equal(second.doc_idx, first.doc_idx)

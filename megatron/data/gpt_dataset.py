@@ -31,6 +31,10 @@ def split_documents(num_documents: int, split: str) -> list[np.ndarray]:
     return [np.arange(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
+# where the index arrays go when the data's own folder cannot be written (read-only storage)
+FALLBACK_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron" / "index"
+
+
 def _save_atomically(path: Path, array: np.ndarray) -> None:
     """Temp file + rename: a concurrent reader or a killed run never sees half an array."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -70,17 +74,30 @@ class GPTDataset:
         cache = Path(cache_dir) if cache_dir else Path(data_prefix).parent
         stem = f"{Path(data_prefix).name}_{name}_{num_samples}ns_{seq_length}sl_{seed}s_{digest:08x}"
         kinds = ("doc", "sample", "shuffle")
-        paths = {kind: cache / f"{stem}_{kind}_idx.npy" for kind in kinds}
-        self.cache_paths = list(paths.values())
-        if all(p.is_file() for p in paths.values()):
-            self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k]) for k in kinds)
-            return
+        for folder in (cache, FALLBACK_CACHE):  # beside the data, or where a read-only data folder sent them
+            paths = {kind: folder / f"{stem}_{kind}_idx.npy" for kind in kinds}
+            self.cache_paths = list(paths.values())
+            if all(p.is_file() for p in paths.values()):
+                self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[k]) for k in kinds)
+                return
         self.doc_idx, self.sample_idx, self.shuffle_idx = self._build(documents, seed, data_prefix, name)
-        cache.mkdir(parents=True, exist_ok=True)
-        for kind, array in zip(kinds, (self.doc_idx, self.sample_idx, self.shuffle_idx)):
-            _save_atomically(paths[kind], array)
+        arrays = (self.doc_idx, self.sample_idx, self.shuffle_idx)
+        try:
+            self.cache_paths = self._save(cache, stem, kinds, arrays)
+        except OSError as err:  # read-only data storage: a writable cache folder instead, said once
+            self.cache_paths = self._save(FALLBACK_CACHE, stem, kinds, arrays)
+            log.warning("%s: cannot write the sample index beside the data (%s); cached in %s instead", data_prefix,
+                        err.strerror or err, FALLBACK_CACHE)
         log.info("built %s sample index for %s: %d samples over %d epoch(s)", name, data_prefix, num_samples,
                  len(self.doc_idx) // len(documents))
+
+    @staticmethod
+    def _save(folder: Path, stem: str, kinds: tuple[str, ...], arrays: tuple[np.ndarray, ...]) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{stem}_{kind}_idx.npy" for kind in kinds]
+        for path, array in zip(paths, arrays):
+            _save_atomically(path, array)
+        return paths
 
     def _build(
         self, documents: np.ndarray, seed: int, data_prefix: str, name: str

@@ -123,6 +123,14 @@ class LMTask:
             test_prefixes=args.test_data_paths,
             test_weights=args.test_data_weights,
         )
+        if self.train_data is None:  # every corpus empty, or its training split holds no document
+            corpora = args.train_data_paths or [args.data_path]
+            raise ValueError(f"data: no training documents in {', '.join(corpora)} (split {args.split!r}): expected "
+                             "a dataset with documents (tools/preprocess_data.py) and a positive training share")
+        if num_valid and self.valid_data is None:
+            corpora = args.valid_data_paths or [args.data_path]
+            raise ValueError(f"data: no validation documents in {', '.join(corpora)} (split {args.split!r}) but "
+                             f"eval_interval is {args.eval_interval}: give validation a share, or set eval_interval 0")
         self.routing = RoutingAccumulator()
         self.health = RoutingHealth(args.moe_health_min_share, args.moe_health_patience, args.moe_health_min_entropy)
         self.steps_seen = 0  # the step being trained, for the health warnings
