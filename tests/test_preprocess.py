@@ -192,3 +192,15 @@ def test_build_script_dedup_boilerplate_and_scenes(tmp_path: Path) -> None:
     play = "Title\n\nSCENE I. A hall.\n" + "a" * 300 + "\n\nSCENE II. A room.\n" + "b" * 300
     parts = script.split_work(play)
     assert [p[1][:8] for p in parts] == ["SCENE I.", "SCENE II"]
+
+
+def test_cli_a_vocab_file_of_another_kind_is_one_line(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "docs.jsonl", ["some text"])
+    vocab = tmp_path / "tok.json"
+    vocab.write_text('{"not": "a tokenizer"}\n')
+    cmd = [sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(corpus), "--output-prefix",
+           str(tmp_path / "out"), "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(vocab)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "tok.json is not a SentencePiece .model (SPMTokenizer)" in lines[0], lines[0]
