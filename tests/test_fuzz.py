@@ -83,6 +83,8 @@ KEYS = sorted(NeoXArgs.model_fields) + ["hiden_size", "optimizer.params.lr", "fp
 @given(values=st.dictionaries(st.sampled_from(KEYS), SCALARS, max_size=6))
 # found by this test: batch sizes were multiplied out before their types were checked (a TypeError)
 @example(values={"train_batch_size": "0", "train_micro_batch_size_per_gpu": True})
+# and a precision that is not a string beside a DeepSpeed fp16 block (an AttributeError)
+@example(values={"fp16": True, "precision": False})
 def test_config_values_load_or_give_a_config_error(values):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.yml"

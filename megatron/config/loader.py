@@ -213,7 +213,7 @@ def translate_deepspeed_blocks(values: dict[str, Any], origin: dict[str, str]) -
             ignored += [f"{key}.{k}" for k in sorted(section) if k != "enabled"]
         if enabled:
             explicit = values.get("precision")
-            if explicit is not None and explicit.replace("bf16", "bfloat16") != precision:
+            if explicit is not None and str(explicit).replace("bf16", "bfloat16") != precision:
                 raise ConfigError(f"{where}: {key}.enabled contradicts precision: {explicit}")
             values["precision"] = precision
             origin.setdefault("precision", where)
