@@ -49,48 +49,6 @@ def test_async_checkpoints_equal_synchronous_ones_and_resume_exactly(tmp_path, d
     assert resumed == train_losses(read_metrics(tmp_path / "sync" / "logs"))
 
 
-def _async_save_over_the_checkpoint_group(rank: int, world_size: int, folder: str) -> None:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    from megatron.parallel import DistInfo, distributed
-    from megatron.training import checkpoint
-
-    # init_distributed's separate gloo group of every rank carries DCP's background collectives
-    distributed._checkpoint_group = dist.new_group(backend="gloo")
-    groups = []
-    real_async_save = dcp.async_save
-
-    def recording_async_save(*args, **kwargs):
-        groups.append(kwargs.get("process_group"))
-        return real_async_save(*args, **kwargs)
-
-    checkpoint.dcp.async_save = recording_async_save
-    try:
-        torch.manual_seed(0)  # the same weights on every rank
-        model = torch.nn.Linear(4, 3)
-        optimizer = torch.optim.AdamW(model.parameters())
-        model(torch.ones(2, 4)).sum().backward()
-        optimizer.step()
-        info = DistInfo(rank, world_size, rank, torch.device("cpu"))
-        pending = checkpoint.begin_save(folder, 1, model, optimizer, {"rank": rank}, "{}\n", info, asynchronous=True)
-        assert pending.error is None, pending.error
-        final = pending.finish()
-        assert groups == [distributed._checkpoint_group]
-        assert final.name == "global_step1" and (final.parent / "latest").read_text() == "global_step1"
-    finally:
-        checkpoint.dcp.async_save = real_async_save
-        distributed._checkpoint_group = None
-
-
-def test_async_save_runs_its_collectives_over_the_checkpoint_group(tmp_path):
-    from distributed import run_on_ranks
-
-    run_on_ranks(_async_save_over_the_checkpoint_group, 2, str(tmp_path / "ckpt"))
-    state = saved_tensors(tmp_path / "ckpt" / "global_step1", tmp_path)
-    assert any(key.endswith("weight") for key in state)
-
-
 def test_async_save_of_a_sharded_moe_on_two_ranks(tmp_path, data_prefix):
     """The background save's collectives run on their own group: on the default one they interleaved with
     FSDP2's all-gathers and gloo aborted ("Received data size doesn't match expected size"). And the expert
@@ -102,9 +60,6 @@ def test_async_save_of_a_sharded_moe_on_two_ranks(tmp_path, data_prefix):
     result = torchrun(config, 2)
     assert "failed" not in result.stdout + result.stderr  # the step-2 save too (a failed one only warns)
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step4"
-    first = train_losses(read_metrics(tmp_path / "logs"))
-    (tmp_path / "ckpt" / "latest").write_text("global_step2")  # resume the asynchronous checkpoint of step 2
-    shutil.rmtree(tmp_path / "ckpt" / "global_step4")
-    torchrun(config, 2)
-    resumed = train_losses(read_metrics(tmp_path / "logs"))
-    assert [resumed[s] for s in (3, 4)] == [first[s] for s in (3, 4)]
+    step2 = saved_tensors(tmp_path / "ckpt" / "global_step2", tmp_path)  # the asynchronous one, complete
+    assert any("expert" in key for key in step2) and len(step2) == len(saved_tensors(tmp_path / "ckpt" /
+                                                                                      "global_step4", tmp_path))
