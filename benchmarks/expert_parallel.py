@@ -336,9 +336,9 @@ def _measure_layer_memory(rank: int, world: int, opts: argparse.Namespace) -> di
 def _measure_small_run(rank: int, world: int) -> dict:
     """The state of a small GPT (configs/tiny_structmoe.yml) after one step at a few 2-rank layouts."""
     from megatron.config import load_config
+    from megatron.data.tokenizer import vocab_size_of
     from megatron.model.build import gpt_config_from_args
     from megatron.model.gpt import GPT
-    from megatron.model.param_count import vocab_size_of
 
     args = load_config([str(SMALL_CONFIG)], SMALL_OVERRIDES, data_parallel_size=world)
     vocab = vocab_size_of(args)

@@ -600,9 +600,9 @@ def build_model(args, device):
     """The config's model as train.py builds it (megatron/model/build.py), made on the device directly."""
     import torch
 
+    from megatron.data.tokenizer import vocab_size_of
     from megatron.model.build import gpt_config_from_args
     from megatron.model.gpt import GPT
-    from megatron.model.param_count import vocab_size_of
 
     args.device = device.type  # moe_impl auto resolves for this device
     with torch.device(device):
@@ -891,7 +891,7 @@ def section_memory(ctx: Context) -> dict:
     import loss_memory
 
     from megatron.config import load_config
-    from megatron.model.param_count import vocab_size_of
+    from megatron.data.tokenizer import vocab_size_of
 
     args = load_config(["configs/410M_structmoe.yml"])
     hidden = ctx.sizes.loss_hidden or args.hidden_size

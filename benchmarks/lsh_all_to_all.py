@@ -116,7 +116,7 @@ def _capture_states(opts: argparse.Namespace, ckpt: Path, states_path: Path) -> 
 
     from megatron.config import load_config
     from megatron.data.gpt_dataset import build_train_valid_test_datasets
-    from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+    from megatron.data.tokenizer import vocab_size_of
     from megatron.model.build import gpt_config_from_args
     from megatron.model.gpt import GPT
     from megatron.parallel import DistInfo
@@ -125,8 +125,7 @@ def _capture_states(opts: argparse.Namespace, ckpt: Path, states_path: Path) -> 
 
     cpu = torch.device("cpu")
     args = load_config([str(CONFIG)], _train_args(opts, ckpt), data_parallel_size=1)
-    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
-                              args.make_vocab_size_divisible_by)
+    vocab = vocab_size_of(args)
     torch.manual_seed(args.seed)
     model = GPT(gpt_config_from_args(args, vocab))
     optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, cpu)

@@ -23,7 +23,7 @@ grep -v '^torch==' requirements.txt > "$VENV/requirements-without-torch.txt"
 "$PY" -m pip install --quiet --disable-pip-version-check -r "$VENV/requirements-without-torch.txt" pytest hypothesis
 echo "torch $("$PY" -c 'import torch; print(torch.__version__)') in $VENV"
 # the repo's own package on the path (no install: pyproject's torch range must not pull another torch)
-PYTHONPATH="$PWD" "$PY" -m pytest -p no:cacheprovider -q -p no:warnings \
+PYTHONPATH="$PWD" "$PY" -m pytest -p no:cacheprovider -p no:warnings \
     tests/test_expert_parallel.py tests/test_moe_kernels.py tests/test_moe_layer.py tests/test_host_syncs.py \
     tests/test_parallel.py tests/test_parallel_training.py tests/test_async_save.py tests/test_checkpoint.py \
     tests/test_trainer.py tests/test_chunked_loss.py tests/test_compile.py "${@:2}"

@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError  # noqa: E402
-from megatron.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron.data.tokenizer import tokenizer_of  # noqa: E402
 from megatron.model.generation import generate, pad_batch  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> str:
         args, model, _ = load_pretrained(opts.checkpoint)
         if args.model_type != "gpt":
             raise ConfigError(f"{opts.checkpoint}: a {args.model_type} checkpoint (tools/sample_dit.py samples DiTs)")
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+        tokenizer = tokenizer_of(args)
         prompts = [tokenizer.encode(text) for text in opts.prompt]
         if not all(prompts):
             raise ValueError(f"--prompt: prompt {[bool(p) for p in prompts].index(False) + 1} has no tokens")

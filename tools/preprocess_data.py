@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--tokenizer-type", required=True,
                         choices=["HFTokenizer", "SPMTokenizer", "GPT2BPETokenizer", "CharLevelTokenizer"])
     parser.add_argument("--vocab-file", default=None)
-    parser.add_argument("--merge-file", default=None, help="unused unless GPT2BPETokenizer")
+    parser.add_argument("--merge-file", default=None, help="GPT2BPETokenizer's merges.txt")
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--workers", type=int, default=1)
@@ -40,7 +40,7 @@ def main() -> None:
     try:
         prefixes = preprocess(args.input.split(","), args.jsonl_keys, args.tokenizer_type, args.vocab_file,
                               args.output_prefix, append_eod=args.append_eod, workers=args.workers,
-                              log_interval=args.log_interval)
+                              log_interval=args.log_interval, merge_file=args.merge_file)
     except (ValueError, FileNotFoundError, UnicodeDecodeError) as err:  # bad input: one line, no traceback
         sys.exit(f"preprocess_data: error: {err}")
     for key, prefix in prefixes.items():

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError, load_config, parse_command_line  # noqa: E402
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size  # noqa: E402
+from megatron.data.tokenizer import vocab_size_of  # noqa: E402
 from megatron.model.build import gpt_config_from_args  # noqa: E402
 from megatron.model.gpt import GPT  # noqa: E402
 from megatron.model.upcycle import check_exact, upcycle_weights  # noqa: E402
@@ -61,8 +61,7 @@ def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std:
     if args.moe_num_experts <= 1:
         raise ConfigError("moe_num_experts: the target is dense; upcycling needs moe_num_experts > 1")
     check_exact(args)
-    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file).vocab_size,
-                              args.make_vocab_size_divisible_by)
+    vocab = vocab_size_of(args)
     torch.manual_seed(seed)
     dst = GPT(gpt_config_from_args(args, vocab))
     std = 0.1 * args.init_method_std if router_std is None else router_std

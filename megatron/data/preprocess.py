@@ -82,10 +82,11 @@ def read_documents(path: str, keys: list[str]) -> Iterator[dict[str, str]]:
                      "(expected .jsonl, .jsonl.gz, .jsonl.zst, .txt, .parquet)")
 
 
-def _init_worker(tokenizer_type: str, vocab_file: str | None, append_eod: bool, dtype: type) -> None:
+def _init_worker(tokenizer_type: str, vocab_file: str | None, merge_file: str | None, append_eod: bool,
+                 dtype: type) -> None:
     """Each worker builds its own tokenizer once (tokenizers are not shared across processes)."""
     global _worker_tokenizer, _worker_options
-    _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    _worker_tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     _worker_options = (append_eod, dtype)
 
 
@@ -124,6 +125,7 @@ def preprocess(
     workers: int = 1,
     progress: bool = True,
     log_interval: int = 1000,
+    merge_file: str | None = None,
 ) -> dict[str, str]:
     """Writes `{output_prefix}_{key}_document.bin/.idx` per key; returns the dataset prefix of each key."""
     if workers < 1:
@@ -134,19 +136,19 @@ def preprocess(
         if not Path(path).is_file():
             raise FileNotFoundError(f"--input: {path} does not exist")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    tokenizer = build_tokenizer(tokenizer_type, vocab_file, merge_file)
     dtype = best_dtype(tokenizer.vocab_size)
     prefixes = {key: f"{output_prefix}_{key}_document" for key in keys}
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     builders = {key: IndexedDatasetBuilder(f"{prefixes[key]}.bin", dtype) for key in keys}
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0, miniters=log_interval)
     if workers > 1:
-        init_args = (tokenizer_type, vocab_file, append_eod, dtype)
+        init_args = (tokenizer_type, vocab_file, merge_file, append_eod, dtype)
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
         results = pool.imap(_encode_chunk, _chunks(inputs, keys), chunksize=1)
     else:
         pool = None
-        _init_worker(tokenizer_type, vocab_file, append_eod, dtype)
+        _init_worker(tokenizer_type, vocab_file, merge_file, append_eod, dtype)
         results = map(_encode_chunk, _chunks(inputs, keys))
     documents = 0
     try:

@@ -125,6 +125,19 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str
         raise ValueError(f"vocab_file: {vocab_file} is not {expected} ({tokenizer_type}): {reason}") from None
 
 
+def tokenizer_of(args) -> Tokenizer:
+    """The tokenizer a run's config names: its type, vocab_file and (GPT2BPETokenizer) merge_file. Every tool
+    builds a run's tokenizer through here, so no setting is dropped on the way."""
+    return build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+
+
+def vocab_size_of(args) -> int:
+    """The model's vocabulary for a run's config: `vocab_size` if given, else the tokenizer's, padded to
+    `make_vocab_size_divisible_by` as GPT-NeoX does."""
+    vocab = args.vocab_size if args.vocab_size is not None else tokenizer_of(args).vocab_size
+    return padded_vocab_size(vocab, args.make_vocab_size_divisible_by)
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     """GPT-NeoX pads the embedding to a multiple of `make_vocab_size_divisible_by` for fast matmuls."""
     if divisible_by < 1 or vocab_size < 1:

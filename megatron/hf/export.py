@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from megatron.config import ConfigError
-from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, build_tokenizer
+from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
 from megatron.hf.remote import write_remote_folder
 from megatron.training.pretrained import load_pretrained
@@ -42,7 +42,7 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: not empty (files of an earlier export could be mistaken for this one's)")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = tokenizer_of(args)
     ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}
     cfg = model.cfg
     blockers = neox_blockers(cfg)

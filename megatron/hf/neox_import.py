@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from megatron.config import ConfigError, load_config
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
 from megatron.hf.neox import ACTIVATIONS, neox_to_ours, rotary_dims
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
@@ -100,7 +100,7 @@ def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | 
     model_yml = out / "model.yml"
     model_yml.write_text(yaml.safe_dump(keys, sort_keys=False))
     args = load_config([str(model_yml)], list(overrides))
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file)
+    tokenizer = tokenizer_of(args)
     keys["make_vocab_size_divisible_by"] = vocab_divisor(tokenizer.vocab_size, hf.vocab_size, str(folder))
     model_yml.write_text("# the model converted by tools/convert_from_hf.py; put data and optimizer keys in "
                          "another file\n" + yaml.safe_dump(keys, sort_keys=False))

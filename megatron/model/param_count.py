@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
 from megatron.model.build import moe_settings_from_args
 from megatron.model.gpt import mlp_width
@@ -37,12 +37,6 @@ class ParamCounts:
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total, "active": self.active}
 
-
-def vocab_size_of(args) -> int:
-    vocab = args.vocab_size
-    if vocab is None:
-        vocab = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file).vocab_size
-    return padded_vocab_size(vocab, args.make_vocab_size_divisible_by)
 
 
 def count_parameters(args) -> ParamCounts:

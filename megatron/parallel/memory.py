@@ -40,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
 from megatron.model.build import gpt_config_from_args, moe_settings_from_args
 from megatron.model.gpt import GPT, mlp_width
-from megatron.model.param_count import count_parameters, vocab_size_of
+from megatron.model.param_count import count_parameters
 from megatron.parallel.data_parallel import expert_parameter_names, expert_shard_dim
 from megatron.parallel.expert_parallel import experts_per_rank
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from megatron.config import ConfigError
 from megatron.data.bundled import ensure_bundled_dataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.compile import compile_regions, compile_wanted
 from megatron.model.flops import flops_per_token
@@ -89,7 +89,7 @@ class RoutingAccumulator:
 class LMTask:
     def __init__(self, args, dist_info: DistInfo, expert_parallel: ExpertParallel | None = None):
         self.args, self.dist = args, dist_info
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
+        self.tokenizer = tokenizer_of(args)
         if args.prepare_data:
             if dist_info.is_main:
                 ensure_bundled_dataset(args.prepare_data, args.data_path, args.tokenizer_type, args.vocab_file)

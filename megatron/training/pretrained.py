@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import read_yaml
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.build import dit_config_from_args, gpt_config_from_args
 from megatron.model.dit import DiT
 from megatron.model.gpt import GPT
@@ -36,8 +36,6 @@ def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = (
     if args.model_type == "dit":
         model: nn.Module = DiT(dit_config_from_args(args))
     else:
-        vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
-                                  args.make_vocab_size_divisible_by)
-        model = GPT(gpt_config_from_args(args, vocab))
+        model = GPT(gpt_config_from_args(args, vocab_size_of(args)))
     ckpt.load_model_weights(path, model)
     return args, model.eval(), path
