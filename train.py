@@ -17,7 +17,7 @@ from megatron.config import ConfigError, check_data_files, check_machine, load_c
 from megatron.parallel import destroy, init_distributed
 from megatron.parallel.distributed import describe_failure, ranks_from_env
 from megatron.parallel.mesh import build_parallel_dims
-from megatron.runtime import keep_freed_memory_in_process
+from megatron.runtime import MissingExtra, keep_freed_memory_in_process
 from megatron.training.checkpoint import CheckpointSaveError
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
@@ -92,7 +92,7 @@ def run_training(args, dist_info) -> TrainResult:
 
 # Bad input found after the config (a damaged dataset, a checkpoint of another model, a missing file) surfaces as
 # one of these, with a message naming the file and what was expected: shown as one line unless --debug.
-INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, EOFError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, EOFError, MissingExtra)
 
 
 def main() -> None:

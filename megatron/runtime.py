@@ -1,10 +1,13 @@
-"""Process-level settings that make CPU training faster, and the process's memory as the OS sees it."""
+"""Process-level settings that make CPU training faster, the process's memory as the OS sees it, and optional
+packages imported with a one-line hint at the extra that installs them."""
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
+from types import ModuleType
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
@@ -36,3 +39,16 @@ def resident_memory_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class MissingExtra(ImportError):
+    """An optional package a feature needs is not installed: one line naming the pip extra that brings it."""
+
+
+def optional_import(module: str, extra: str, feature: str) -> ModuleType:
+    """`module`, or one line saying which extra of this package installs it (pip install -e '.[EXTRA]')."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{feature} needs {module.split('.')[0]}, which is not installed: "
+                           f"pip install -e '.[{extra}]' (or pip install -r requirements.txt)") from None

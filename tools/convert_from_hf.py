@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError  # noqa: E402
 from megatron.hf.neox_import import convert_from_hf  # noqa: E402
+from megatron.runtime import MissingExtra  # noqa: E402
 
 
 def main(argv: list[str]) -> Path:
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> Path:
         sys.exit(__doc__)
     try:
         path = convert_from_hf(argv[0], argv[1], argv[2:])
-    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, MissingExtra) as err:
         sys.exit(f"convert_from_hf: {err}")
     print(f"wrote {path}")
     return path

@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError  # noqa: E402
 from megatron.hf.export import convert_to_hf  # noqa: E402
+from megatron.runtime import MissingExtra  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parser.parse_args(argv)
     try:
         report = convert_to_hf(opts.checkpoint, opts.output)
-    except (ConfigError, OSError, ValueError) as err:
+    except (ConfigError, OSError, ValueError, MissingExtra) as err:
         sys.exit(f"convert_to_hf: {err}")
     print(json.dumps(report, indent=2))
     return report

@@ -33,6 +33,7 @@ from megatron.config.loader import read_yaml  # noqa: E402
 from megatron.evaluation.grids import save_image_grid  # noqa: E402
 from megatron.model.build import dit_config_from_args  # noqa: E402
 from megatron.model.diffusion import GaussianDiffusion  # noqa: E402
+from megatron.runtime import MissingExtra  # noqa: E402
 from megatron.training import checkpoint as ckpt  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
@@ -130,7 +131,7 @@ def main(argv: list[str]) -> Path:
         diffusion = GaussianDiffusion(args.diffusion_steps, args.beta_start, args.beta_end, args.learn_sigma)
         if options.sampler == "ddim":
             diffusion.ddim_timesteps(options.steps)  # checks the step count before any work
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, MissingExtra) as err:
         sys.exit(f"sample_dit: {err}")
     device = torch.device(options.device)
     model = model.to(device)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from megatron.runtime import optional_import
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -65,11 +67,7 @@ def digits_dataset(image_size: int = 8, upsample: str = "bilinear") -> ImageData
         raise ValueError(f"digits: image_size {image_size}: expected >= 8 (the digits are 8x8)")
     if upsample not in ("bilinear", "nearest"):
         raise ValueError(f"digits: upsample {upsample!r}: expected 'bilinear' or 'nearest'")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError("digits: needs scikit-learn (pip install scikit-learn)") from err
-    digits = load_digits()
+    digits = optional_import("sklearn.datasets", "dit", "image_dataset: digits").load_digits()
     images_NCHW = torch.from_numpy(digits.images).float()[:, None] / 8.0 - 1.0
     if image_size != 8:
         align = False if upsample == "bilinear" else None
@@ -80,8 +78,7 @@ def digits_dataset(image_size: int = 8, upsample: str = "bilinear") -> ImageData
 def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
     """[C, S, S] in [-1, 1]: the centred square crop of the image, resized by Pillow's bicubic (which filters
     when shrinking); 1 channel is Pillow's "L" luminance, 3 is RGB."""
-    from PIL import Image
-
+    Image = optional_import("PIL.Image", "dit", "image_dataset: folder")
     try:
         with Image.open(path) as opened:
             image = opened.convert("L" if channels == 1 else "RGB")

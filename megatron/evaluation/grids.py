@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from megatron.runtime import optional_import
 
 MIN_VISIBLE_SIDE = 32  # tiny images are enlarged (nearest neighbour, integer factor) to at least this many pixels
 
@@ -45,6 +46,7 @@ def save_image_grid(images_NCHW: torch.Tensor | np.ndarray, path: str | Path, nr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Pillow infers the mode from the array: [H, W] uint8 is "L", [H, W, 3] uint8 is "RGB"
+    Image = optional_import("PIL.Image", "dit", "image grids")
     Image.fromarray(grid_CHW[0] if c == 1 else np.ascontiguousarray(grid_CHW.transpose(1, 2, 0))).save(path, "PNG")
     return path
 

@@ -11,6 +11,7 @@ from megatron.config import ConfigError
 from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
 from megatron.hf.remote import write_remote_folder
+from megatron.runtime import optional_import
 from megatron.training.pretrained import load_pretrained
 
 
@@ -49,7 +50,7 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     if blockers:
         write_remote_folder(out, model, ids)
     else:
-        from safetensors.torch import save_file
+        save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
 
         (out / "config.json").write_text(json.dumps({**neox_config(cfg), **ids}, indent=2) + "\n")
         save_file(ours_to_neox(model.state_dict(), cfg), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -1,4 +1,5 @@
-"""A Hugging Face GPT-NeoX (Pythia-style) folder as our step-0 checkpoint, to continue pretraining or upcycle.
+"""A Hugging Face GPT-NeoX (Pythia-style) or Llama folder as our step-0 checkpoint, to continue pretraining or
+upcycle (Llama's mapping: megatron/hf/llama.py).
 
 OUTPUT gets `global_step0/` + `latest` (the trainer's own format), `model.yml` (the model's keys and
 tokenizer, to put before a data/optimizer config: `python train.py OUTPUT/model.yml run.yml --load OUTPUT`;
@@ -18,17 +19,21 @@ import yaml
 
 from megatron.config import ConfigError, load_config
 from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
+from megatron.hf.llama import LLAMA_MODEL_TYPES, llama_keys, llama_to_ours
 from megatron.hf.neox import ACTIVATIONS, neox_to_ours, rotary_dims
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
+from megatron.runtime import optional_import
 from megatron.training.seed_checkpoint import write_step0_checkpoint
 
 
 def model_keys(folder: Path, hf) -> dict:
     """Our config keys for a transformers GPTNeoXConfig (5.x: rope settings in `rope_parameters`)."""
     where = folder / "config.json"
+    if hf.model_type in LLAMA_MODEL_TYPES:
+        return llama_keys(str(where), hf)
     if hf.model_type != "gpt_neox":
-        raise ConfigError(f"{where}: model_type {hf.model_type!r} (expected gpt_neox)")
+        raise ConfigError(f"{where}: model_type {hf.model_type!r} (expected gpt_neox or llama)")
     rope = hf.rope_parameters
     if rope.get("rope_type", "default") != "default":
         raise ConfigError(f"{where}: rope_type {rope['rope_type']!r} (only the default RoPE is ours)")
@@ -56,7 +61,7 @@ def model_keys(folder: Path, hf) -> dict:
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, its sharded form (model.safetensors.index.json), or pytorch_model.bin."""
-    from safetensors.torch import load_file
+    load_file = optional_import("safetensors.torch", "hf", "convert_from_hf").load_file
 
     if (folder / "model.safetensors").is_file():
         return load_file(folder / "model.safetensors")
@@ -82,7 +87,7 @@ def vocab_divisor(tokenizer_vocab: int, hf_vocab: int, where: str) -> int:
 def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Writes OUT/global_step0 (+ latest, model.yml); `overrides` are `--key value` pairs, e.g. the tokenizer
     of a folder without tokenizer.json (`--tokenizer_type CharLevelTokenizer`)."""
-    from transformers import AutoConfig
+    AutoConfig = optional_import("transformers", "hf", "convert_from_hf").AutoConfig
 
     folder, out = Path(folder), Path(out).resolve()
     if not (folder / "config.json").is_file():
@@ -106,6 +111,7 @@ def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | 
                          "another file\n" + yaml.safe_dump(keys, sort_keys=False))
     args = load_config([str(model_yml)], list(overrides))
     model = GPT(gpt_config_from_args(args, hf.vocab_size))
-    model.load_state_dict(neox_to_ours(read_weights(folder), model.cfg), strict=True)
+    to_ours = llama_to_ours if hf.model_type in LLAMA_MODEL_TYPES else neox_to_ours
+    model.load_state_dict(to_ours(read_weights(folder), model.cfg), strict=True)
     write_step0_checkpoint(args, model, out)
     return out / "global_step0"

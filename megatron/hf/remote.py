@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import megatron
+from megatron.runtime import optional_import
 
 ROOT = Path(megatron.__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -130,7 +131,7 @@ def portable_config(cfg: Any) -> Any:
 def write_remote_folder(out: Path, model: nn.Module, extra_config: dict[str, Any]) -> None:
     """config.json, model.safetensors and the modules: `AutoModelForCausalLM.from_pretrained(out,
     trust_remote_code=True)` builds our GPT with these weights."""
-    from safetensors.torch import save_file
+    save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
 
     out.mkdir(parents=True, exist_ok=True)
     closure = import_closure()

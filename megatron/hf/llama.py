@@ -1,0 +1,86 @@
+"""Hugging Face Llama (`LlamaForCausalLM`: Llama-2, Llama-3, Llama-3.2's tied embeddings) as our model.
+
+Llama is a block our GPT already computes: RMSNorm before attention and MLP, rotary on the whole head in the
+rotate-half form (GPT-NeoX's), grouped-query attention, a SwiGLU MLP `down(silu(gate x) * up x)` and no biases.
+What maps where:
+- q/k/v_proj are stacked into our `qkv` ([q | k | v] rows, k and v num_kv_heads wide);
+- gate_proj and up_proj into our gated `up` ([value | gate] rows: up_proj is the value, gate_proj the gate);
+- Llama's MLP width F is `intermediate_size` there; GPT-NeoX's rule reads a gated width as 2/3 of its key, so
+  ours is 3 F (with mlp_multiple_of 1);
+- rope_theta is our rotary_emb_base. Llama-3.1's rope scaling (rope_type llama3) and other scaled RoPEs are not
+  computed here: such a folder is refused, naming the field, never converted into another model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron.config import ConfigError
+
+LLAMA_MODEL_TYPES = ("llama",)
+
+
+def llama_keys(where: str, hf: Any) -> dict[str, Any]:
+    """Our config keys for a transformers LlamaConfig; a field we would compute differently is a ConfigError."""
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE is computed here "
+                          "(Llama-3.1's llama3 scaling is not)")
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    if float(theta) != int(theta):
+        raise ConfigError(f"{where}: rope_theta {theta} (expected a whole number)")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        raise ConfigError(f"{where}: head_dim {head_dim} x {hf.num_attention_heads} heads != hidden_size "
+                          f"{hf.hidden_size} (ours splits hidden_size evenly over the heads)")
+    if hf.hidden_act != "silu":
+        raise ConfigError(f"{where}: hidden_act {hf.hidden_act!r} (Llama's SwiGLU uses silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if getattr(hf, field, False):
+            raise ConfigError(f"{where}: {field}: true (ours has no biases in a Llama-shaped block)")
+    return {
+        "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
+        "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
+        "intermediate_size": 3 * hf.intermediate_size, "mlp_multiple_of": 1, "activation": "swiglu",
+        "max_position_embeddings": hf.max_position_embeddings, "seq_length": hf.max_position_embeddings,
+        "pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": int(theta),
+        "norm": "rmsnorm", "rms_norm_epsilon": hf.rms_norm_eps, "use_bias_in_norms": False,
+        "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "no_weight_tying": not hf.tie_word_embeddings,
+        "hidden_dropout": 0.0, "attention_dropout": float(getattr(hf, "attention_dropout", 0.0)),
+        "init_method_std": hf.initializer_range,
+    }
+
+
+def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict -> ours; every Llama tensor is used exactly once."""
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in state:
+            raise ValueError(f"{name}: missing from the Llama weights")
+        used.add(name)
+        return state[name].to(torch.float32)
+
+    out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
+    for i in range(cfg.num_layers):
+        layer = f"model.layers.{i}"
+        attention = [take(f"{layer}.self_attn.{p}_proj.weight") for p in "qkv"]
+        out |= {
+            f"blocks.{i}.input_norm.weight": take(f"{layer}.input_layernorm.weight"),
+            f"blocks.{i}.post_attention_norm.weight": take(f"{layer}.post_attention_layernorm.weight"),
+            f"blocks.{i}.attention.qkv.weight": torch.cat(attention, dim=0),
+            f"blocks.{i}.attention.dense.weight": take(f"{layer}.self_attn.o_proj.weight"),
+            f"blocks.{i}.mlp.up.weight": torch.cat([take(f"{layer}.mlp.up_proj.weight"),
+                                                     take(f"{layer}.mlp.gate_proj.weight")], dim=0),
+            f"blocks.{i}.mlp.down.weight": take(f"{layer}.mlp.down_proj.weight"),
+        }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
+    unused = sorted(set(state) - used - skipped - {k for k in state if k.endswith("rotary_emb.inv_freq")})
+    if unused:
+        raise ValueError(f"{unused[0]}: a Llama tensor this converter does not map ({len(unused)} such)")
+    return {name: tensor.contiguous() for name, tensor in out.items()}

@@ -1,0 +1,72 @@
+"""tools/convert_from_hf.py on Llama-family folders built offline by transformers with random weights: the
+converted model's logits equal LlamaForCausalLM's, and training continues from it."""
+
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from hf_models import REPO, VOCAB_FILE
+
+sys.path.insert(0, str(REPO / "tools"))
+import convert_from_hf  # noqa: E402
+
+import train  # noqa: E402
+from megatron.training.pretrained import load_pretrained  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+TOKENS = torch.randint(0, 8192, (2, 20), generator=torch.Generator().manual_seed(0))
+
+LLAMA2 = {"num_key_value_heads": 4}  # multi-head attention, rope_theta 10000
+LLAMA3 = {"num_key_value_heads": 2, "rope_theta": 500000.0}  # grouped-query attention, Llama-3's rope base
+LLAMA32_TIED = {**LLAMA3, "tie_word_embeddings": True}  # Llama-3.2-1B ties the embeddings
+
+
+def llama_folder(folder, **overrides):
+    """A small LlamaForCausalLM with every parameter random (norms near 1), saved with the bundled tokenizer."""
+    config = transformers.LlamaConfig(**{
+        "vocab_size": 8256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 48, "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        **overrides})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
+    return model.eval()
+
+
+@pytest.mark.parametrize("overrides", [LLAMA2, LLAMA3, LLAMA32_TIED], ids=["llama2", "llama3_gqa", "llama32_tied"])
+def test_llama_folder_converts_with_equal_logits(tmp_path, overrides):
+    hf = llama_folder(tmp_path / "hf", **overrides)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, path = load_pretrained(tmp_path / "ours")
+    assert path.name == "global_step0" and args.norm == "rmsnorm" and args.activation == "swiglu"
+    assert args.num_kv_heads == overrides["num_key_value_heads"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
+
+
+def test_a_rope_we_do_not_compute_is_refused_naming_the_field(tmp_path):
+    llama_folder(tmp_path / "hf", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                 **LLAMA3)
+    with pytest.raises(SystemExit, match=r"rope_parameters\.rope_type 'llama3': only the default RoPE"):
+        convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    assert not (tmp_path / "ours" / "latest").exists()
+
+
+def test_training_continues_from_a_converted_llama(tmp_path, data_prefix):
+    llama_folder(tmp_path / "hf", **LLAMA3)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    run = {"data_path": data_prefix, "split": "90,10,0", "train_micro_batch_size_per_gpu": 2,
+           "gradient_accumulation_steps": 1, "train_iters": 3, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+           "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "checkpoint_factor": 100,
+           "log_dir": str(tmp_path / "logs"), "seed": 3}
+    (tmp_path / "run.yml").write_text(yaml.safe_dump(run))
+    result = train.run([str(tmp_path / "ours/model.yml"), str(tmp_path / "run.yml"), "--load", str(tmp_path / "ours"),
+                        "--save", str(tmp_path / "continued"), "--seq_length", "16"])
+    assert result.final_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
