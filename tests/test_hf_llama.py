@@ -70,3 +70,33 @@ def test_training_continues_from_a_converted_llama(tmp_path, data_prefix):
     result = train.run([str(tmp_path / "ours/model.yml"), str(tmp_path / "run.yml"), "--load", str(tmp_path / "ours"),
                         "--save", str(tmp_path / "continued"), "--seq_length", "16"])
     assert result.final_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+LLAMA_SHAPED = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
+                "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "use_bias_in_norms": False,
+                "intermediate_size": 96, "mlp_multiple_of": 1}
+
+
+@pytest.mark.parametrize("overrides", [{"num_kv_heads": 2, "no_weight_tying": True}, {}], ids=["gqa_untied", "tied"])
+def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, overrides):
+    """No remote code: transformers' own LlamaForCausalLM, with our logits and our greedy continuation; and
+    converting it back gives our parameters bit for bit."""
+    import convert_to_hf
+    from hf_models import saved_model
+
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **overrides)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = TOKENS % model.cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
+        prompt, ours_seq = tokens[:1, :8], tokens[:1, :8]
+        for _ in range(6):
+            ours_seq = torch.cat([ours_seq, model(ours_seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert hf.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == ours_seq.tolist()
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
+    _, back, _ = load_pretrained(tmp_path / "back")
+    before, after = model.state_dict(), back.state_dict()
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,5 +1,5 @@
-"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM when GPT-NeoX computes exactly our
-model, else our own code as remote code. Tokenizer files come from the run's tokenizer."""
+"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM or LlamaForCausalLM when one of them
+computes exactly our model, else our own code as remote code. Tokenizer files come from the run's tokenizer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from megatron.config import ConfigError
 from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
+from megatron.hf.llama import llama_blockers, llama_config, ours_to_llama
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
 from megatron.hf.remote import write_remote_folder
 from megatron.runtime import optional_import
@@ -46,14 +47,18 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     tokenizer = tokenizer_of(args)
     ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}
     cfg = model.cfg
-    blockers = neox_blockers(cfg)
-    if blockers:
+    # the first native family that computes exactly our model, else our own code (remote code)
+    native = [("gpt_neox", neox_blockers(cfg), neox_config, ours_to_neox),
+              ("llama", llama_blockers(cfg), llama_config, ours_to_llama)]
+    family = next((entry for entry in native if not entry[1]), None)
+    blockers = neox_blockers(cfg) if family is None else []
+    if family is None:
         write_remote_folder(out, model, ids)
     else:
         save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
-
-        (out / "config.json").write_text(json.dumps({**neox_config(cfg), **ids}, indent=2) + "\n")
-        save_file(ours_to_neox(model.state_dict(), cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
+        _, _, config_of, weights_of = family
+        (out / "config.json").write_text(json.dumps({**config_of(cfg), **ids}, indent=2) + "\n")
+        save_file(weights_of(model.state_dict(), cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
     files = write_tokenizer_files(tokenizer, args.vocab_file, out, cfg.max_position_embeddings)
-    return {"checkpoint": str(path), "format": "remote_code" if blockers else "gpt_neox", "because": blockers,
+    return {"checkpoint": str(path), "format": "remote_code" if family is None else family[0], "because": blockers,
             "tokenizer_files": files}

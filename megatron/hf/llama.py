@@ -84,3 +84,65 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
     if unused:
         raise ValueError(f"{unused[0]}: a Llama tensor this converter does not map ({len(unused)} such)")
     return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def llama_blockers(cfg: Any) -> list[str]:
+    """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one."""
+    reasons = []
+    if cfg.moe is not None:
+        reasons.append("MoE layers (moe_num_experts > 1)")
+    wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
+              "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False,
+              "sliding_window_width": None}
+    reasons += [f"{key}: {getattr(cfg, key)!r}" for key, value in wanted.items() if getattr(cfg, key) != value]
+    if cfg.hidden_size % cfg.num_attention_heads:
+        reasons.append("hidden_size not a multiple of num_attention_heads")
+    return reasons
+
+
+def llama_config(cfg: Any) -> dict[str, Any]:
+    """config.json of the LlamaForCausalLM computing what `cfg` computes."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads or cfg.num_attention_heads,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads, "intermediate_size": cfg.ffn_size,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": cfg.attention_dropout, "initializer_range": cfg.init_method_std, "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
+    """Our state dict -> LlamaForCausalLM's (the inverse of llama_to_ours); every tensor of ours is used."""
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        used.add(name)
+        return state[name]
+
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv_width = d * (cfg.num_kv_heads or heads) // heads
+    out = {"model.embed_tokens.weight": take("embed.weight"), "model.norm.weight": take("final_norm.weight")}
+    for i in range(cfg.num_layers):
+        layer = f"model.layers.{i}"
+        q, k, v = take(f"blocks.{i}.attention.qkv.weight").split([d, kv_width, kv_width], dim=0)
+        value, gate = take(f"blocks.{i}.mlp.up.weight").chunk(2, dim=0)
+        out |= {
+            f"{layer}.input_layernorm.weight": take(f"blocks.{i}.input_norm.weight"),
+            f"{layer}.post_attention_layernorm.weight": take(f"blocks.{i}.post_attention_norm.weight"),
+            f"{layer}.self_attn.q_proj.weight": q, f"{layer}.self_attn.k_proj.weight": k,
+            f"{layer}.self_attn.v_proj.weight": v,
+            f"{layer}.self_attn.o_proj.weight": take(f"blocks.{i}.attention.dense.weight"),
+            f"{layer}.mlp.up_proj.weight": value, f"{layer}.mlp.gate_proj.weight": gate,
+            f"{layer}.mlp.down_proj.weight": take(f"blocks.{i}.mlp.down.weight"),
+        }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ValueError(f"{unused[0]}: a tensor of ours the Llama layout has no place for ({len(unused)} such)")
+    return {name: tensor.contiguous() for name, tensor in out.items()}
