@@ -73,3 +73,19 @@ def test_first_step_after_upcycling_moves_b_and_only_b(tmp_path, data_prefix):
     assert result.final_step == 1
     _, trained, path = load_pretrained(tmp_path / "struct")
     assert path.name == "global_step1" and trained.blocks[0].mlp.lore.B.abs().sum() > 0
+
+
+def test_llama_to_mixtral_to_structmoe_keeps_the_logits(tmp_path, data_prefix):
+    """A Llama-shaped dense model (SwiGLU, RMSNorm, GQA, no biases) upcycled Mixtral-style, then into StructMoE."""
+    llama = {"norm": "rmsnorm", "activation": "swiglu", "rotary_pct": 1.0, "num_kv_heads": 2,
+             "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "use_bias_in_norms": False,
+             "intermediate_size": 1024, "mlp_multiple_of": 8}
+    save, dense = saved_model(tmp_path / "run", data_prefix, **llama)
+    assert dense.blocks[0].mlp.down.weight.shape[1] == 344  # the overlay's moe_ffn_hidden_size
+    upcycle.main([str(save), str(tmp_path / "moe"), str(REPO / "configs/upcycle/llama_to_mixtral.yml")])
+    args, moe, _ = load_pretrained(tmp_path / "moe")
+    assert all(type(b.mlp).__name__ == "MoELayer" for b in moe.blocks) and args.moe_top_k == 2
+    torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=0)
+    upcycle.main([str(tmp_path / "moe"), str(tmp_path / "struct"), STRUCT_OVERLAY, "--lore_rank", "2"])
+    _, struct, _ = load_pretrained(tmp_path / "struct")
+    torch.testing.assert_close(logits(struct), logits(dense), atol=1e-5, rtol=0)
