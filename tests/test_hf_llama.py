@@ -100,3 +100,61 @@ def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, over
     _, back, _ = load_pretrained(tmp_path / "back")
     before, after = model.state_dict(), back.state_dict()
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def mixtral_folder(folder, **overrides):
+    """A small MixtralForCausalLM (4 experts, top-2, GQA), every parameter random, with the bundled tokenizer."""
+    config = transformers.MixtralConfig(**{
+        "vocab_size": 8256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **overrides})
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
+    return model.eval()
+
+
+def test_mixtral_folder_converts_with_equal_logits(tmp_path):
+    hf = mixtral_folder(tmp_path / "hf")
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, _ = load_pretrained(tmp_path / "ours")
+    assert (args.moe_num_experts, args.moe_top_k, args.moe_ffn_hidden_size) == (4, 2, 24)
+    assert args.moe_renormalize_weights and args.moe_router_type == "topk"
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
+
+
+def test_a_mixtral_shaped_moe_exports_as_plain_mixtral(tmp_path, data_prefix):
+    import convert_to_hf
+    from hf_models import saved_model
+
+    moe = {"moe_num_experts": 4, "moe_top_k": 2, "moe_ffn_hidden_size": 16, "moe_router_type": "topk",
+           "moe_renormalize_weights": True, "moe_expert_interval": 1, "moe_first_layer": 0, "num_kv_heads": 2,
+           "no_weight_tying": True}
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **moe)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    tokens = TOKENS % model.cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
+    _, back, _ = load_pretrained(tmp_path / "back")
+    before, after = model.state_dict(), back.state_dict()
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_structmoe_stays_remote_code(tmp_path, data_prefix):
+    import convert_to_hf
+    from hf_models import saved_model
+
+    struct = {"moe_num_experts": 4, "moe_top_k": 1, "moe_router_type": "topk", "moe_renormalize_weights": True,
+              "moe_expert_interval": 1, "moe_first_layer": 0, "lore_num_experts": 4, "lore_rank": 2}
+    save, _ = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "remote_code"

@@ -1,4 +1,5 @@
-"""Hugging Face Llama (`LlamaForCausalLM`: Llama-2, Llama-3, Llama-3.2's tied embeddings) as our model.
+"""Hugging Face Llama (`LlamaForCausalLM`: Llama-2, Llama-3, Llama-3.2's tied embeddings) and Mixtral
+(`MixtralForCausalLM`: the same block with every MLP a sparse MoE) as our model, and back.
 
 Llama is a block our GPT already computes: RMSNorm before attention and MLP, rotary on the whole head in the
 rotate-half form (GPT-NeoX's), grouped-query attention, a SwiGLU MLP `down(silu(gate x) * up x)` and no biases.
@@ -7,19 +8,24 @@ What maps where:
 - gate_proj and up_proj into our gated `up` ([value | gate] rows: up_proj is the value, gate_proj the gate);
 - Llama's MLP width F is `intermediate_size` there; GPT-NeoX's rule reads a gated width as 2/3 of its key, so
   ours is 3 F (with mlp_multiple_of 1);
+- Mixtral's router `gate` is our router's gate; its top-k of a softmax over all experts, renormalised, is our
+  top-k router with `moe_renormalize_weights`; expert e's `w3` (up) and `w1` (gate) [F, D] become its slice of
+  our `w_up_EDF` [D, 2F] (value = up columns, then gate), `w2` [D, F] its `w_down_EFD` [F, D] (Mixtral's file
+  layout, `block_sparse_moe.experts.E.wN`; transformers 5's fused `gate_up_proj` is read too);
 - rope_theta is our rotary_emb_base. Llama-3.1's rope scaling (rope_type llama3) and other scaled RoPEs are not
   computed here: such a folder is refused, naming the field, never converted into another model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from megatron.config import ConfigError
 
-LLAMA_MODEL_TYPES = ("llama",)
+LLAMA_MODEL_TYPES = ("llama", "mixtral")
 
 
 def llama_keys(where: str, hf: Any) -> dict[str, Any]:
@@ -41,7 +47,17 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
     for field in ("attention_bias", "mlp_bias"):
         if getattr(hf, field, False):
             raise ConfigError(f"{where}: {field}: true (ours has no biases in a Llama-shaped block)")
-    return {
+    if getattr(hf, "sliding_window", None):
+        raise ConfigError(f"{where}: sliding_window {hf.sliding_window}: not converted (set it to null if unused)")
+    moe = {}
+    if hf.model_type == "mixtral":
+        jitter = float(getattr(hf, "router_jitter_noise", 0.0) or 0.0)
+        moe = {"moe_num_experts": hf.num_local_experts, "moe_top_k": hf.num_experts_per_tok,
+               "moe_ffn_hidden_size": hf.intermediate_size, "moe_router_type": "topk",
+               "moe_renormalize_weights": True, "moe_expert_interval": 1, "moe_first_layer": 0,
+               "moe_jitter_eps": jitter or None, "moe_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.02)),
+               "moe_impl": "auto"}
+    return moe | {
         "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
         "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
         "intermediate_size": 3 * hf.intermediate_size, "mlp_multiple_of": 1, "activation": "swiglu",
@@ -73,10 +89,25 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
             f"blocks.{i}.post_attention_norm.weight": take(f"{layer}.post_attention_layernorm.weight"),
             f"blocks.{i}.attention.qkv.weight": torch.cat(attention, dim=0),
             f"blocks.{i}.attention.dense.weight": take(f"{layer}.self_attn.o_proj.weight"),
-            f"blocks.{i}.mlp.up.weight": torch.cat([take(f"{layer}.mlp.up_proj.weight"),
-                                                     take(f"{layer}.mlp.gate_proj.weight")], dim=0),
-            f"blocks.{i}.mlp.down.weight": take(f"{layer}.mlp.down_proj.weight"),
         }
+        if cfg.moe is None:
+            out |= {f"blocks.{i}.mlp.up.weight": torch.cat([take(f"{layer}.mlp.up_proj.weight"),
+                                                             take(f"{layer}.mlp.gate_proj.weight")], dim=0),
+                    f"blocks.{i}.mlp.down.weight": take(f"{layer}.mlp.down_proj.weight")}
+        elif f"{layer}.block_sparse_moe.gate.weight" in state:  # Mixtral's files: w1 gate, w3 up, w2 down per expert
+            moe = f"{layer}.block_sparse_moe"
+            experts = range(cfg.moe.num_experts)
+            gate_EFD = torch.stack([take(f"{moe}.experts.{e}.w1.weight") for e in experts])
+            up_EFD = torch.stack([take(f"{moe}.experts.{e}.w3.weight") for e in experts])
+            out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{moe}.gate.weight"),
+                    f"blocks.{i}.mlp.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
+                    f"blocks.{i}.mlp.experts.w_down_EFD": torch.stack(
+                        [take(f"{moe}.experts.{e}.w2.weight") for e in experts]).transpose(1, 2)}
+        else:  # transformers 5's fused layout: [E, 2F, D] gate rows then up rows
+            gate_EFD, up_EFD = take(f"{layer}.mlp.experts.gate_up_proj").chunk(2, dim=1)
+            out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{layer}.mlp.gate.weight"),
+                    f"blocks.{i}.mlp.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
+                    f"blocks.{i}.mlp.experts.w_down_EFD": take(f"{layer}.mlp.experts.down_proj").transpose(1, 2)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
@@ -89,8 +120,13 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
 def llama_blockers(cfg: Any) -> list[str]:
     """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one."""
     reasons = []
-    if cfg.moe is not None:
-        reasons.append("MoE layers (moe_num_experts > 1)")
+    moe = cfg.moe
+    if moe is not None:  # Mixtral: every layer a top-k MoE of the softmax over all experts, renormalised
+        mixtral = {"expert_interval": 1, "first_layer": 0, "router_type": "topk", "renormalize": True,
+                   "num_shared_experts": 0, "lore": None}
+        reasons += [f"moe {key}: {getattr(moe, key)!r}" for key, value in mixtral.items() if getattr(moe, key) != value]
+        if moe.impl == "megablocks":
+            reasons.append("moe_impl: megablocks (another expert weight layout)")
     wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
               "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False,
               "sliding_window_width": None}
@@ -101,7 +137,14 @@ def llama_blockers(cfg: Any) -> list[str]:
 
 
 def llama_config(cfg: Any) -> dict[str, Any]:
-    """config.json of the LlamaForCausalLM computing what `cfg` computes."""
+    """config.json of the LlamaForCausalLM (MixtralForCausalLM with MoE layers) computing what `cfg` computes."""
+    if cfg.moe is not None:
+        moe = cfg.moe
+        return llama_config(dataclasses.replace(cfg, moe=None)) | {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "intermediate_size": moe.ffn_hidden_size or cfg.ffn_size, "router_jitter_noise": moe.jitter_eps or 0.0,
+            "sliding_window": None, "output_router_logits": False}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -130,16 +173,25 @@ def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
     for i in range(cfg.num_layers):
         layer = f"model.layers.{i}"
         q, k, v = take(f"blocks.{i}.attention.qkv.weight").split([d, kv_width, kv_width], dim=0)
-        value, gate = take(f"blocks.{i}.mlp.up.weight").chunk(2, dim=0)
         out |= {
             f"{layer}.input_layernorm.weight": take(f"blocks.{i}.input_norm.weight"),
             f"{layer}.post_attention_layernorm.weight": take(f"blocks.{i}.post_attention_norm.weight"),
             f"{layer}.self_attn.q_proj.weight": q, f"{layer}.self_attn.k_proj.weight": k,
             f"{layer}.self_attn.v_proj.weight": v,
             f"{layer}.self_attn.o_proj.weight": take(f"blocks.{i}.attention.dense.weight"),
-            f"{layer}.mlp.up_proj.weight": value, f"{layer}.mlp.gate_proj.weight": gate,
-            f"{layer}.mlp.down_proj.weight": take(f"blocks.{i}.mlp.down.weight"),
         }
+        if cfg.moe is None:
+            value, gate = take(f"blocks.{i}.mlp.up.weight").chunk(2, dim=0)
+            out |= {f"{layer}.mlp.up_proj.weight": value, f"{layer}.mlp.gate_proj.weight": gate,
+                    f"{layer}.mlp.down_proj.weight": take(f"blocks.{i}.mlp.down.weight")}
+        else:  # Mixtral's file layout (what its published checkpoints hold and transformers reads)
+            value_EDF, gate_EDF = take(f"blocks.{i}.mlp.experts.w_up_EDF").chunk(2, dim=2)
+            down_EFD = take(f"blocks.{i}.mlp.experts.w_down_EFD")
+            moe = f"{layer}.block_sparse_moe"
+            out[f"{moe}.gate.weight"] = take(f"blocks.{i}.mlp.router.gate.weight")
+            for e in range(cfg.moe.num_experts):
+                out |= {f"{moe}.experts.{e}.w1.weight": gate_EDF[e].T, f"{moe}.experts.{e}.w3.weight": value_EDF[e].T,
+                        f"{moe}.experts.{e}.w2.weight": down_EFD[e].T}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     unused = sorted(set(state) - used)
