@@ -158,3 +158,58 @@ def test_structmoe_stays_remote_code(tmp_path, data_prefix):
     save, _ = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct)
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
     assert report["format"] == "remote_code"
+
+
+def qwen3_folder(folder, moe: bool, **overrides):
+    """A small Qwen3ForCausalLM / Qwen3MoeForCausalLM (QK-norm, GQA), every parameter random."""
+    common = {"vocab_size": 8256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48, "max_position_embeddings": 64,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+    if moe:
+        config = transformers.Qwen3MoeConfig(**{**common, "num_experts": 8, "num_experts_per_tok": 2,
+                                                "moe_intermediate_size": 16, **overrides})
+        model = transformers.Qwen3MoeForCausalLM(config)
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**common, **overrides}))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
+    return model.eval()
+
+
+@pytest.mark.parametrize("moe, overrides", [
+    (False, {}),
+    (True, {"norm_topk_prob": False}),  # Qwen3-MoE's default: the chosen gates are not renormalised
+    (True, {"norm_topk_prob": True, "decoder_sparse_step": 2}),  # MoE in layer 1 only, dense layer 0
+], ids=["qwen3", "qwen3_moe", "qwen3_moe_every_2nd_renormalised"])
+def test_qwen3_folders_convert_with_equal_logits(tmp_path, moe, overrides):
+    hf = qwen3_folder(tmp_path / "hf", moe, **overrides)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, _ = load_pretrained(tmp_path / "ours")
+    assert args.qk_norm and model.blocks[0].attention.q_norm is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
+
+
+def test_a_qwen3_moe_shaped_model_exports_as_plain_qwen3_moe(tmp_path, data_prefix):
+    import convert_to_hf
+    from hf_models import saved_model
+
+    moe = {"moe_num_experts": 8, "moe_top_k": 2, "moe_ffn_hidden_size": 16, "moe_router_type": "topk",
+           "moe_renormalize_weights": False, "moe_expert_interval": 2, "moe_first_layer": 1, "num_kv_heads": 2,
+           "qk_norm": True, "no_weight_tying": True}
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **moe)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    tokens = TOKENS % model.cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
+    _, back, _ = load_pretrained(tmp_path / "back")
+    before, after = model.state_dict(), back.state_dict()
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)

@@ -58,6 +58,7 @@ class ModelArgs(Strict):
     use_bias_in_mlp: bool = True
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
     sliding_window_width: int | None = Field(None, ge=1)  # NeoX: a query sees itself + the w keys before it
+    qk_norm: bool = False  # ours: per-head RMSNorm of queries and keys before rotary (Qwen3)
     gpt_j_residual: bool = False
     no_weight_tying: bool = False
     make_vocab_size_divisible_by: int = Field(128, ge=1)
@@ -267,7 +268,7 @@ class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArg
 MODEL_KEYS = (
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
     "rotary_emb_base", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
-    "use_bias_in_mlp", "sliding_window_width", "gpt_j_residual", "no_weight_tying", "intermediate_size",
+    "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",
     "lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_renormalize_weights",

@@ -25,7 +25,10 @@ import torch
 
 from megatron.config import ConfigError
 
-LLAMA_MODEL_TYPES = ("llama", "mixtral")
+LLAMA_MODEL_TYPES = ("llama", "mixtral", "qwen3", "qwen3_moe")
+# each MoE family's names in its files: (the MoE module, expert e's gate, up and down projections)
+EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+                "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
 
 
 def llama_keys(where: str, hf: Any) -> dict[str, Any]:
@@ -47,7 +50,7 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
     for field in ("attention_bias", "mlp_bias"):
         if getattr(hf, field, False):
             raise ConfigError(f"{where}: {field}: true (ours has no biases in a Llama-shaped block)")
-    if getattr(hf, "sliding_window", None):
+    if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
         raise ConfigError(f"{where}: sliding_window {hf.sliding_window}: not converted (set it to null if unused)")
     moe = {}
     if hf.model_type == "mixtral":
@@ -55,8 +58,18 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
         moe = {"moe_num_experts": hf.num_local_experts, "moe_top_k": hf.num_experts_per_tok,
                "moe_ffn_hidden_size": hf.intermediate_size, "moe_router_type": "topk",
                "moe_renormalize_weights": True, "moe_expert_interval": 1, "moe_first_layer": 0,
-               "moe_jitter_eps": jitter or None, "moe_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.02)),
-               "moe_impl": "auto"}
+               "moe_jitter_eps": jitter or None, "moe_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.02))}
+    if hf.model_type == "qwen3_moe":  # layer i is MoE when (i + 1) % decoder_sparse_step == 0: ours from step - 1
+        if hf.mlp_only_layers:
+            raise ConfigError(f"{where}: mlp_only_layers {hf.mlp_only_layers}: not converted (ours places MoE layers "
+                              "every moe_expert_interval from moe_first_layer)")
+        step = hf.decoder_sparse_step
+        moe = {"moe_num_experts": hf.num_experts, "moe_top_k": hf.num_experts_per_tok,
+               "moe_ffn_hidden_size": hf.moe_intermediate_size, "moe_router_type": "topk",
+               "moe_renormalize_weights": bool(hf.norm_topk_prob), "moe_expert_interval": step,
+               "moe_first_layer": step - 1, "moe_loss_coeff": float(getattr(hf, "router_aux_loss_coef", 0.001))}
+    if hf.model_type in ("qwen3", "qwen3_moe"):
+        moe["qk_norm"] = True  # per-head RMSNorm of q and k before rotary
     return moe | {
         "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
         "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
@@ -90,19 +103,24 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
             f"blocks.{i}.attention.qkv.weight": torch.cat(attention, dim=0),
             f"blocks.{i}.attention.dense.weight": take(f"{layer}.self_attn.o_proj.weight"),
         }
-        if cfg.moe is None:
+        if cfg.qk_norm:
+            out |= {f"blocks.{i}.attention.q_norm.weight": take(f"{layer}.self_attn.q_norm.weight"),
+                    f"blocks.{i}.attention.k_norm.weight": take(f"{layer}.self_attn.k_norm.weight")}
+        files = next((names for names in EXPERT_NAMES.values()
+                      if f"{layer}.{names[0]}.experts.0.{names[1]}.weight" in state), None)
+        if cfg.moe is None or not cfg.moe.is_moe_layer(i):
             out |= {f"blocks.{i}.mlp.up.weight": torch.cat([take(f"{layer}.mlp.up_proj.weight"),
                                                              take(f"{layer}.mlp.gate_proj.weight")], dim=0),
                     f"blocks.{i}.mlp.down.weight": take(f"{layer}.mlp.down_proj.weight")}
-        elif f"{layer}.block_sparse_moe.gate.weight" in state:  # Mixtral's files: w1 gate, w3 up, w2 down per expert
-            moe = f"{layer}.block_sparse_moe"
+        elif files is not None:  # the families' files: one gate, up and down projection per expert
+            moe, gate, up, down = files
             experts = range(cfg.moe.num_experts)
-            gate_EFD = torch.stack([take(f"{moe}.experts.{e}.w1.weight") for e in experts])
-            up_EFD = torch.stack([take(f"{moe}.experts.{e}.w3.weight") for e in experts])
-            out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{moe}.gate.weight"),
+            gate_EFD = torch.stack([take(f"{layer}.{moe}.experts.{e}.{gate}.weight") for e in experts])
+            up_EFD = torch.stack([take(f"{layer}.{moe}.experts.{e}.{up}.weight") for e in experts])
+            out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{layer}.{moe}.gate.weight"),
                     f"blocks.{i}.mlp.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
                     f"blocks.{i}.mlp.experts.w_down_EFD": torch.stack(
-                        [take(f"{moe}.experts.{e}.w2.weight") for e in experts]).transpose(1, 2)}
+                        [take(f"{layer}.{moe}.experts.{e}.{down}.weight") for e in experts]).transpose(1, 2)}
         else:  # transformers 5's fused layout: [E, 2F, D] gate rows then up rows
             gate_EFD, up_EFD = take(f"{layer}.mlp.experts.gate_up_proj").chunk(2, dim=1)
             out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{layer}.mlp.gate.weight"),
@@ -121,10 +139,16 @@ def llama_blockers(cfg: Any) -> list[str]:
     """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one."""
     reasons = []
     moe = cfg.moe
-    if moe is not None:  # Mixtral: every layer a top-k MoE of the softmax over all experts, renormalised
-        mixtral = {"expert_interval": 1, "first_layer": 0, "router_type": "topk", "renormalize": True,
-                   "num_shared_experts": 0, "lore": None}
-        reasons += [f"moe {key}: {getattr(moe, key)!r}" for key, value in mixtral.items() if getattr(moe, key) != value]
+    if moe is not None:  # a top-k router over a softmax of all experts, no shared experts, no LoREs
+        wanted_moe = {"router_type": "topk", "num_shared_experts": 0, "lore": None}
+        if cfg.qk_norm:  # Qwen3-MoE: layers step - 1, 2 step - 1, ...; renormalised or not (norm_topk_prob)
+            if moe.first_layer != moe.expert_interval - 1:
+                reasons.append(f"moe_first_layer {moe.first_layer} with interval {moe.expert_interval} (Qwen3-MoE's "
+                               "MoE layers are interval - 1, 2 interval - 1, ...)")
+        else:  # Mixtral: every layer, gates renormalised
+            wanted_moe |= {"expert_interval": 1, "first_layer": 0, "renormalize": True}
+        reasons += [f"moe {key}: {getattr(moe, key)!r}" for key, value in wanted_moe.items()
+                    if getattr(moe, key) != value]
         if moe.impl == "megablocks":
             reasons.append("moe_impl: megablocks (another expert weight layout)")
     wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
@@ -137,14 +161,25 @@ def llama_blockers(cfg: Any) -> list[str]:
 
 
 def llama_config(cfg: Any) -> dict[str, Any]:
-    """config.json of the LlamaForCausalLM (MixtralForCausalLM with MoE layers) computing what `cfg` computes."""
-    if cfg.moe is not None:
-        moe = cfg.moe
+    """config.json of the family model computing what `cfg` computes: LlamaForCausalLM, Qwen3ForCausalLM (QK-norm),
+    MixtralForCausalLM (MoE) or Qwen3MoeForCausalLM (MoE with QK-norm)."""
+    moe = cfg.moe
+    if moe is not None and cfg.qk_norm:
+        return llama_config(dataclasses.replace(cfg, moe=None)) | {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": moe.ffn_hidden_size or cfg.ffn_size, "norm_topk_prob": moe.renormalize,
+            "decoder_sparse_step": moe.expert_interval, "mlp_only_layers": [], "output_router_logits": False}
+    if moe is not None:
         return llama_config(dataclasses.replace(cfg, moe=None)) | {
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
             "intermediate_size": moe.ffn_hidden_size or cfg.ffn_size, "router_jitter_noise": moe.jitter_eps or 0.0,
             "sliding_window": None, "output_router_logits": False}
+    if cfg.qk_norm:
+        return llama_config(dataclasses.replace(cfg, qk_norm=False)) | {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+            "sliding_window": None}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -180,18 +215,22 @@ def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
             f"{layer}.self_attn.v_proj.weight": v,
             f"{layer}.self_attn.o_proj.weight": take(f"blocks.{i}.attention.dense.weight"),
         }
-        if cfg.moe is None:
+        if cfg.qk_norm:
+            out |= {f"{layer}.self_attn.q_norm.weight": take(f"blocks.{i}.attention.q_norm.weight"),
+                    f"{layer}.self_attn.k_norm.weight": take(f"blocks.{i}.attention.k_norm.weight")}
+        if cfg.moe is None or not cfg.moe.is_moe_layer(i):
             value, gate = take(f"blocks.{i}.mlp.up.weight").chunk(2, dim=0)
             out |= {f"{layer}.mlp.up_proj.weight": value, f"{layer}.mlp.gate_proj.weight": gate,
                     f"{layer}.mlp.down_proj.weight": take(f"blocks.{i}.mlp.down.weight")}
-        else:  # Mixtral's file layout (what its published checkpoints hold and transformers reads)
+        else:  # the family's file layout (what its published checkpoints hold and transformers reads)
+            moe, gate_name, up_name, down_name = EXPERT_NAMES["qwen3_moe" if cfg.qk_norm else "mixtral"]
             value_EDF, gate_EDF = take(f"blocks.{i}.mlp.experts.w_up_EDF").chunk(2, dim=2)
             down_EFD = take(f"blocks.{i}.mlp.experts.w_down_EFD")
-            moe = f"{layer}.block_sparse_moe"
-            out[f"{moe}.gate.weight"] = take(f"blocks.{i}.mlp.router.gate.weight")
+            out[f"{layer}.{moe}.gate.weight"] = take(f"blocks.{i}.mlp.router.gate.weight")
             for e in range(cfg.moe.num_experts):
-                out |= {f"{moe}.experts.{e}.w1.weight": gate_EDF[e].T, f"{moe}.experts.{e}.w3.weight": value_EDF[e].T,
-                        f"{moe}.experts.{e}.w2.weight": down_EFD[e].T}
+                expert = f"{layer}.{moe}.experts.{e}"
+                out |= {f"{expert}.{gate_name}.weight": gate_EDF[e].T, f"{expert}.{up_name}.weight": value_EDF[e].T,
+                        f"{expert}.{down_name}.weight": down_EFD[e].T}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     unused = sorted(set(state) - used)

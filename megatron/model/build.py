@@ -51,6 +51,7 @@ def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertPa
         num_attention_heads=args.num_attention_heads,
         num_kv_heads=args.num_kv_heads,
         sliding_window_width=args.sliding_window_width,
+        qk_norm=args.qk_norm,
         intermediate_size=args.intermediate_size,
         mlp_multiple_of=args.mlp_multiple_of,
         use_bias_in_mlp=args.use_bias_in_mlp,

@@ -67,6 +67,7 @@ class GPTConfig:
     num_attention_heads: int = 4
     num_kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by H/K query heads; None: H
     sliding_window_width: int | None = None  # a query sees itself and the w keys before it (Mistral); None: all
+    qk_norm: bool = False  # RMSNorm over each head's query and key before rotary (Qwen3, OLMo-2 style)
     intermediate_size: int | None = None
     mlp_multiple_of: int = 1
     use_bias_in_mlp: bool = True
@@ -242,6 +243,10 @@ class Attention(nn.Module):
             else None
         )
         self.window = cfg.sliding_window_width
+        # per-head RMSNorm of queries and keys (one weight of head_dim shared by the heads): bounds the attention
+        # logits, as Qwen3 does; the norm's epsilon is the model's
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.dropout_p = cfg.attention_dropout
         self.use_flash = cfg.attention_impl == "flash"
 
@@ -252,6 +257,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
         q_BHSDh = q.view(B, S, H, Dh).transpose(1, 2)
         k_BKSDh, v_BKSDh = k.view(B, S, K, Dh).transpose(1, 2), v.view(B, S, K, Dh).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHSDh, k_BKSDh = self.q_norm(q_BHSDh), self.k_norm(k_BKSDh)
         start = 0 if cache is None else cache.length(self.layer_idx)
         if self.rotary is not None:
             positions_BS = None if padding is None else padding.positions_BS

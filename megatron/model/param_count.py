@@ -56,7 +56,8 @@ def count_parameters(args) -> ParamCounts:
     up = up_width(args.activation, width)  # 2 F for a gated MLP: value and gate
     dense_mlp = d * up + width * d + (up + d if args.use_bias_in_mlp else 0)
     norm_size = d if args.norm == "rmsnorm" else (2 * d if args.use_bias_in_norms else d)
-    counts.norms = (2 * layers + 1) * norm_size
+    head_dim = d // args.num_attention_heads
+    counts.norms = (2 * layers + 1) * norm_size + (2 * head_dim * layers if args.qk_norm else 0)
     moe = moe_settings_from_args(args)
     ffn = args.intermediate_size or 4 * d
     for layer in range(layers):
