@@ -27,7 +27,7 @@ def test_published_totals(config, total, active, capsys):
     assert any(line.split()[:2] == ["active", f"{active:,}"] for line in printed.splitlines()), printed
 
 
-@pytest.mark.parametrize("config", ["tiny_llama.yml", "tiny_mixtral.yml"])
+@pytest.mark.parametrize("config", ["tiny_llama.yml", "tiny_mixtral.yml", "tiny_qwen3_moe.yml"])
 def test_tiny_family_configs_train(config, tmp_path, data_prefix):
     run = str(tmp_path / "run")
     result = train.run([str(REPO / "configs" / config), "--train_iters", "3", "--train_micro_batch_size_per_gpu", "2",
