@@ -32,8 +32,9 @@ def damaged_copy(data_prefix: str, folder: Path, damage: str) -> str:
 
 @pytest.mark.parametrize("damage, expected", [
     ("truncated bin", r"corpus\.bin: truncated \(\d+ bytes, .*corpus\.idx says \d+\)"),
-    ("foreign idx", r"corpus\.idx: not a GPT-NeoX mmap index \(bad magic\)"),
-    ("missing bin", r"corpus\.bin"),
+    # in-process in test_bad_input_table.py; here through a real subprocess, slow-only (CI's budget)
+    pytest.param("foreign idx", r"corpus\.idx: not a GPT-NeoX mmap index \(bad magic\)", marks=pytest.mark.slow),
+    pytest.param("missing bin", r"corpus\.bin", marks=pytest.mark.slow),
 ])
 def test_damaged_dataset_is_one_line(tmp_path, data_prefix, damage, expected):
     prefix = damaged_copy(data_prefix, tmp_path / "data", damage)
@@ -90,7 +91,8 @@ def test_checkpoint_of_another_shape_names_the_tensors(trained, tmp_path, data_p
     assert re.search(r"model\.\S+: checkpoint \[\d+(, \d+)*\], model \[\d+(, \d+)*\]", line), line
 
 
-@pytest.mark.parametrize("damage", ["truncated rank file", "truncated shard", "latest names a missing folder",
+@pytest.mark.parametrize("damage", [pytest.param("truncated rank file", marks=pytest.mark.slow), "truncated shard",
+                                    pytest.param("latest names a missing folder", marks=pytest.mark.slow),
                                     "code in the rank file"])
 def test_damaged_checkpoint_is_one_line(trained, tmp_path, data_prefix, damage):
     config = resume_config(trained, tmp_path, data_prefix)
@@ -119,6 +121,7 @@ class RunsCode:
         return (os.system, ("touch pwned",))
 
 
+@pytest.mark.slow  # in-process in test_bad_input_table.py (test_tokenizer_that_does_not_fit_the_model)
 def test_vocab_size_that_disagrees_with_the_tokenizer_is_one_line(tmp_path, data_prefix):
     """CharLevelTokenizer: 257 tokens (256 bytes + EOD), padded to 384 by make_vocab_size_divisible_by 128."""
     line = one_error_line(run_train(write_config(tmp_path, data_prefix, vocab_size=50304, pos_emb="rotary")))
