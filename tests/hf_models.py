@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,3 +42,14 @@ def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tup
                     p.zero_()
     write_step0_checkpoint(args, model, args.save)
     return Path(args.save), model.eval()
+
+
+def save_random(model, folder: Path, near_one=lambda name: "norm" in name):
+    """Every parameter of a transformers model random from the current seed (those `near_one` names around 1,
+    e.g. norm weights), saved to `folder` with the bundled tokenizer; the model, in eval mode."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if near_one(name) else 0.0) + 0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    shutil.copyfile(VOCAB_FILE, Path(folder) / "tokenizer.json")
+    return model.eval()

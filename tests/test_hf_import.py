@@ -1,13 +1,12 @@
 """tools/convert_from_hf.py: a GPT-NeoX folder built locally by transformers becomes our checkpoint with the
 same logits; ours -> HF -> ours is exact; train.py continues from it at the converted model's loss."""
 
-import shutil
 import sys
 
 import pytest
 import torch
 import yaml
-from hf_models import REPO, VOCAB_FILE, saved_model
+from hf_models import REPO, save_random, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
@@ -31,12 +30,7 @@ def pythia_like(folder, **overrides):
         "use_parallel_residual": True, "tie_word_embeddings": False, **overrides})
     torch.manual_seed(0)
     model = transformers.GPTNeoXForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "layernorm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
-    return model.eval()
+    return save_random(model, folder, near_one=lambda name: "layernorm" in name and name.endswith("weight"))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_parallel_residual": False, "tie_word_embeddings": True,

@@ -1,16 +1,16 @@
 """tools/convert_from_hf.py on Llama-family folders built offline by transformers with random weights: the
 converted model's logits equal LlamaForCausalLM's, and training continues from it."""
 
-import shutil
 import sys
 
 import pytest
 import torch
 import yaml
-from hf_models import REPO, VOCAB_FILE
+from hf_models import REPO, save_random, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_from_hf  # noqa: E402
+import convert_to_hf  # noqa: E402
 
 import train  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
@@ -30,13 +30,7 @@ def llama_folder(folder, **overrides):
         "intermediate_size": 48, "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         **overrides})
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
-    return model.eval()
+    return save_random(transformers.LlamaForCausalLM(config), folder)
 
 
 @pytest.mark.parametrize("overrides", [LLAMA2, LLAMA3, LLAMA32_TIED], ids=["llama2", "llama3_gqa", "llama32_tied"])
@@ -77,29 +71,34 @@ LLAMA_SHAPED = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", 
                 "intermediate_size": 96, "mlp_multiple_of": 1}
 
 
-@pytest.mark.parametrize("overrides", [{"num_kv_heads": 2, "no_weight_tying": True}, {}], ids=["gqa_untied", "tied"])
-def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, overrides):
-    """No remote code: transformers' own LlamaForCausalLM, with our logits and our greedy continuation; and
-    converting it back gives our parameters bit for bit."""
-    import convert_to_hf
-    from hf_models import saved_model
-
-    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **overrides)
+def assert_native_export(tmp_path, save, model, class_name: str):
+    """SAVE exported without remote code: transformers' own `class_name` with our logits (1e-5), and converted
+    back, our parameters bit for bit. Returns the transformers model."""
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
     assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == class_name
     tokens = TOKENS % model.cfg.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
-        prompt, ours_seq = tokens[:1, :8], tokens[:1, :8]
-        for _ in range(6):
-            ours_seq = torch.cat([ours_seq, model(ours_seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-        assert hf.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == ours_seq.tolist()
     convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
     _, back, _ = load_pretrained(tmp_path / "back")
     before, after = model.state_dict(), back.state_dict()
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    return hf
+
+
+@pytest.mark.parametrize("overrides", [{"num_kv_heads": 2, "no_weight_tying": True}, {}], ids=["gqa_untied", "tied"])
+def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, overrides):
+    """No remote code: transformers' own LlamaForCausalLM, with our logits and our greedy continuation; and
+    converting it back gives our parameters bit for bit."""
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **overrides)
+    hf = assert_native_export(tmp_path, save, model, "LlamaForCausalLM")
+    with torch.no_grad():
+        ours_seq = prompt = (TOKENS % model.cfg.vocab_size)[:1, :8]
+        for _ in range(6):
+            ours_seq = torch.cat([ours_seq, model(ours_seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert hf.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == ours_seq.tolist()
 
 
 def mixtral_folder(folder, **overrides):
@@ -109,13 +108,7 @@ def mixtral_folder(folder, **overrides):
         "num_key_value_heads": 2, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2,
         "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, **overrides})
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
-    return model.eval()
+    return save_random(transformers.MixtralForCausalLM(config), folder)
 
 
 def test_mixtral_folder_converts_with_equal_logits(tmp_path):
@@ -129,30 +122,14 @@ def test_mixtral_folder_converts_with_equal_logits(tmp_path):
 
 
 def test_a_mixtral_shaped_moe_exports_as_plain_mixtral(tmp_path, data_prefix):
-    import convert_to_hf
-    from hf_models import saved_model
-
     moe = {"moe_num_experts": 4, "moe_top_k": 2, "moe_ffn_hidden_size": 16, "moe_router_type": "topk",
            "moe_renormalize_weights": True, "moe_expert_interval": 1, "moe_first_layer": 0, "num_kv_heads": 2,
            "no_weight_tying": True}
     save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **moe)
-    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
-    tokens = TOKENS % model.cfg.vocab_size
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
-    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
-    _, back, _ = load_pretrained(tmp_path / "back")
-    before, after = model.state_dict(), back.state_dict()
-    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_native_export(tmp_path, save, model, "MixtralForCausalLM")
 
 
 def test_structmoe_stays_remote_code(tmp_path, data_prefix):
-    import convert_to_hf
-    from hf_models import saved_model
-
     struct = {"moe_num_experts": 4, "moe_top_k": 1, "moe_router_type": "topk", "moe_renormalize_weights": True,
               "moe_expert_interval": 1, "moe_first_layer": 0, "lore_num_experts": 4, "lore_rank": 2}
     save, _ = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct)
@@ -172,12 +149,7 @@ def qwen3_folder(folder, moe: bool, **overrides):
     else:
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**common, **overrides}))
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    shutil.copyfile(VOCAB_FILE, folder / "tokenizer.json")
-    return model.eval()
+    return save_random(model, folder)
 
 
 @pytest.mark.parametrize("moe, overrides", [
@@ -195,31 +167,16 @@ def test_qwen3_folders_convert_with_equal_logits(tmp_path, moe, overrides):
 
 
 def test_a_qwen3_moe_shaped_model_exports_as_plain_qwen3_moe(tmp_path, data_prefix):
-    import convert_to_hf
-    from hf_models import saved_model
-
     moe = {"moe_num_experts": 8, "moe_top_k": 2, "moe_ffn_hidden_size": 16, "moe_router_type": "topk",
            "moe_renormalize_weights": False, "moe_expert_interval": 2, "moe_first_layer": 1, "num_kv_heads": 2,
            "qk_norm": True, "no_weight_tying": True}
     save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **moe)
-    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
-    tokens = TOKENS % model.cfg.vocab_size
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
-    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "back")])
-    _, back, _ = load_pretrained(tmp_path / "back")
-    before, after = model.state_dict(), back.state_dict()
-    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_native_export(tmp_path, save, model, "Qwen3MoeForCausalLM")
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen3_moe"])
 def test_each_family_round_trips_through_training(tmp_path, data_prefix, family):
     """Import -> two training steps -> export: transformers loads the trained model natively, with our logits."""
-    import convert_to_hf
-
     build = {"llama": lambda f: llama_folder(f, **LLAMA3), "mixtral": mixtral_folder,
              "qwen3_moe": lambda f: qwen3_folder(f, True, decoder_sparse_step=2)}[family]
     build(tmp_path / "hf")

@@ -1,5 +1,6 @@
-"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM or LlamaForCausalLM when one of them
-computes exactly our model, else our own code as remote code. Tokenizer files come from the run's tokenizer."""
+"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, or a Llama-family model (Llama, Qwen3,
+Mixtral, Qwen3-MoE), when one of them computes exactly our model, else our own code as remote code. Tokenizer
+files come from the run's tokenizer."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     native = [("gpt_neox", neox_blockers(cfg), neox_config, ours_to_neox),
               ("llama", llama_blockers(cfg), llama_config, ours_to_llama)]
     family = next((entry for entry in native if not entry[1]), None)
-    blockers = neox_blockers(cfg) if family is None else []
+    blockers = native[0][1] if family is None else []  # why not GPT-NeoX, the plainest of them
     if family is None:
         write_remote_folder(out, model, ids)
     else:

@@ -27,6 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron.config import ConfigError
+from megatron.training.checkpoint import same_folder
 
 log = logging.getLogger("megatron.preflight")
 LOCK_NAME = ".lock"
@@ -83,8 +84,7 @@ def resumes_from(load: str | None, save: str) -> bool:
     """Whether `load` names the save folder itself or a checkpoint inside it (then saving there continues it)."""
     if not load:
         return False
-    load_path, save_path = Path(load).resolve(), Path(save).resolve()
-    return load_path == save_path or load_path.parent == save_path
+    return same_folder(load, save) or same_folder(Path(load).parent, save)
 
 
 def check_not_overwriting(save: str | None, load: str | None, overwrite: bool) -> None:
