@@ -1,6 +1,7 @@
 """tools/convert_from_hf.py on Llama-family folders built offline by transformers with random weights: the
 converted model's logits equal LlamaForCausalLM's, and training continues from it."""
 
+import math
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ import convert_from_hf  # noqa: E402
 import convert_to_hf  # noqa: E402
 
 import train  # noqa: E402
+from megatron.model.gpt import Llama3RopeScaling  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -44,13 +46,53 @@ def test_llama_folder_converts_with_equal_logits(tmp_path, overrides):
         torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64}  # head_dim 8: one frequency kept, one blended, two scaled
+
+
+def test_llama31_scaled_rope_converts_with_equal_logits(tmp_path):
+    hf = llama_folder(tmp_path / "hf", rope_parameters={"rope_theta": 10000.0, **LLAMA31_ROPE}, **LLAMA2)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, _ = load_pretrained(tmp_path / "ours")
+    assert args.rope_scaling.factor == 8.0 and args.rope_scaling.original_max_position_embeddings == 64
+    plain = llama_folder(tmp_path / "plain", **LLAMA2)  # the same weights with the plain RoPE: other logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
+        assert (model(TOKENS)[0] - plain(TOKENS).logits).abs().max() > 1e-3
+
+
+def test_llama3_scaling_blends_the_middle_band():
+    """Closed form, wavelengths against original_max / low (64) and original_max / high (16): a short one kept, a
+    long one divided by the factor, one between blended by (64 / wavelength - 1) / 3."""
+    scaling = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=64)
+    inv_freq = 2 * math.pi / torch.tensor([8.0, 32.0, 128.0])  # wavelengths 8, 32, 128
+    blend = (64 / 32 - 1) / 3
+    expected = torch.stack([inv_freq[0], (1 - blend) * inv_freq[1] / 8 + blend * inv_freq[1], inv_freq[2] / 8])
+    torch.testing.assert_close(scaling.scale(inv_freq), expected)
+
+
 def test_a_rope_we_do_not_compute_is_refused_naming_the_field(tmp_path):
-    llama_folder(tmp_path / "hf", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                 **LLAMA3)
-    with pytest.raises(SystemExit, match=r"rope_parameters\.rope_type 'llama3': only the default RoPE"):
+    llama_folder(tmp_path / "hf", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0,
+                                                   "original_max_position_embeddings": 32}, **LLAMA3)
+    with pytest.raises(SystemExit, match=r"rope_parameters\.rope_type 'yarn': only the default RoPE"):
         convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
     assert not (tmp_path / "ours" / "latest").exists()
+
+
+def test_mistral_sliding_window_converts_with_equal_logits(tmp_path):
+    """Mistral's window counts the query itself: window 6 is our sliding_window_width 5. The 20-token input is
+    longer than the window, so a window off by one shows in the logits."""
+    config = transformers.MistralConfig(
+        vocab_size=8256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, rms_norm_eps=1e-6, sliding_window=6)
+    torch.manual_seed(0)
+    hf = save_random(transformers.MistralForCausalLM(config), tmp_path / "hf")
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, _ = load_pretrained(tmp_path / "ours")
+    assert args.sliding_window_width == 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
 
 
 def test_training_continues_from_a_converted_llama(tmp_path, data_prefix):
@@ -101,6 +143,17 @@ def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, over
         assert hf.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == ours_seq.tolist()
 
 
+@pytest.mark.parametrize("overrides, class_name", [
+    ({"sliding_window_width": 5, "num_kv_heads": 2}, "MistralForCausalLM"),
+    ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}}, "LlamaForCausalLM"),
+    ({"qk_norm": True, "no_weight_tying": True}, "Qwen3ForCausalLM"),
+], ids=["mistral_window", "llama31_rope", "qwen3_dense"])
+def test_dense_variants_export_natively(tmp_path, data_prefix, overrides, class_name):
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **overrides)
+    assert_native_export(tmp_path, save, model, class_name)
+
+
 def mixtral_folder(folder, **overrides):
     """A small MixtralForCausalLM (4 experts, top-2, GQA), every parameter random, with the bundled tokenizer."""
     config = transformers.MixtralConfig(**{
@@ -132,9 +185,15 @@ def test_a_mixtral_shaped_moe_exports_as_plain_mixtral(tmp_path, data_prefix):
 def test_structmoe_stays_remote_code(tmp_path, data_prefix):
     struct = {"moe_num_experts": 4, "moe_top_k": 1, "moe_router_type": "topk", "moe_renormalize_weights": True,
               "moe_expert_interval": 1, "moe_first_layer": 0, "lore_num_experts": 4, "lore_rank": 2}
-    save, _ = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct)
+    rope = {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}}  # carried into the remote code's config
+    save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct, **rope)
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
     assert report["format"] == "remote_code"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    tokens = TOKENS % model.cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[0], atol=1e-5, rtol=0)
 
 
 def qwen3_folder(folder, moe: bool, **overrides):

@@ -40,6 +40,24 @@ class OptimizerSpec(Strict):
         return value
 
 
+class RopeScalingArgs(Strict):
+    """Llama-3.1's RoPE frequency scaling (rope_type llama3): long wavelengths slowed by `factor`, short ones kept,
+    the band between blended."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+    @field_validator("high_freq_factor")
+    @classmethod
+    def above_low(cls, value: float, info) -> float:
+        if value <= info.data.get("low_freq_factor", 0.0):
+            raise ValueError(f"expected high_freq_factor above low_freq_factor, got {value}")
+        return value
+
+
 class ModelArgs(Strict):
     model_type: Literal["gpt", "dit"] = "gpt"  # ours: the model family (dit: see DiffusionArgs)
     num_layers: int = Field(2, ge=1)
@@ -50,6 +68,7 @@ class ModelArgs(Strict):
     pos_emb: Literal["rotary", "learned", "none"] = "learned"
     rotary_pct: float = Field(1.0, ge=0, le=1)
     rotary_emb_base: int = Field(10000, ge=1)
+    rope_scaling: RopeScalingArgs | None = None  # ours: Llama-3.1's scaled RoPE; None: plain RoPE
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = Field(1e-5, gt=0)
     rms_norm_epsilon: float = Field(1e-8, gt=0)
@@ -267,7 +286,7 @@ class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArg
 # naming the key (a run's speed and memory settings, its losses' weights and its regularisation may change).
 MODEL_KEYS = (
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
-    "rotary_emb_base", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
+    "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",

@@ -1,5 +1,6 @@
-"""Hugging Face Llama (`LlamaForCausalLM`: Llama-2, Llama-3, Llama-3.2's tied embeddings) and Mixtral
-(`MixtralForCausalLM`: the same block with every MLP a sparse MoE) as our model, and back.
+"""Hugging Face Llama (`LlamaForCausalLM`: Llama-2, Llama-3, Llama-3.1's scaled RoPE, Llama-3.2's tied
+embeddings), Mistral (Llama with a sliding window), Mixtral (the same block with every MLP a sparse MoE), Qwen3
+and Qwen3-MoE (QK-norm) as our model, and back.
 
 Llama is a block our GPT already computes: RMSNorm before attention and MLP, rotary on the whole head in the
 rotate-half form (GPT-NeoX's), grouped-query attention, a SwiGLU MLP `down(silu(gate x) * up x)` and no biases.
@@ -12,8 +13,11 @@ What maps where:
   top-k router with `moe_renormalize_weights`; expert e's `w3` (up) and `w1` (gate) [F, D] become its slice of
   our `w_up_EDF` [D, 2F] (value = up columns, then gate), `w2` [D, F] its `w_down_EFD` [F, D] (Mixtral's file
   layout, `block_sparse_moe.experts.E.wN`; transformers 5's fused `gate_up_proj` is read too);
-- rope_theta is our rotary_emb_base. Llama-3.1's rope scaling (rope_type llama3) and other scaled RoPEs are not
-  computed here: such a folder is refused, naming the field, never converted into another model.
+- Mistral's sliding_window w counts the query itself; ours (sliding_window_width, GPT-NeoX's) counts the keys
+  before it, so ours is w - 1;
+- rope_theta is our rotary_emb_base, and Llama-3.1's rope scaling (rope_type llama3) our `rope_scaling`; other
+  scaled RoPEs (linear, dynamic, yarn, longrope) are not computed here: such a folder is refused, naming the
+  field, never converted into another model.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from megatron.config import ConfigError
 
-LLAMA_MODEL_TYPES = ("llama", "mixtral", "qwen3", "qwen3_moe")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe")
 # each MoE family's names in its files: (the MoE module, expert e's gate, up and down projections)
 EXPERT_NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
                 "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
@@ -35,9 +39,14 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
     """Our config keys for a transformers LlamaConfig; a field we would compute differently is a ConfigError."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE is computed here "
-                          "(Llama-3.1's llama3 scaling is not)")
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE and Llama-3.1's "
+                          "llama3 scaling are computed here")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {"type": "llama3", "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
+                   "high_freq_factor": float(rope["high_freq_factor"]), "original_max_position_embeddings":
+                   int(rope.get("original_max_position_embeddings") or hf.max_position_embeddings)}
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise ConfigError(f"{where}: rope_theta {theta} (expected a whole number)")
@@ -50,8 +59,10 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
     for field in ("attention_bias", "mlp_bias"):
         if getattr(hf, field, False):
             raise ConfigError(f"{where}: {field}: true (ours has no biases in a Llama-shaped block)")
-    if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
-        raise ConfigError(f"{where}: sliding_window {hf.sliding_window}: not converted (set it to null if unused)")
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+    if window is not None and (hf.model_type not in ("mistral", "mixtral") or window < 2):
+        raise ConfigError(f"{where}: sliding_window {window}: not converted (only Mistral's and Mixtral's window "
+                          "of 2 or more, on every layer; set it to null if unused)")
     moe = {}
     if hf.model_type == "mixtral":
         jitter = float(getattr(hf, "router_jitter_noise", 0.0) or 0.0)
@@ -75,7 +86,8 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
         "num_attention_heads": hf.num_attention_heads, "num_kv_heads": hf.num_key_value_heads,
         "intermediate_size": 3 * hf.intermediate_size, "mlp_multiple_of": 1, "activation": "swiglu",
         "max_position_embeddings": hf.max_position_embeddings, "seq_length": hf.max_position_embeddings,
-        "pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": int(theta),
+        "pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": int(theta), "rope_scaling": scaling,
+        "sliding_window_width": None if window is None else window - 1,  # theirs counts the query itself
         "norm": "rmsnorm", "rms_norm_epsilon": hf.rms_norm_eps, "use_bias_in_norms": False,
         "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "no_weight_tying": not hf.tie_word_embeddings,
         "hidden_dropout": 0.0, "attention_dropout": float(getattr(hf, "attention_dropout", 0.0)),
@@ -152,9 +164,10 @@ def llama_blockers(cfg: Any) -> list[str]:
         if moe.impl == "megablocks":
             reasons.append("moe_impl: megablocks (another expert weight layout)")
     wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
-              "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False,
-              "sliding_window_width": None}
+              "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False}
     reasons += [f"{key}: {getattr(cfg, key)!r}" for key, value in wanted.items() if getattr(cfg, key) != value]
+    if cfg.sliding_window_width is not None and cfg.qk_norm:
+        reasons.append("sliding_window_width with qk_norm (Qwen3 windows only some layers)")
     if cfg.hidden_size % cfg.num_attention_heads:
         reasons.append("hidden_size not a multiple of num_attention_heads")
     return reasons
@@ -175,11 +188,14 @@ def llama_config(cfg: Any) -> dict[str, Any]:
             "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
             "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
             "intermediate_size": moe.ffn_hidden_size or cfg.ffn_size, "router_jitter_noise": moe.jitter_eps or 0.0,
-            "sliding_window": None, "output_router_logits": False}
+            "sliding_window": hf_window(cfg), "output_router_logits": False}
     if cfg.qk_norm:
         return llama_config(dataclasses.replace(cfg, qk_norm=False)) | {
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
             "sliding_window": None}
+    if cfg.sliding_window_width is not None:
+        return llama_config(dataclasses.replace(cfg, sliding_window_width=None)) | {
+            "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": hf_window(cfg)}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
@@ -187,11 +203,23 @@ def llama_config(cfg: Any) -> dict[str, Any]:
         "num_key_value_heads": cfg.num_kv_heads or cfg.num_attention_heads,
         "head_dim": cfg.hidden_size // cfg.num_attention_heads, "intermediate_size": cfg.ffn_size,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)},
+        "rope_parameters": rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": cfg.attention_dropout, "initializer_range": cfg.init_method_std, "use_cache": True,
         "dtype": "float32",
     }
+
+
+def hf_window(cfg: Any) -> int | None:
+    """transformers' sliding_window counts the query itself: a query sees the w - 1 keys before it."""
+    return None if cfg.sliding_window_width is None else cfg.sliding_window_width + 1
+
+
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """transformers' rope_parameters for our rotary settings (plain, or Llama-3.1's llama3 scaling)."""
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
+    return {"rope_type": "llama3", "rope_theta": float(cfg.rotary_emb_base)} | dataclasses.asdict(cfg.rope_scaling)
 
 
 def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from megatron.model.dit import DiTConfig
-from megatron.model.gpt import GPTConfig, MoESettings
+from megatron.model.gpt import GPTConfig, Llama3RopeScaling, MoESettings
 from megatron.model.moe import LoREConfig
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
@@ -59,6 +59,8 @@ def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertPa
         pos_emb=args.pos_emb,
         rotary_pct=args.rotary_pct,
         rotary_emb_base=args.rotary_emb_base,
+        rope_scaling=None if args.rope_scaling is None else Llama3RopeScaling(
+            **args.rope_scaling.model_dump(exclude={"type"})),
         norm=args.norm,
         norm_eps=args.rms_norm_epsilon if args.norm == "rmsnorm" else args.layernorm_epsilon,
         use_bias_in_norms=args.use_bias_in_norms,

@@ -59,6 +59,26 @@ class MoESettings:
         return self.num_experts > 1 and offset >= 0 and offset % self.expert_interval == 0
 
 
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1's RoPE scaling. A rotary frequency whose wavelength exceeds original_max / low_freq_factor is
+    divided by `factor`; one shorter than original_max / high_freq_factor is kept; between, the two are blended
+    linearly in original_max / wavelength."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def scale(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        wavelength = 2 * math.pi / inv_freq
+        context = self.original_max_position_embeddings
+        blend = (context / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - blend) * inv_freq / self.factor + blend * inv_freq
+        scaled = torch.where(wavelength > context / self.low_freq_factor, inv_freq / self.factor, blended)
+        return torch.where(wavelength < context / self.high_freq_factor, inv_freq, scaled)
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int  # already padded
@@ -75,6 +95,7 @@ class GPTConfig:
     pos_emb: str = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
+    rope_scaling: Llama3RopeScaling | None = None
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     use_bias_in_norms: bool = True
@@ -135,10 +156,13 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 class Rotary(nn.Module):
     """Rotary embedding on the first `rotary_pct` of each head's dims (GPT-NeoX's rotate-half form)."""
 
-    def __init__(self, head_dim: int, rotary_pct: float, base: int, max_positions: int):
+    def __init__(self, head_dim: int, rotary_pct: float, base: int, max_positions: int,
+                 scaling: Llama3RopeScaling | None = None):
         super().__init__()
         self.rotary_dims = int(head_dim * rotary_pct) // 2 * 2
         inv_freq = 1.0 / (base ** (torch.arange(0, self.rotary_dims, 2).float() / self.rotary_dims))
+        if scaling is not None:
+            inv_freq = scaling.scale(inv_freq)
         angles_SR = torch.outer(torch.arange(max_positions).float(), inv_freq)
         angles_SR = torch.cat([angles_SR, angles_SR], dim=-1)
         self.register_buffer("cos_SR", angles_SR.cos(), persistent=False)
@@ -238,7 +262,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, d + 2 * kv_width, bias=cfg.use_bias_in_attn_linear)
         self.dense = nn.Linear(d, d, bias=cfg.use_bias_in_attn_linear)
         self.rotary = (
-            Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings)
+            Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings, cfg.rope_scaling)
             if cfg.pos_emb == "rotary"
             else None
         )
