@@ -2,6 +2,7 @@
 
     python tools/lsh_calibrate.py runs/tiny_structmoe
     python tools/lsh_calibrate.py runs/my_run --settings 1x16,2x8,2x16 --tokens 2048,16384 --target 0.2
+    python tools/lsh_calibrate.py docs/lsh_calibration.json --markdown   # docs/lsh.md's table, from its JSON
 
 How many rows an LSH bucket merges depends on the model's hidden states (how clustered the rows an expert
 receives are), on the rows per expert in one exchange (more rows, more collisions) and on the setting
@@ -152,6 +153,44 @@ def print_table(report: dict, settings: list[tuple[int, int]], target: float) ->
           f"--lsh_num_hashes {best[0]} --lsh_hash_dim {best[1]}")
 
 
+def markdown_summary(report: dict, default: tuple[int, int] = (2, 16)) -> str:
+    """The calibration as the Markdown table and counts docs/lsh.md quotes, computed from the JSON alone."""
+    results = report["results"]
+    token_counts = sorted({r["tokens"] for r in results})
+    settings = sorted({(r["num_hashes"], r["hash_dim"]) for r in results})
+    own = report["own_tokens"]
+    header = ["setting"] + [f"rate, {t} tokens" for t in token_counts] + [f"error with / without comp., {own}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for setting in settings:
+        rates = [f"{layer_mean(results, t, setting, 'compression_rate'):.3f}" for t in token_counts]
+        with_c = layer_mean(results, own, setting, "error_with_compensation")
+        without = layer_mean(results, own, setting, "error_without_compensation")
+        cells = [f"{setting[0]}x{setting[1]}" + (" (default)" if setting == default else "")] + rates + [
+            f"{with_c:.3f} / {without:.3f}"]
+        if setting == default:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    changes = [r["error_with_compensation"] - r["error_without_compensation"] for r in results]
+    lowered = sum(c < 0 for c in changes)
+    own_errors = [r[k] for r in results if r["tokens"] == own
+                  for k in ("error_with_compensation", "error_without_compensation")]
+    centroids = {t: [r["compression_rate"] * r["rows_per_expert"] for r in results
+                     if r["tokens"] == t and (r["num_hashes"], r["hash_dim"]) == default] for t in token_counts}
+    rows = {t: next(r["rows_per_expert"] for r in results if r["tokens"] == t) for t in token_counts}
+    first, last = token_counts[0], token_counts[-1]
+    lines += [
+        "",
+        f"Mean over the {len({r['layer'] for r in results})} MoE layers, {report['precision']}. Per layer, setting "
+        f"and tokens ({len(results)} cases), the compensation lowered the layer-output error in {lowered} and "
+        f"raised it in {len(results) - lowered}; the largest change was {min(changes):+.3f} / {max(changes):+.3f}. "
+        f"The error at {own} tokens is {min(own_errors):.2f}-{max(own_errors):.2f}. "
+        f"{default[0]}x{default[1]} leaves {min(centroids[first]):.0f}-{max(centroids[first]):.0f} centroids per "
+        f"expert at {rows[first]:.0f} rows, {min(centroids[last]):.0f}-{max(centroids[last]):.0f} at "
+        f"{rows[last]:.0f}.",
+    ]
+    return "\n".join(lines)
+
+
 def plot(report: dict, settings: list[tuple[int, int]], target: float, path: Path) -> None:
     import matplotlib
 
@@ -191,21 +230,32 @@ def plot(report: dict, settings: list[tuple[int, int]], target: float, path: Pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a save folder (its latest checkpoint) or a global_stepN folder")
+    parser.add_argument("run", help="a save folder (its latest checkpoint) or a global_stepN folder; or a JSON "
+                        "this tool wrote, to print its tables again without measuring")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="NUM_HASHESxHASH_DIM, comma-separated")
     parser.add_argument("--tokens", default=None,
                         help="tokens per exchange, comma-separated (default: the run's micro-batch, x4, x16)")
     parser.add_argument("--target", type=float, default=0.2, help="compression rate to aim for")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--output", default=None, help="PNG path; the JSON goes beside it (default: none)")
+    parser.add_argument("--markdown", action="store_true", help="also print the Markdown table docs/lsh.md quotes")
     opts = parser.parse_args(argv)
     settings = parse_settings(opts.settings)
+    if opts.run.endswith(".json"):
+        report = json.loads(Path(opts.run).read_text())
+        measured = sorted({(r["num_hashes"], r["hash_dim"]) for r in report["results"]})
+        print_table(report, [s for s in settings if s in measured], opts.target)
+        if opts.markdown:
+            print("\n" + markdown_summary(report))
+        return
     tokens = [int(t) for t in opts.tokens.split(",")] if opts.tokens else None
     try:
         report = calibrate(opts.run, settings, tokens, opts.precision)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     print_table(report, settings, opts.target)
+    if opts.markdown:
+        print("\n" + markdown_summary(report))
     if opts.output:
         output = Path(opts.output)
         output.parent.mkdir(parents=True, exist_ok=True)
