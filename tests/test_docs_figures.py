@@ -55,3 +55,18 @@ def test_neox_key_counts_are_the_code():
     assert f"{current} keys, plus {legacy} MoE keys" in " ".join(doc.split())
     assert f"all {current + legacy} keys" in " ".join(doc.split())
     assert f"({current} keys of commit `ea7aefd8` and {legacy} MoE keys" in " ".join(read("README.md").split())
+
+
+def test_structmoe_study_tables_are_the_generated_ones():
+    tables = read("docs/results/structmoe_study.md").strip().split("\n\n")
+    doc = read("docs/results.md")
+    for number, table in enumerate(tables, start=1):
+        assert generated_block(doc, f"docs/results/structmoe_study.md table {number}") == table
+    # the prose's "lower on every seed" for the LoRE balancing loss, from the per-seed losses in the JSON
+    groups = json.loads(read("docs/results/structmoe_study.json"))["groups"]
+    with_loss, without = (groups[arm]["final_val_per_seed"] for arm in ("tiny_structmoe_lorebal", "tiny_structmoe"))
+    assert all(with_loss[seed] < without[seed] for seed in without)
+    pair = next(p for p in json.loads(read("docs/results/structmoe_study.json"))["pairs"]
+                if p["method"] == "tiny_structmoe_lorebal")
+    assert pair["ci_low"] < 0 < pair["ci_high"] and "lower on every seed, but its interval includes 0" in " ".join(
+        doc.split())
