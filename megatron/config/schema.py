@@ -109,6 +109,17 @@ class MoEArgs(Strict):
     moe_loss_coeff: float = Field(0.01, ge=0)
     moe_zloss_coeff: float = Field(0.0, ge=0)
     moe_renormalize_weights: bool = False
+    # ours, routing as trained today (moe/router.py): sigmoid scores with normalised top-k gates (DeepSeek-V3);
+    # auxiliary-loss-free balancing, a choice-only bias per expert moved by rate * sign(mean load - load) after
+    # each step (DeepSeek-V3); the Switch loss's load fractions per micro_batch, per sequence, or over the
+    # global batch (all ranks and the step's micro-batches so far; Qwen). The same two for each expert's LoREs.
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = Field(1e-3, ge=0)
+    moe_lbl_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
+    lore_router_enable_bias: bool = False
+    lore_router_bias_update_rate: float = Field(1e-3, ge=0)
+    lore_lbl_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
     moe_impl: Literal["auto", "native", "grouped_gemm", "megablocks"] = "auto"  # auto: by GPU (moe/kernels.py)
     moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
     moe_ffn_hidden_size: int | None = Field(None, ge=1)
@@ -289,7 +300,8 @@ MODEL_KEYS = (
     "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
-    "moe_first_layer", "moe_router_type", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",
+    "moe_first_layer", "moe_router_type", "moe_router_score_function", "moe_router_enable_expert_bias",
+    "lore_router_enable_bias", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",
     "lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_renormalize_weights",
     "image_size", "image_channels", "patch_size", "num_classes", "mlp_ratio", "learn_sigma", "diffusion_steps",
     "remix_num_basis", "remix_num_experts", "remix_mixer", "remix_coeff_scope",

@@ -1,13 +1,12 @@
-"""From the resolved config to the model's own typed settings (the model never reads the config)."""
+"""From the resolved config to the language model's own typed settings (the model never reads the config);
+the DiT's builder is megatron/model/dit/config.py."""
 
 from __future__ import annotations
 
-from megatron.model.dit import DiTConfig
 from megatron.model.gpt import GPTConfig, Llama3RopeScaling, MoESettings
-from megatron.model.moe import LoREConfig
+from megatron.model.moe import Balancing, LoREConfig
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
-from megatron.model.remix import RemixConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -22,6 +21,7 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
             top_l=args.lore_top_k,
             mode=args.lore_mode,
             renormalize=args.lore_renormalize_weights,
+            balancing=Balancing(args.lore_router_enable_bias, args.lore_router_bias_update_rate, args.lore_lbl_scope),
         )
     return MoESettings(
         num_experts=args.moe_num_experts,
@@ -35,6 +35,8 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
         router_type=args.moe_router_type,
         num_shared_experts=args.moe_num_shared_experts,
+        score_function=args.moe_router_score_function,
+        balancing=Balancing(args.moe_router_enable_expert_bias, args.moe_router_bias_update_rate, args.moe_lbl_scope),
         lore=lore,
         expert_parallel=expert_parallel,
         lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed,
@@ -78,22 +80,3 @@ def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertPa
         moe=moe_settings_from_args(args, expert_parallel),
     )
 
-
-def dit_config_from_args(args) -> DiTConfig:
-    remix = None
-    if args.remix_num_basis:
-        remix = RemixConfig(num_basis=args.remix_num_basis, num_experts=args.remix_num_experts,
-                            num_timesteps=args.diffusion_steps, mixer=args.remix_mixer, scope=args.remix_coeff_scope)
-    return DiTConfig(
-        image_size=args.image_size,
-        in_channels=args.image_channels,
-        patch_size=args.patch_size,
-        depth=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_heads=args.num_attention_heads,
-        mlp_ratio=args.mlp_ratio,
-        num_classes=args.num_classes,
-        class_dropout_prob=args.class_dropout_prob,
-        learn_sigma=args.learn_sigma,
-        remix=remix,
-    )

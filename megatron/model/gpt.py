@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.loss import lm_loss
-from megatron.model.moe import LoREConfig, MoEAux, MoELayer
+from megatron.model.moe import Balancing, LoREConfig, MoEAux, MoELayer
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
@@ -42,6 +42,8 @@ class MoESettings:
     lbl_in_fp32: bool = False
     impl: str = "auto"  # experts backend: auto, native, grouped_gemm, megablocks (moe/kernels.py)
     router_type: str = "topk"  # topk or sinkhorn (moe/router.py)
+    score_function: str = "softmax"  # topk router: softmax over experts, or sigmoid with normalised gates
+    balancing: Balancing = Balancing()  # topk router: loss-free bias, the load-balancing loss's scope
     num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), one MLP that wide
     lore: LoREConfig | None = None
     expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
@@ -349,6 +351,8 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float)
         lsh=moe.lsh_for_layer(layer_idx),
         router_type=moe.router_type,
         num_shared_experts=moe.num_shared_experts,
+        score_function=moe.score_function,
+        balancing=moe.balancing,
     )
 
 

@@ -51,6 +51,16 @@ def expert_parameter_names(model: nn.Module) -> dict[str, range]:
     return names
 
 
+def expert_state_names(model: nn.Module) -> dict[str, range]:
+    """The expert parameters plus the experts' persistent buffers (each expert's LoRE routing bias): every entry
+    whose leading dimension runs over the local experts, which a checkpoint stores per expert."""
+    names = {}
+    for prefix, (module, experts) in expert_modules(model).items():
+        for name in module.state_dict(keep_vars=True):
+            names[f"{prefix}.{name}"] = experts
+    return names
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -73,7 +83,8 @@ class ParallelModel:
             self.module = model
         else:
             if dims.ep_size > 1:  # experts differ per EP rank: DDP must leave them to `reduce_gradients`
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(expert_names))
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, list(expert_state_names(model)))
             self.module = DistributedDataParallel(model)
         # after wrapping: FSDP2 replaces the parameter objects (by DTensors of the same names)
         named = dict(model.named_parameters())

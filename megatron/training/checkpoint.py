@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron.config.schema import DATA_POSITION_KEYS, MODEL_KEYS
 from megatron.parallel import DistInfo, all_reduce_mean
-from megatron.parallel.data_parallel import expert_parameter_names
+from megatron.parallel.data_parallel import expert_parameter_names, expert_state_names
 from megatron.parallel.distributed import checkpoint_group
 
 log = logging.getLogger("megatron.checkpoint")
@@ -106,7 +106,7 @@ def layout_free_state(model: nn.Module, optimizer: torch.optim.Optimizer, expert
     model_state, optim_state = get_state_dict(model, optimizer)
     experts = expert_parameter_names(model)
     optim_view = {**optim_state, "state": _split_experts(optim_state["state"], experts, experts_to_host)}
-    model_view = _split_experts(model_state, experts, experts_to_host)
+    model_view = _split_experts(model_state, expert_state_names(model), experts_to_host)
     return model_state, optim_state, {"model": model_view, "optim": optim_view}
 
 
@@ -398,7 +398,7 @@ def check_compatible(path: Path, state: dict[str, Any]) -> None:
 def load_model_weights(path: Path, model: nn.Module) -> None:
     """The model's weights only (no optimizer state is read), for evaluation, analysis and export."""
     model_state = get_model_state_dict(model)
-    state = {"model": _split_experts(model_state, expert_parameter_names(model))}
+    state = {"model": _split_experts(model_state, expert_state_names(model))}
     check_compatible(path, state)
     _load_dcp(state, path)
     set_model_state_dict(model, model_state)

@@ -13,7 +13,6 @@ step), each data-parallel rank, or each micro-batch (many rows of the table get 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,14 @@ import torch.nn as nn
 
 from megatron.config import ConfigError
 from megatron.data.images import batch_indices, build_image_dataset
-from megatron.model.build import dit_config_from_args
-from megatron.model.diffusion import GaussianDiffusion
-from megatron.model.dit import DiT, load_official_dit_state_dict
-from megatron.model.remix import timestep_interval
+from megatron.model.dit import (
+    DiT,
+    GaussianDiffusion,
+    dit_config_from_args,
+    load_official_dit_state_dict,
+    timestep_interval,
+)
+from megatron.model.moe.stats import normalized_entropy
 from megatron.parallel import DistInfo, all_reduce_mean
 
 log = logging.getLogger("megatron.dit")
@@ -140,13 +143,16 @@ class DiTTask:
                 total = total + gamma * aux["prior_loss"]
         return total, metrics
 
+    def optimizer_stepped(self) -> None:
+        pass  # no per-step state outside the optimizer
+
     def interval_metrics(self) -> dict[str, Any]:
         if self.remix is None:
             return {}
-        coeffs_NK = self.model.coefficient_table().detach().float()
-        probs_NK = coeffs_NK.abs() / coeffs_NK.abs().sum(dim=1, keepdim=True).clamp_min(1e-12)
-        entropy = -(probs_NK * probs_NK.clamp_min(1e-12).log()).sum(dim=1) / math.log(max(probs_NK.shape[1], 2))
-        return {"remix/coeff_entropy": float(entropy.mean()), "remix/coeff_max": float(probs_NK.max(dim=1)[0].mean())}
+        weights_NK = self.model.coefficient_table().detach().float().abs()
+        probs_NK = weights_NK / weights_NK.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return {"remix/coeff_entropy": float(normalized_entropy(weights_NK).mean()),
+                "remix/coeff_max": float(probs_NK.max(dim=1)[0].mean())}
 
     # -- evaluation ------------------------------------------------------------------------------
     def validation_batches(self):

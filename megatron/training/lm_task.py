@@ -18,13 +18,14 @@ from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.compile import compile_regions, compile_wanted
-from megatron.model.flops import flops_per_token
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
 from megatron.model.moe.lsh import CompressionErrorProbe, hashers_of
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
+from megatron.sizing.flops import flops_per_token
+from megatron.training.balancing import BalanceTracker, bias_metrics
 from megatron.training.routing_health import RoutingHealth
 
 log = logging.getLogger("megatron.lm")
@@ -52,6 +53,7 @@ class RoutingAccumulator:
         self.expert_load: list[torch.Tensor] = []
         self.lore_load: list[torch.Tensor | None] = []
         self.dispatch: list[dict[str, float]] = []  # per layer: sums of the exchange's statistics
+        self.balance: list[dict[str, torch.Tensor]] = []  # per layer: sums of the balancing statistics
         self.count = 0
 
     def add(self, aux_list: list[MoEAux]) -> None:
@@ -62,9 +64,12 @@ class RoutingAccumulator:
             self.lore_load = [None if aux.lore_load_EM is None else torch.zeros_like(aux.lore_load_EM)
                               for aux in aux_list]
             self.dispatch = [dict.fromkeys(aux.dispatch_stats, 0.0) for aux in aux_list]
+            self.balance = [{} for _ in aux_list]
         for i, aux in enumerate(aux_list):
             for key, value in aux.dispatch_stats.items():
                 self.dispatch[i][key] += value
+            for key, value in (aux.balance.stats if aux.balance is not None else {}).items():
+                self.balance[i][key] = self.balance[i].get(key, 0.0) + value  # tensors: no host sync per step
             self.expert_load[i] += aux.expert_load_E.detach()
             if aux.lore_load_EM is not None:
                 self.lore_load[i] += aux.lore_load_EM.detach()
@@ -78,9 +83,11 @@ class RoutingAccumulator:
                 aux,
                 expert_load_E=all_reduce_mean(load / self.count),
                 lore_load_EM=None if lore is None else share_per_expert(all_reduce_mean(lore)),
-                dispatch_stats=mean_over_ranks({k: v / self.count for k, v in sums.items()}, load.device),
+                dispatch_stats=mean_over_ranks({k: float(v) / self.count for k, v in (sums | balance).items()},
+                                               load.device),
             )
-            for aux, load, lore, sums in zip(self.last, self.expert_load, self.lore_load, self.dispatch)
+            for aux, load, lore, sums, balance in zip(self.last, self.expert_load, self.lore_load, self.dispatch,
+                                                      self.balance)
         ]
         self.count = 0
         return routing_stats(averaged)
@@ -137,6 +144,7 @@ class LMTask:
         self.error_interval = args.lsh_error_interval if args.lsh_compression else 0
         self.error_probe = CompressionErrorProbe(self.model) if self.error_interval else None
         self.lsh_hashers = hashers_of(self.model) if args.lsh_rotation_refresh_interval else []
+        self.balance = BalanceTracker(self.model)  # loss-free biases, global-batch loads (training/balancing.py)
         self.aux_coeffs = {
             "load_balancing_loss": args.moe_loss_coeff,
             "z_loss": args.moe_zloss_coeff,
@@ -165,7 +173,7 @@ class LMTask:
         return self._stack(self.train_data, step * self.global_batch + slot * self.micro_batch)
 
     def flops_per_step(self) -> float:
-        """Model FLOPs of one optimizer step over all ranks (3x the forward; megatron/model/flops.py)."""
+        """Model FLOPs of one optimizer step over all ranks (3x the forward; megatron/sizing/flops.py)."""
         if self._flops_per_token is None:
             self._flops_per_token = flops_per_token(self.model, self.args.seq_length).training
         return self._flops_per_token * self.tokens_per_step()
@@ -175,6 +183,7 @@ class LMTask:
 
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, tokens_BS1: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.balance.before_forward()
         if self.args.loss_chunk_tokens:  # the head and loss in chunks: the full logits never exist
             lm_loss, moe_aux = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], self.args.loss_chunk_tokens)
         else:
@@ -190,10 +199,15 @@ class LMTask:
                     total = total + coeff * summed
             metrics["total_loss"] = total.detach()
             self.routing.add(moe_aux)
+            self.balance.record(moe_aux)
         return total, metrics
+
+    def optimizer_stepped(self) -> None:
+        self.balance.optimizer_stepped()
 
     def interval_metrics(self) -> dict[str, Any]:
         metrics = self.routing.pop()
+        metrics.update(mean_over_ranks(bias_metrics(self.model), self.dist.device))
         metrics.update(self.health.update(self.steps_seen, metrics))
         if self.error_probe is not None:
             device = self.dist.device

@@ -30,6 +30,10 @@ class Task(Protocol):
         """Validation metrics (the same held-out batches every time), averaged over ranks."""
         ...
 
+    def optimizer_stepped(self) -> None:
+        """Called once after each optimizer step, on every rank (state that moves per step, not by gradient)."""
+        ...
+
     def interval_metrics(self) -> dict[str, Any]:
         """Extra metrics gathered since the last call (e.g. routing statistics); may be empty."""
         ...

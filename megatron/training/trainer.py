@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megatron.model.flops import peak_tflops
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import ParallelDims
 from megatron.runtime import resident_memory_mb
+from megatron.sizing.flops import peak_tflops
 from megatron.training import checkpoint as ckpt
 from megatron.training.metrics import LossSpikeDetector, MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
@@ -201,6 +201,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.task.optimizer_stepped()
         self.step += 1
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         self.nonfinite_total += 0 if finite else 1

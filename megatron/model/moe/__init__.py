@@ -3,7 +3,7 @@
 from megatron.model.moe.dispatcher import LocalDispatcher
 from megatron.model.moe.layer import MoEAux, MoELayer, moe_param_counts
 from megatron.model.moe.lore import LoREBank, LoREConfig
-from megatron.model.moe.router import SinkhornRouter, TopKRouter
+from megatron.model.moe.router import Balancing, SinkhornRouter, TopKRouter
 
-__all__ = ["LoREBank", "LoREConfig", "LocalDispatcher", "MoEAux", "MoELayer", "SinkhornRouter", "TopKRouter",
-           "moe_param_counts"]
+__all__ = ["Balancing", "LoREBank", "LoREConfig", "LocalDispatcher", "MoEAux", "MoELayer", "SinkhornRouter",
+           "TopKRouter", "moe_param_counts"]

@@ -19,7 +19,7 @@ from megatron.model.moe.experts import GroupedExperts, SharedExperts
 from megatron.model.moe.kernels import require_gmm, resolve_moe_impl
 from megatron.model.moe.lore import LoREBank, LoREConfig
 from megatron.model.moe.lsh import LSHConfig
-from megatron.model.moe.router import build_router
+from megatron.model.moe.router import Balancing, build_router
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -34,6 +34,19 @@ class MoEAux:
     lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached); all-zero rows
     # for experts that got no rows here (with expert parallelism, every expert held on another rank)
     dispatch_stats: dict[str, float] = field(default_factory=dict)  # the exchange's (bytes, compression)
+    balance: BalanceCounts | None = None  # what the trainer's balancing bookkeeping reads (training only)
+
+
+@dataclass
+class BalanceCounts:
+    """One micro-batch's choices, counted, for the balancing state kept between micro-batches and steps
+    (megatron/training/balancing.py); `global_` ones are already summed over ranks (global-batch loss)."""
+
+    expert_slots_E: torch.Tensor  # this rank's token slots per expert (long)
+    global_expert_slots_E: torch.Tensor | None
+    lore_slots_EM: torch.Tensor | None  # this rank's rows per (local expert, LoRE) (long)
+    global_lore_slots_EM: torch.Tensor | None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. expert_bias_changed_fraction
 
 
 def moe_param_counts(
@@ -74,6 +87,8 @@ class MoELayer(nn.Module):
         lsh: LSHConfig | None = None,
         router_type: str = "topk",
         num_shared_experts: int = 0,
+        score_function: str = "softmax",
+        balancing: Balancing | None = None,
     ):
         """With `expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
         exchanges rows with the other EP ranks; the router and the shared experts stay whole (every rank
@@ -82,7 +97,7 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
         self.router = build_router(router_type, hidden_size, num_experts, top_k, jitter_eps, renormalize,
-                                   lbl_in_fp32, init_std)
+                                   lbl_in_fp32, init_std, score_function, balancing)
         # "auto" resolves here against this process's default device; a run passes the impl resolved for
         # its own device (build.py). An unknown name is a ValueError.
         impl = resolve_moe_impl(impl)
@@ -106,7 +121,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)
         x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing)
         y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore, ctx.sources)
         y_TD = self.dispatcher.combine(y_ND, ctx)
@@ -119,8 +134,17 @@ class MoELayer(nn.Module):
             expert_load_E=(routing.tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
             lore_load_EM=self._all_experts(lore_aux["lore_load_EM"]) if lore_aux else None,
             dispatch_stats=ctx.stats,
+            balance=self._balance_counts(routing, lore_aux) if self.training else None,
         )
         return y_TD.view_as(x), aux
+
+    @staticmethod
+    def _balance_counts(routing, lore_aux: dict | None) -> BalanceCounts:
+        lore_aux = lore_aux or {}
+        stats = {f"expert_{k}": v for k, v in routing.balance_stats.items()}
+        stats |= {f"lore_{k}": v for k, v in lore_aux.get("balance_stats", {}).items()}
+        return BalanceCounts(routing.tokens_per_expert_E, routing.global_counts_E, lore_aux.get("lore_slots_EM"),
+                             lore_aux.get("lore_global_slots_EM"), stats)
 
     def expert_parts(self) -> list[nn.Module]:
         """The submodules whose parameters belong to experts: their leading dimension runs over

@@ -49,7 +49,7 @@ from megatron.model.activations import up_width
 from megatron.model.moe.dispatcher import RowSources
 from megatron.model.moe.experts import normal_init_slice
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
-from megatron.model.moe.router import count_ids
+from megatron.model.moe.router import Balancing, bias_step, choose_top_k, count_ids, sum_over_ranks
 
 MODES = ("entangled", "router_free", "standalone")
 B_INIT_SCALE = 0.1
@@ -64,6 +64,7 @@ class LoREConfig:
     top_l: int = 1
     mode: str = "entangled"
     renormalize: bool = False
+    balancing: Balancing = Balancing()  # the LoRE routers' bias and loss scope
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -101,15 +102,21 @@ class LoREBank(nn.Module):
         local_experts: range | None = None,
         gmm: Callable | None = None,
         activation: str = "gelu",
+        balancing: Balancing | None = None,
     ):
         """`num_experts` is the layer's global count; the bank holds the LoREs of `local_experts` only.
         `activation` is the experts': a gated one makes the entangled term as wide as the up-projection (2F).
-        gmm: grouped_gemm's kernel for the B term on CUDA (the experts' one); None: torch's grouped_mm."""
+        gmm: grouped_gemm's kernel for the B term on CUDA (the experts' one); None: torch's grouped_mm.
+        `balancing`: the LoRE routers' (a bias per LoRE of each expert; the within-expert loss's scope)."""
         super().__init__()
         self.gmm = gmm
         self.config = LoREConfig(num_lores, rank, top_l, mode, renormalize)
         local = range(num_experts) if local_experts is None else local_experts
-        self.num_experts = len(local)
+        self.num_experts, self.total_experts, self.first_expert = len(local), num_experts, local.start
+        self.balancing = balancing or Balancing()
+        if self.balancing.lbl_scope == "sequence":
+            raise ValueError("lore_lbl_scope: sequence (an expert's rows are not sequences; expected micro_batch "
+                             "or global_batch)")
         self.entangled = mode != "standalone"
         self.routed = mode != "router_free"
         groups, group_rank = (num_lores, rank) if self.routed else (1, num_lores * rank)
@@ -125,6 +132,11 @@ class LoREBank(nn.Module):
             self.router = nn.Linear(hidden_size, self.num_experts * num_lores, bias=False, device="meta")
             weight = normal_init_slice((num_experts, num_lores, hidden_size), init_std, local)
             self.router.weight = nn.Parameter(weight.flatten(0, 1))
+            if self.balancing.bias:  # per local expert, saved per expert like the LoREs' weights
+                self.register_buffer("lore_bias_EM", torch.zeros(self.num_experts, num_lores))
+            if self.balancing.lbl_scope == "global_batch":  # the step's earlier micro-batches (set by the trainer)
+                self.register_buffer("slots_before_EM", torch.zeros(self.num_experts, num_lores, dtype=torch.long),
+                                     persistent=False)
 
     @classmethod
     def from_config(cls, num_experts: int, hidden_size: int, ffn_hidden_size: int, config: LoREConfig,
@@ -132,7 +144,22 @@ class LoREBank(nn.Module):
                     gmm: Callable | None = None, activation: str = "gelu") -> LoREBank:
         c = config
         return cls(num_experts, c.num_lores, c.rank, hidden_size, ffn_hidden_size, c.top_l, c.mode,
-                   c.renormalize, init_std, local_experts=local_experts, gmm=gmm, activation=activation)
+                   c.renormalize, init_std, local_experts=local_experts, gmm=gmm, activation=activation,
+                   balancing=c.balancing)
+
+    @torch.no_grad()
+    def update_bias(self, global_slots_EM: torch.Tensor) -> None:
+        """One loss-free balancing step per local expert, from its rows' LoRE choices over the global batch."""
+        self.lore_bias_EM.copy_(bias_step(self.lore_bias_EM, global_slots_EM, self.balancing.bias_update_rate))
+
+    def global_fraction(self, slots_EM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F [E, M]: each local expert's LoRE shares over every rank's rows of the step so far, this
+        micro-batch's global slots [E, M]). The count table is padded to all experts before the sum, so a
+        rank adds only the experts it holds; every row is counted once, on the rank that ran it."""
+        before, after = self.first_expert, self.total_experts - self.first_expert - self.num_experts
+        global_EM = sum_over_ranks(F.pad(slots_EM, (0, 0, before, after)))[before:before + self.num_experts]
+        seen_EM = self.slots_before_EM + global_EM
+        return seen_EM.float() / seen_EM.sum(dim=-1, keepdim=True).clamp_min(1).float(), global_EM
 
     def extra_repr(self) -> str:
         c = self.config
@@ -163,22 +190,29 @@ class LoREBank(nn.Module):
         E, M, L = self.num_experts, self.lores_per_expert, self.config.top_l
         if not self.routed:
             zero = x_ND.new_zeros((), dtype=torch.float32)
-            aux = {"lore_balancing_loss": zero, "lore_load_EM": None}
+            aux = {"lore_balancing_loss": zero, "lore_load_EM": None, "lore_slots_EM": None,
+                   "lore_global_slots_EM": None, "balance_stats": {}}
             return LoREPlan(None, tokens_per_expert_E, None, None, aux)
         # Each expert's router slice applied to that expert's rows only: a grouped matmul, N*D*M work.
         w_router_EDM = self.router.weight.view(E, M, -1).transpose(1, 2)
         logits_NM = grouped_matmul(x_ND, w_router_EDM, tokens_per_expert_E).float()
         probs_NM = F.softmax(logits_NM, dim=-1)
-        pi_NL, lore_ids_NL = torch.topk(probs_NM, L, dim=-1)
-        if self.config.renormalize:
-            pi_NL = pi_NL / pi_NL.sum(dim=-1, keepdim=True)
         expert_of_row_N = torch.repeat_interleave(torch.arange(E, device=x_ND.device), tokens_per_expert_E,
                                                   output_size=x_ND.shape[0])
+        bias_NM = self.lore_bias_EM[expert_of_row_N] if self.balancing.bias else None
+        pi_NL, lore_ids_NL, balance_stats = choose_top_k(probs_NM, L, bias_NM)
+        if self.config.renormalize:
+            pi_NL = pi_NL / pi_NL.sum(dim=-1, keepdim=True)
         group_NL = expert_of_row_N.unsqueeze(1) * M + lore_ids_NL
         rows_per_group_G = count_ids(group_NL, E * M)
         if sources is None:  # every row from this rank's batch
             sources = RowSources(tokens_per_expert_E.unsqueeze(0), tokens_per_expert_E.sum().unsqueeze(0))
-        aux = lore_aux(probs_NM, lore_ids_NL, sources.rows_SL, sources.total_rows_S, rows_per_group_G.view(E, M))
+        fraction_EM = global_EM = None
+        if self.training and self.balancing.lbl_scope == "global_batch":
+            fraction_EM, global_EM = self.global_fraction(rows_per_group_G.view(E, M))
+        aux = lore_aux(probs_NM, lore_ids_NL, sources.rows_SL, sources.total_rows_S, rows_per_group_G.view(E, M),
+                       fraction_EM)
+        aux |= {"lore_global_slots_EM": global_EM, "balance_stats": balance_stats}
         pi_NL = pi_NL.to(x_ND.dtype)
         if L == 1:
             row_order_N = torch.argsort(group_NL.squeeze(1), stable=True)
@@ -207,6 +241,7 @@ def lore_aux(
     rows_SE: torch.Tensor,
     total_rows_S: torch.Tensor,
     slots_per_group_EM: torch.Tensor,
+    fraction_EM: torch.Tensor | None = None,
 ) -> dict:
     """The Switch balancing loss within each expert, per source batch, and each expert's LoRE load.
 
@@ -219,17 +254,23 @@ def lore_aux(
     One rank has one source and N = sum_e n_e: the within-expert loss weighted by rows. With expert
     parallelism each EP rank adds its experts' share of every source batch's loss, so the sum over ranks
     is the sum of the per-batch losses one rank would compute, which is what the trainer's mean over
-    ranks and micro-batches sees.
+    ranks and micro-batches sees. `fraction_EM` (global-batch balancing) replaces every f_gi by expert e's
+    share F_ei over the global batch: loss = M sum_g sum_i F_ei (n_g P_gi) / N_s.
     """
     M, top_l = probs_NM.shape[-1], lore_ids_NL.shape[-1]
     S, E = rows_SE.shape
     rows_G = rows_SE.T.flatten()  # g = e * S + s: the rows' order
     segment_N = torch.repeat_interleave(torch.arange(E * S, device=probs_NM.device), rows_G,
                                         output_size=probs_NM.shape[0])
-    slots_GM = count_ids(segment_N.unsqueeze(1) * M + lore_ids_NL, E * S * M)
     sum_prob_GM = probs_NM.new_zeros(E * S, M).index_add(0, segment_N, probs_NM)
-    denominators_G = (rows_G * total_rows_S.repeat(E)).to(probs_NM.dtype).clamp_min(1)
-    loss = (M / top_l) * ((slots_GM.view(E * S, M) * sum_prob_GM).sum(dim=1) / denominators_G).sum()
+    if fraction_EM is None:
+        slots_GM = count_ids(segment_N.unsqueeze(1) * M + lore_ids_NL, E * S * M).view(E * S, M)
+        denominators_G = (rows_G * total_rows_S.repeat(E)).to(probs_NM.dtype).clamp_min(1)
+        loss = (M / top_l) * ((slots_GM * sum_prob_GM).sum(dim=1) / denominators_G).sum()
+    else:
+        fraction_GM = fraction_EM.to(probs_NM.dtype).repeat_interleave(S, dim=0)
+        sources_G = total_rows_S.repeat(E).to(probs_NM.dtype).clamp_min(1)
+        loss = M * ((fraction_GM * sum_prob_GM).sum(dim=1) / sources_G).sum()
     rows_E = rows_SE.sum(dim=0).float()
     load_EM = slots_per_group_EM.float() / (rows_E * top_l).clamp_min(1).unsqueeze(1)
-    return {"lore_balancing_loss": loss, "lore_load_EM": load_EM.detach()}
+    return {"lore_balancing_loss": loss, "lore_load_EM": load_EM.detach(), "lore_slots_EM": slots_per_group_EM}

@@ -1,29 +1,59 @@
 """Token routers: top-k (Switch load-balancing loss, ST-MoE z-loss) and Sinkhorn (GPT-NeoX's default).
 
-Shape legend: T tokens, D hidden, E experts, K experts per token.
+Shape legend: T tokens, B sequences, S tokens per sequence, D hidden, E experts, K experts per token.
 
 Both are a linear D -> E without bias (`gate`) and hand the layer a `Routing`; `build_router` picks one by
 `moe_router_type`. Jitter (multiplicative input noise in training) and renormalising the chosen gates are
 options of either; GPT-NeoX has jitter on its top-k router only and renormalises neither.
+
+The top-k router also has what MoE models are trained with today (`Balancing`, shared with the LoRE router):
+- scores: a softmax over all experts, or a sigmoid per expert with the chosen k gates normalised to sum to 1
+  (DeepSeek-V3);
+- auxiliary-loss-free balancing (DeepSeek-V3): a bias b_e added to the scores to *choose* the top-k only (the
+  gates stay unbiased); after each optimizer step b_e += rate * sign(mean load - load_e) over the global batch
+  (`update_bias`, called by the trainer's `BalanceTracker`); no gradient;
+- the Switch loss's load fractions f_e over a micro-batch (as in Switch), per sequence (a sequence-level loss,
+  DeepSeek-V3's complementary one) or over the global batch (all data-parallel ranks and the micro-batches of
+  the step so far; Qwen's global-batch balancing), its gradient always through this micro-batch's P_e.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+LBL_SCOPES = ("micro_batch", "sequence", "global_batch")
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """How a router (of experts, or an expert's LoREs) is kept balanced besides the loss's coefficient."""
+
+    bias: bool = False  # auxiliary-loss-free balancing: a choice-only bias, updated after each optimizer step
+    bias_update_rate: float = 1e-3
+    lbl_scope: str = "micro_batch"  # over what the Switch loss's load fractions are counted (LBL_SCOPES)
+
+    def __post_init__(self):
+        if self.lbl_scope not in LBL_SCOPES:
+            raise ValueError(f"load-balancing scope {self.lbl_scope!r} is not one of {', '.join(LBL_SCOPES)}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"bias update rate {self.bias_update_rate} must be >= 0")
 
 
 @dataclass
 class Routing:
     expert_ids_TK: torch.Tensor  # long
     weights_TK: torch.Tensor  # gate values the expert outputs are scaled by
-    probs_TE: torch.Tensor  # full softmax, fp32
+    probs_TE: torch.Tensor  # full softmax (sigmoid scores: normalised over experts), fp32
     tokens_per_expert_E: torch.Tensor  # token slots routed to each expert (long)
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
+    global_counts_E: torch.Tensor | None = None  # lbl_scope global_batch: this micro-batch's slots over all ranks
+    balance_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. bias_changed_fraction
 
 
 def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,6 +81,46 @@ def load_balancing_loss(
     return num_experts * torch.sum(fraction_E * probs_TE.mean(dim=0))
 
 
+def sequence_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, num_sequences: int
+                            ) -> torch.Tensor:
+    """The Switch loss of each of the B sequences (its own f_e and P_e), averaged over sequences."""
+    B, E = num_sequences, probs_TE.shape[-1]
+    ids_BX = expert_ids_TK.reshape(B, -1)
+    sequence_of_slot = torch.arange(B, device=ids_BX.device).unsqueeze(1) * E
+    fraction_BE = count_ids(sequence_of_slot + ids_BX, B * E).view(B, E).to(probs_TE.dtype) / ids_BX.shape[1]
+    return E * (fraction_BE * probs_TE.reshape(B, -1, E).mean(dim=1)).sum(dim=1).mean()
+
+
+@torch.compiler.disable  # a collective: kept out of a compiled router's graph
+def sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """Counts summed over every rank (each routes tokens of its own); unchanged outside a distributed run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    counts = counts.clone()
+    dist.all_reduce(counts)
+    return counts
+
+
+def choose_top_k(scores_XE: torch.Tensor, k: int, bias: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(gates, ids) of the top-k of `scores + bias` (bias may be [E] or per-row [X, E]); the gates are the unbiased
+    scores. With a bias, also the share of rows whose set of choices the bias changed."""
+    if bias is None:
+        return *torch.topk(scores_XE, k, dim=-1), {}
+    ids_XK = torch.topk(scores_XE + bias, k, dim=-1).indices
+    unbiased_XK = torch.topk(scores_XE, k, dim=-1).indices
+    changed = (ids_XK.sort(dim=-1).values != unbiased_XK.sort(dim=-1).values).any(dim=-1)
+    return scores_XE.gather(-1, ids_XK), ids_XK, {"bias_changed_fraction": changed.float().mean().detach()}
+
+
+def bias_step(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's update: each bias moves by `rate` towards balance, `rate * sign(mean load - load)`, the mean
+    over the last dim (the experts, or one expert's LoREs). A row with no load at all (an expert that got no
+    rows) is left alone."""
+    counts = counts.to(bias.dtype)
+    return bias + rate * torch.sign(counts.mean(dim=-1, keepdim=True) - counts)
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: `mean_t (logsumexp_e logits_te)^2`, keeps router logits small."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
@@ -60,14 +130,25 @@ class Router(nn.Module):
     """The parts both routers share: the gate, the settings, and the jittered logits in fp32."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter_eps: float | None = None,
-                 renormalize: bool = False, lbl_in_fp32: bool = False, init_std: float = 0.02):
+                 renormalize: bool = False, lbl_in_fp32: bool = False, init_std: float = 0.02,
+                 score_function: str = "softmax", balancing: Balancing | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_top_k {top_k} must be between 1 and moe_num_experts {num_experts}")
+        if score_function not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score_function: {score_function!r} is not softmax or sigmoid")
+        if score_function == "sigmoid" and top_k == 1:
+            raise ValueError("moe_router_score_function: sigmoid with moe_top_k 1: the normalised top-1 gate is "
+                             "always 1, so the router would learn from the balancing loss only (use k >= 2)")
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=init_std)
         self.top_k, self.jitter_eps = top_k, jitter_eps
-        self.renormalize, self.lbl_in_fp32 = renormalize, lbl_in_fp32
+        self.renormalize, self.lbl_in_fp32 = renormalize or score_function == "sigmoid", lbl_in_fp32
+        self.score_function, self.balancing = score_function, balancing or Balancing()
+        if self.balancing.bias:  # part of the model's state: checkpointed, equal on every rank
+            self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        if self.balancing.lbl_scope == "global_batch":  # the step's earlier micro-batches (set by the trainer)
+            self.register_buffer("counts_before_E", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter_eps:
@@ -79,21 +160,48 @@ class Router(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK.to(dtype)
 
+    def balancing_loss(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, counts_E: torch.Tensor,
+                       num_sequences: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The Switch loss over this router's lbl_scope, and (global_batch) this micro-batch's global counts.
+        Outside training every scope is the micro-batch's: evaluation runs no collective and keeps no state."""
+        scope = self.balancing.lbl_scope if self.training else "micro_batch"
+        if scope == "sequence":
+            return sequence_balancing_loss(probs_TE, expert_ids_TK, num_sequences), None
+        if scope == "global_batch":
+            global_counts_E = sum_over_ranks(counts_E)
+            seen_E = self.counts_before_E + global_counts_E
+            fraction_E = seen_E.to(probs_TE.dtype) / seen_E.sum().clamp_min(1)
+            return probs_TE.shape[-1] * torch.sum(fraction_E * probs_TE.mean(dim=0)), global_counts_E
+        return load_balancing_loss(probs_TE, expert_ids_TK, counts_E), None
+
+    @torch.no_grad()
+    def update_bias(self, global_counts_E: torch.Tensor) -> None:
+        """One loss-free balancing step from the global batch's counts (every rank passes the same)."""
+        self.expert_bias_E.copy_(bias_step(self.expert_bias_E, global_counts_E, self.balancing.bias_update_rate))
+
 
 class TopKRouter(Router):
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, num_sequences: int = 1) -> Routing:
         logits_TE = self.logits(x_TD)
-        probs_TE = F.softmax(logits_TE, dim=-1)
-        weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.score_function == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # the loss's and the statistics' P
+        else:
+            scores_TE = probs_TE = F.softmax(logits_TE, dim=-1)
+        bias_E = self.expert_bias_E if self.balancing.bias else None
+        weights_TK, expert_ids_TK, balance_stats = choose_top_k(scores_TE, self.top_k, bias_E)
         lbl_probs = probs_TE if self.lbl_in_fp32 else probs_TE.to(x_TD.dtype)
         counts_E = count_ids(expert_ids_TK, probs_TE.shape[-1])
+        lbl, global_counts_E = self.balancing_loss(lbl_probs, expert_ids_TK, counts_E, num_sequences)
         return Routing(
             expert_ids_TK=expert_ids_TK,
             weights_TK=self.chosen_gates(weights_TK, x_TD.dtype),
             probs_TE=probs_TE,
             tokens_per_expert_E=counts_E,
-            load_balancing_loss=load_balancing_loss(lbl_probs, expert_ids_TK, counts_E).float(),
+            load_balancing_loss=lbl.float(),
             z_loss=z_loss(logits_TE),
+            global_counts_E=global_counts_E,
+            balance_stats=balance_stats,
         )
 
 
@@ -132,7 +240,7 @@ class SinkhornRouter(Router):
     group, whose ranks share their tokens; our EP ranks each route a batch of their own).
     """
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, num_sequences: int = 1) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = F.softmax(logits_TE, dim=-1)
         scores_TE = torch.sigmoid(logits_TE) if self.top_k == 1 else probs_TE
@@ -158,4 +266,8 @@ ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "sinkhorn": SinkhornRout
 def build_router(router_type: str, *args, **kwargs) -> Router:
     if router_type not in ROUTERS:
         raise ValueError(f"moe_router_type: {router_type!r} is not one of {', '.join(ROUTERS)}")
-    return ROUTERS[router_type](*args, **kwargs)
+    router = ROUTERS[router_type](*args, **kwargs)
+    if router_type == "sinkhorn" and (router.balancing != Balancing() or router.score_function != "softmax"):
+        raise ValueError("moe_router_type sinkhorn balances by itself: the expert bias, the load-balancing scope "
+                         "and sigmoid scores are options of the topk router")
+    return router

@@ -1,0 +1,180 @@
+"""Routing as trained today (moe/router.py, training/balancing.py): the loss-free bias, its update, global-batch and
+sequence-level balancing losses and sigmoid scores, each against a hand computation or a per-token loop."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_moe_layer import reference_moe
+
+from megatron.model.moe import MoELayer
+from megatron.model.moe.lore import LoREBank, LoREConfig, lore_aux
+from megatron.model.moe.router import Balancing, TopKRouter, bias_step, load_balancing_loss
+from megatron.training.balancing import BalanceTracker
+
+BIAS = Balancing(bias=True, bias_update_rate=0.1)
+GLOBAL = Balancing(lbl_scope="global_batch")
+
+
+def identity_router(rows: list[list[float]], top_k: int = 1, **kwargs) -> tuple[TopKRouter, torch.Tensor]:
+    """A router whose gate is the identity: token t's logits are rows[t]."""
+    router = TopKRouter(len(rows[0]), len(rows[0]), top_k, **kwargs)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(len(rows[0])))
+    return router, torch.tensor(rows)
+
+
+def test_bias_update_on_a_hand_built_load_table():
+    """b += rate * sign(mean - load): loads [5, 1, 2, 0] (mean 2) move the biases by -r, +r, 0, +r; for LoREs the
+    mean is each expert's, and an expert that got no rows keeps its biases."""
+    bias = torch.tensor([0.5, 0.0, -0.5, 0.0])
+    assert bias_step(bias, torch.tensor([5, 1, 2, 0]), 0.1).tolist() == pytest.approx([0.4, 0.1, -0.5, 0.1])
+    lore_bias = torch.zeros(2, 3)
+    counts = torch.tensor([[6, 0, 3], [0, 0, 0]])  # expert 0: mean 3; expert 1: no rows
+    torch.testing.assert_close(bias_step(lore_bias, counts, 0.01), torch.tensor([[-0.01, 0.01, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_the_bias_changes_the_choice_not_the_gate():
+    router, x = identity_router([[2.0, 1.0, 0.0], [0.0, 3.0, 0.0], [1.0, 0.0, 0.5]], balancing=BIAS)
+    router.expert_bias_E.copy_(torch.tensor([0.0, 0.0, 0.3]))
+    routing = router(x)
+    probs = F.softmax(x, dim=-1)
+    # token 2: probs [0.506, 0.186, 0.307]; +0.3 on expert 2 makes it 0.607 > 0.506: the bias moves it
+    assert routing.expert_ids_TK.flatten().tolist() == [0, 1, 2]
+    assert routing.weights_TK.flatten().tolist() == pytest.approx([probs[0, 0], probs[1, 1], probs[2, 2]])
+    assert float(routing.balance_stats["bias_changed_fraction"]) == pytest.approx(1 / 3)
+    # the gates carry no bias, so the gradient is the unbiased softmax's
+    routing.weights_TK.sum().backward()
+    assert router.gate.weight.grad is not None
+
+
+def test_training_moves_the_bias_towards_the_starved_expert():
+    """Every token prefers expert 0; after each step the tracker lowers its bias and raises the others', until
+    the bias overturns the preference."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, 2, 1, balancing=Balancing(bias=True, bias_update_rate=0.05))
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[0.1] * 8, [0.0] * 8]))
+    tracker = BalanceTracker(layer)
+    x = torch.ones(16, 8)  # logits [0.8, 0]: softmax 0.69 vs 0.31
+    loads = []
+    for _ in range(12):
+        tracker.before_forward()
+        _, aux = layer(x)
+        tracker.record([aux])
+        tracker.optimizer_stepped()
+        loads.append(aux.balance.expert_slots_E.tolist())
+    # the same in plain Python: probabilities [p, 1 - p], the bias's sign rule on the 16 tokens' loads
+    p, bias, expected = 1 / (1 + math.exp(-0.8)), [0.0, 0.0], []
+    for _ in range(12):
+        load = [16, 0] if p + bias[0] >= 1 - p + bias[1] else [0, 16]
+        expected.append(load)
+        bias = [b + 0.05 * (1 if 8 > n else -1 if 8 < n else 0) for b, n in zip(bias, load)]
+    assert loads == expected
+    assert loads[:4] == [[16, 0]] * 4 and loads[4] == [0, 16]  # 4 steps of 0.1 overturn a 0.38 preference
+    assert layer.router.expert_bias_E.tolist() == pytest.approx(bias)
+
+
+def test_sigmoid_routing_matches_the_per_token_reference():
+    """Scores sigmoid(x W); the top-k by score; gates the chosen scores divided by their sum."""
+    torch.manual_seed(1)
+    layer = MoELayer(16, 24, 6, 2, init_std=0.3, output_init_std=0.3, score_function="sigmoid")
+    x = torch.randn(12, 16)
+    scores = torch.sigmoid(x @ layer.router.gate.weight.T)
+    chosen, ids = torch.topk(scores, 2, dim=-1)
+    expected = reference_moe(layer, x, "gelu", (chosen / chosen.sum(dim=-1, keepdim=True), ids))
+    y, aux = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    # the balancing loss's P is the scores normalised over experts
+    probs = scores / scores.sum(dim=-1, keepdim=True)
+    assert float(aux.load_balancing_loss) == pytest.approx(float(load_balancing_loss(probs, ids)), rel=1e-5)
+    with pytest.raises(ValueError, match="sigmoid with moe_top_k 1"):
+        MoELayer(16, 24, 6, 1, score_function="sigmoid")
+
+
+def test_sequence_level_loss_is_the_mean_of_each_sequences_switch_loss():
+    router, x = identity_router([[2.0, 0.0], [1.0, 0.0], [1.5, 0.0], [0.0, 0.5], [0.2, 0.0], [0.0, 3.0]],
+                                balancing=Balancing(lbl_scope="sequence"))
+    routing = router(x, num_sequences=2)
+    probs = F.softmax(x, dim=-1)
+    per_sequence = [load_balancing_loss(probs[s:s + 3], routing.expert_ids_TK[s:s + 3]) for s in (0, 3)]
+    assert float(routing.load_balancing_loss) == pytest.approx(float(sum(per_sequence) / 2))
+    assert float(routing.load_balancing_loss) != pytest.approx(float(load_balancing_loss(probs,
+                                                                                           routing.expert_ids_TK)))
+
+
+def test_global_batch_fractions_over_micro_batches_equal_one_big_batch():
+    """Two micro-batches through the tracker: the second's loss uses f over both (the big batch's), its P over
+    its own tokens; the first micro-batch's uses what has been seen so far (itself)."""
+    rows = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.5, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    router, x = identity_router(rows, balancing=GLOBAL)
+    layer = MoELayer(3, 4, 3, 1, balancing=GLOBAL)
+    layer.router = router
+    tracker = BalanceTracker(layer)
+    big = router(x)
+    probs = F.softmax(x, dim=-1)
+    losses = []
+    for half in (x[:3], x[3:]):
+        tracker.before_forward()
+        _, aux = layer(half)
+        tracker.record([aux])
+        losses.append(float(aux.load_balancing_loss))
+    f_big = big.tokens_per_expert_E.float() / 6
+    assert losses[1] == pytest.approx(float(3 * (f_big * probs[3:].mean(dim=0)).sum()))
+    f_first = router(x[:3]).tokens_per_expert_E.float() / 3
+    assert losses[0] == pytest.approx(float(3 * (f_first * probs[:3].mean(dim=0)).sum()))
+    tracker.optimizer_stepped()
+    assert router.counts_before_E.tolist() == [0, 0, 0]  # the next step starts afresh
+
+
+def test_global_scope_is_the_micro_batch_scope_for_one_micro_batch_on_one_rank():
+    torch.manual_seed(2)
+    plain = MoELayer(8, 16, 4, 2, lore=LoREConfig(4, 2, top_l=2))
+    torch.manual_seed(2)
+    global_ = MoELayer(8, 16, 4, 2, balancing=GLOBAL, lore=LoREConfig(4, 2, top_l=2, balancing=GLOBAL))
+    x = torch.randn(20, 8)
+    _, a = plain(x)
+    _, b = global_(x)
+    assert float(b.load_balancing_loss) == pytest.approx(float(a.load_balancing_loss), rel=1e-6)
+    assert float(b.lore_balancing_loss) == pytest.approx(float(a.lore_balancing_loss), rel=1e-6)
+
+
+def test_global_lore_loss_uses_each_experts_shares_over_the_batch():
+    """lore_aux with F given: M * sum_g sum_i F_ei (n_g P_gi) / N_s, against a loop over segments."""
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    ids = torch.tensor([[0], [1], [0], [1], [0]])
+    rows_SE = torch.tensor([[2, 1], [1, 1]])  # source 0: 2 rows to expert 0, 1 to expert 1; source 1: 1 and 1
+    total_S = torch.tensor([3, 2])
+    fraction = torch.tensor([[0.25, 0.75], [0.6, 0.4]])
+    got = lore_aux(probs, ids, rows_SE, total_S, torch.tensor([[2, 1], [1, 1]]), fraction)["lore_balancing_loss"]
+    # rows in order: (e0, s0) rows 0-1, (e0, s1) row 2, (e1, s0) row 3, (e1, s1) row 4
+    segments = [(0, 0, [0, 1]), (0, 1, [2]), (1, 0, [3]), (1, 1, [4])]
+    expected = sum(2 * (fraction[e] * probs[r].sum(dim=0)).sum() / total_S[s] for e, s, r in segments)
+    assert float(got) == pytest.approx(float(expected))
+
+
+def test_lore_bias_changes_the_lore_choice_not_pi():
+    torch.manual_seed(4)
+    bank = LoREBank(2, 4, 2, 8, 16, balancing=BIAS)
+    bank.lore_bias_EM.copy_(torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]))
+    x = torch.randn(6, 8)
+    counts = torch.tensor([4, 2])
+    plan = bank.plan(x, counts)
+    logits = torch.cat([x[:4] @ bank.router.weight[:4].T, x[4:] @ bank.router.weight[4:].T])
+    probs = F.softmax(logits, dim=-1)
+    assert plan.aux["lore_slots_EM"].tolist() == [[0, 0, 0, 4], [2, 0, 0, 0]]  # a bias of 1 beats any softmax gap
+    chosen = [3] * 4 + [0] * 2
+    expected_pi = probs[torch.arange(6), chosen]
+    torch.testing.assert_close(plan.pi_slots, expected_pi[plan.row_order_N])
+    assert float(plan.aux["balance_stats"]["bias_changed_fraction"]) == pytest.approx(
+        float((probs.argmax(dim=-1) != torch.tensor(chosen)).float().mean()))
+
+
+def test_sinkhorn_refuses_the_top_k_options():
+    from megatron.model.moe.router import build_router
+
+    with pytest.raises(ValueError, match="sinkhorn balances by itself"):
+        build_router("sinkhorn", 8, 4, 1, balancing=BIAS)
+    with pytest.raises(ValueError, match="lore_lbl_scope: sequence"):
+        LoREBank(2, 4, 2, 8, 16, balancing=Balancing(lbl_scope="sequence"))
