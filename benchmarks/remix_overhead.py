@@ -31,9 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
-from megatron.model.diffusion import GaussianDiffusion  # noqa: E402
-from megatron.model.dit import DiT, DiTConfig  # noqa: E402
-from megatron.model.remix import ExpertSwitch, RemixConfig, timestep_interval  # noqa: E402
+from megatron.model.dit import (  # noqa: E402
+    DiT,
+    DiTConfig,
+    ExpertSwitch,
+    GaussianDiffusion,
+    RemixConfig,
+    timestep_interval,
+)
 from megatron.runtime import keep_freed_memory_in_process  # noqa: E402
 from megatron.training.optim import build_optimizer  # noqa: E402
 

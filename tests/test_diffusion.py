@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.model.diffusion import GaussianDiffusion, normal_kl
+from megatron.model.dit.diffusion import GaussianDiffusion, normal_kl
 
 
 def linear_alphas_cumprod(T: int = 1000, start: float = 1e-4, end: float = 0.02) -> np.ndarray:

@@ -15,21 +15,14 @@ import torch.nn.functional as F
 from megatron.model.dit import (
     DiT,
     DiTConfig,
-    load_official_dit_state_dict,
-    patchify,
-    sincos_pos_embed_2d,
-    timestep_embedding,
-    unpatchify,
-)
-from megatron.model.remix import (
-    MixingCoefficients,
     RemixConfig,
-    RemixLinear,
     expert_of_timestep,
+    load_official_dit_state_dict,
     mixed_state_dict,
-    prior_basis,
     timestep_interval,
 )
+from megatron.model.dit.model import PatchEmbed, sincos_pos_embed_2d, timestep_embedding, unpatchify
+from megatron.model.dit.remix import MixingCoefficients, RemixLinear, prior_basis
 
 NUM_CLASSES = 5
 
@@ -96,16 +89,26 @@ def test_output_shapes(image_size, patch_size, channels, learn_sigma, remix):
         assert aux == {}
 
 
-def test_patchify_by_hand_and_round_trip():
+def test_unpatchify_by_hand_and_round_trip():
     x_CHW = torch.arange(2 * 4 * 4).reshape(1, 2, 4, 4)  # x[c, h, w] = 16 c + 4 h + w
-    tokens = patchify(x_CHW, 2)
-    assert tokens.shape == (1, 4, 8)
-    # token 1 = patch (row 0, column 1): pixels (0,2) (0,3) (1,2) (1,3), channels innermost
+    # token r*2+s = patch (row r, column s): its pixels row by row, channels innermost
+    tokens = torch.tensor([[[16 * c + 4 * (2 * r + i) + 2 * s + j for i in range(2) for j in range(2) for c in range(2)]
+                            for r in range(2) for s in range(2)]])
     assert tokens[0, 1].tolist() == [2, 18, 3, 19, 6, 22, 7, 23]
     assert tokens[0, 2].tolist() == [8, 24, 9, 25, 12, 28, 13, 29]
     assert torch.equal(unpatchify(tokens, 2, 2), x_CHW)
-    x = torch.randn(3, 3, 12, 12)
-    assert torch.equal(unpatchify(patchify(x, 4), 4, 3), x)
+    # a patch embedding whose output o copies pixel (i, j, c) with o = (i p + j) C + c makes the same tokens
+    p, C = 4, 3
+    embed = PatchEmbed(p, C, p * p * C)
+    with torch.no_grad():
+        embed.proj.weight.zero_()
+        embed.proj.bias.zero_()
+        for i in range(p):
+            for j in range(p):
+                for c in range(C):
+                    embed.proj.weight[(i * p + j) * C + c, c, i, j] = 1.0
+        x = torch.randn(3, C, 12, 12)
+        assert torch.equal(unpatchify(embed(x), p, C), x)
 
 
 def test_pos_embed_2x2_grid_by_hand():

@@ -1,5 +1,6 @@
 """The DiT family through the one trainer: exact resume, hierarchical sampling, prior annealing, expert draws."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import yaml
 from runs import read_metrics, train_losses
 
 from megatron.config import ConfigError, load_config
-from megatron.model.remix import expert_of_timestep, timestep_interval
+from megatron.model.dit import expert_of_timestep, timestep_interval
 from megatron.parallel import DistInfo
 from megatron.training.dit_task import DiTTask, prior_weight_at
 
@@ -102,6 +103,17 @@ def test_coefficient_learning_rate_is_its_own(tmp_path):
     scales = task.lr_scales()
     assert scales and list(scales.values()) == pytest.approx([50.0] * len(scales))
     assert set(scales) == set(task.model.coefficient_parameter_names())
+
+
+def test_coefficient_metrics_are_the_tables_entropy_and_top_share(tmp_path):
+    task = task_for(tmp_path)
+    rows = [[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.6, 0.3, 0.1]]
+    with torch.no_grad():  # softmax of log p is p (a zero stays a zero as -inf)
+        task.model.remix_coeffs.logits.copy_(torch.tensor(rows).log())
+    entropies = [-sum(p * math.log(p) for p in row if p > 0) / math.log(3) for row in rows]
+    metrics = task.interval_metrics()
+    assert metrics["remix/coeff_entropy"] == pytest.approx(sum(entropies) / 5, abs=1e-6)
+    assert metrics["remix/coeff_max"] == pytest.approx((1 / 3 + 0.5 + 1.0 + 0.5 + 0.6) / 5, abs=1e-6)
 
 
 def test_bad_dit_configs_are_one_line_errors(tmp_path):

@@ -10,9 +10,7 @@ import pytest
 import torch
 import yaml
 
-from megatron.model.diffusion import GaussianDiffusion
-from megatron.model.dit import DiT
-from megatron.model.remix import mixed_state_dict, timestep_interval
+from megatron.model.dit import DiT, GaussianDiffusion, mixed_state_dict, timestep_interval
 from megatron.parallel import DistInfo
 from megatron.training.dit_task import DiTTask
 from megatron.training.pretrained import load_pretrained

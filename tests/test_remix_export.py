@@ -12,9 +12,7 @@ import yaml
 from PIL import Image
 
 from megatron.config import ConfigError
-from megatron.model.diffusion import GaussianDiffusion
-from megatron.model.dit import DiT
-from megatron.model.remix import ExpertSwitch, expert_of_timestep, timestep_interval
+from megatron.model.dit import DiT, ExpertSwitch, GaussianDiffusion, expert_of_timestep, timestep_interval
 from megatron.parallel import DistInfo
 from megatron.training.checkpoint import save_checkpoint
 from megatron.training.pretrained import load_pretrained

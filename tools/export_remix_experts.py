@@ -32,8 +32,14 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError  # noqa: E402
-from megatron.model.dit import DiT, DiTConfig, load_official_dit_state_dict  # noqa: E402
-from megatron.model.remix import ExpertSwitch, mixed_state_dict, timestep_interval  # noqa: E402
+from megatron.model.dit import (  # noqa: E402
+    DiT,
+    DiTConfig,
+    ExpertSwitch,
+    load_official_dit_state_dict,
+    mixed_state_dict,
+    timestep_interval,
+)
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
 FORMAT, VERSION = "remix-dit-experts", 1

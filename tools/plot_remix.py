@@ -33,9 +33,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError  # noqa: E402
-from megatron.model.diffusion import GaussianDiffusion  # noqa: E402
-from megatron.model.dit import DiT  # noqa: E402
-from megatron.model.remix import timestep_interval  # noqa: E402
+from megatron.model.dit import DiT, GaussianDiffusion, timestep_interval  # noqa: E402
 from megatron.parallel import DistInfo  # noqa: E402
 from megatron.training.dit_task import DiTTask, seeded  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402

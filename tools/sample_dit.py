@@ -31,8 +31,7 @@ from export_remix_experts import load_exported_experts, read_manifest  # noqa: E
 from megatron.config import ConfigError, NeoXArgs, load_config  # noqa: E402
 from megatron.config.loader import read_yaml  # noqa: E402
 from megatron.evaluation.grids import save_image_grid  # noqa: E402
-from megatron.model.build import dit_config_from_args  # noqa: E402
-from megatron.model.diffusion import GaussianDiffusion  # noqa: E402
+from megatron.model.dit import GaussianDiffusion, dit_config_from_args  # noqa: E402
 from megatron.runtime import MissingExtra  # noqa: E402
 from megatron.training import checkpoint as ckpt  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402

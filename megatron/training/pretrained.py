@@ -9,8 +9,8 @@ import torch.nn as nn
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import read_yaml
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import dit_config_from_args, gpt_config_from_args
-from megatron.model.dit import DiT
+from megatron.model.build import gpt_config_from_args
+from megatron.model.dit import DiT, dit_config_from_args
 from megatron.model.gpt import GPT
 from megatron.training import checkpoint as ckpt
 

@@ -4,7 +4,7 @@ Shape legend: B batch, C channels, H/W pixels, T tokens (patches), D hidden, P p
 K basis models, L remixed linears, N experts.
 
 Module and parameter names are those of facebookresearch/DiT's models.py, so its checkpoints load with
-`load_state_dict`. A Remix model (megatron/model/remix.py) keeps every name and gives the remixed weights
+`load_state_dict`. A Remix model (megatron/model/dit/remix.py) keeps every name and gives the remixed weights
 (attention qkv/proj, MLP fc1/fc2, each block's adaLN linear) a leading K dim; embedders and the final layer
 stay shared.
 """
@@ -13,43 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.remix import RemixConfig, RemixLinear, coefficient_tables, expert_of_timestep
+from megatron.model.dit.config import DiTConfig, expert_of_timestep
+from megatron.model.dit.diffusion import forward_with_cfg
+from megatron.model.dit.remix import RemixLinear, coefficient_tables
 
 REMIXED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")  # per block, in this order
-
-
-@dataclass
-class DiTConfig:
-    image_size: int
-    in_channels: int
-    patch_size: int
-    depth: int
-    hidden_size: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = False
-    remix: RemixConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size}: not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % 4 or self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size}: expected a multiple of 4 (2-D sin-cos) and of "
-                             f"num_heads {self.num_heads}")
-        if not 0 <= self.class_dropout_prob < 1:
-            raise ValueError(f"class_dropout_prob {self.class_dropout_prob}: expected 0 <= p < 1")
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
 
 def timestep_embedding(t_B: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -71,14 +44,8 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([col_TF.sin(), col_TF.cos(), row_TF.sin(), row_TF.cos()], dim=1).float()
 
 
-def patchify(x_BCHW: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, T, p*p*C], each patch flattened as (row, column, channel): the inverse of `unpatchify`."""
-    B, C, H, W = x_BCHW.shape
-    x = x_BCHW.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
-
-
 def unpatchify(x_BTP: torch.Tensor, p: int, channels: int) -> torch.Tensor:
+    """[B, C, H, W] from the final layer's tokens: row-major patches, each flattened as (row, column, channel)."""
     B, T, _ = x_BTP.shape
     h = math.isqrt(T)
     x = x_BTP.reshape(B, h, h, p, p, channels)
@@ -295,12 +262,7 @@ class DiT(nn.Module):
         """Classifier-free guidance as in DiT: the batch is [conditional half; null-class half] (y = num_classes
         in the second half) and only the first half of x is read. Both halves of the output carry the guided eps
         uncond + s (cond - uncond) on the first C channels; variance channels (learn_sigma) pass through."""
-        half = x_BCHW[: x_BCHW.shape[0] // 2]
-        out, _ = self.forward(torch.cat([half, half]), t_B, y_B)
-        C = self.config.in_channels
-        cond_eps, uncond_eps = out[:, :C].chunk(2)
-        guided_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([guided_eps, guided_eps]), out[:, C:]], dim=1)
+        return forward_with_cfg(self, x_BCHW, t_B, y_B, cfg_scale)
 
 
 def load_official_dit_state_dict(model: DiT, state_dict: Mapping[str, torch.Tensor]) -> None:

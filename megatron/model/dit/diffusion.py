@@ -40,6 +40,23 @@ def _split_output(result: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return result, {}
 
 
+def guide(out_2B: torch.Tensor, channels: int, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a [conditional half; unconditional half] output: both halves carry
+    uncond + s (cond - uncond) on the first `channels` channels; the rest (learned variance) passes through."""
+    cond, uncond = out_2B[:, :channels].chunk(2)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided]), out_2B[:, channels:]], dim=1)
+
+
+def forward_with_cfg(model: Model, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,
+                     cfg_scale: float) -> torch.Tensor:
+    """DiT's `forward_with_cfg` for any model with `config.in_channels`: the batch is [conditional half; null-class
+    half] (y = num_classes in the second half), only the first half of x is read, and the output is `guide`'s."""
+    half = x_BCHW[: x_BCHW.shape[0] // 2]
+    out = _split_output(model.forward(torch.cat([half, half]), t_B, y_B))[0]
+    return guide(out, model.config.in_channels, cfg_scale)
+
+
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
@@ -183,9 +200,7 @@ class GaussianDiffusion:
         x2, t2, y2 = torch.cat([x, x]), torch.cat([t_B, t_B]), torch.cat([y_B, null_B])
         if callable(getattr(model, "forward_with_cfg", None)):
             return _split_output(model.forward_with_cfg(x2, t2, y2, cfg_scale))[0][:B]
-        out = _split_output(model(x2, t2, y2))[0]
-        cond, uncond = out[:B], out[B:]
-        return torch.cat([uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
+        return guide(_split_output(model(x2, t2, y2))[0], C, cfg_scale)[:B]
 
     @staticmethod
     def _null_class(model: Model, null_class: int | None) -> int:
