@@ -17,7 +17,7 @@ It spawns its own 2 ranks (gloo over a file:// store, one thread each) and repor
 2. Bytes each rank sends per exchange with EP=2, and the share of rows that stay on their rank.
 3. Per-rank bytes of parameters + gradients + AdamW state of the layer on 1 rank against 2 ranks (DDP,
    FSDP2 stage 3, EP=2), with ratios against the targets; then the estimator of
-   megatron/parallel/memory.py for the paper configs, and against a small measured 2-rank GPT run.
+   megatron/sizing/memory.py for the paper configs, and against a small measured 2-rank GPT run.
 
 Variants are interleaved repeat by repeat and medians taken; times are the mean of the two ranks'
 medians. Like train.py on CPU it keeps freed memory in the process (--default-malloc does not).
@@ -489,7 +489,7 @@ def _print_layer_memory(ranks: list[dict], opts: argparse.Namespace) -> None:
 
 def _estimator():
     try:
-        from megatron.parallel import memory
+        from megatron.sizing import memory
         return memory, None
     except Exception as err:  # missing or broken: the rest of the report stands
         return None, f"{type(err).__name__}: {err}"
@@ -498,11 +498,11 @@ def _estimator():
 def _print_estimator(ranks: list[dict]) -> None:
     memory, error = _estimator()
     if memory is None:
-        print(f"4. Memory estimator: estimator not available (megatron.parallel.memory: {error})")
+        print(f"4. Memory estimator: estimator not available (megatron.sizing.memory: {error})")
         return
     from megatron.config import load_config
 
-    print("4. Memory estimator (megatron.parallel.memory.estimate_memory), GiB on the most loaded rank")
+    print("4. Memory estimator (megatron.sizing.memory.estimate_memory), GiB on the most loaded rank")
     print(f"   {'config':<20}{'W':>4}{'EP':>4}{'stage':>7}{'params':>9}{'grads':>9}{'AdamW':>9}{'state':>9}"
           f"{'gathered':>10}{'activ.':>9}{'peak':>9}")
     for config in PAPER_CONFIGS:

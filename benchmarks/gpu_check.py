@@ -423,7 +423,7 @@ class Context:
     @functools.cached_property
     def peak(self) -> tuple[float, str]:
         """bf16 peak TFLOP/s of the device and its source (on a CPU a matmul probe: measured once)."""
-        from megatron.model.flops import peak_tflops
+        from megatron.sizing.flops import peak_tflops
 
         return peak_tflops(self.device, "bfloat16")
 
@@ -611,7 +611,7 @@ def build_model(args, device):
 
 def estimated_bytes(args) -> int:
     """The estimator's peak on one GPU (no sharding) plus what DDP/autocast hold beyond it."""
-    from megatron.parallel.memory import ddp_overhead_bytes, estimate_memory
+    from megatron.sizing.memory import ddp_overhead_bytes, estimate_memory
 
     return estimate_memory(args, 1, 1, 0).peak_bytes() + ddp_overhead_bytes(args, 1, 1, 0)
 
@@ -690,7 +690,7 @@ def measure_model(ctx: Context, args, micro_batch: int, compiled: bool, peak_tfl
     import torch
 
     from megatron.model.compile import compile_regions
-    from megatron.model.flops import flops_per_token
+    from megatron.sizing.flops import flops_per_token
 
     args.train_micro_batch_size_per_gpu = micro_batch
     torch.manual_seed(0)
@@ -787,7 +787,7 @@ def section_hf(ctx: Context) -> dict:
     import torch
     import train_step
 
-    from megatron.model.flops import flops_per_token
+    from megatron.sizing.flops import flops_per_token
 
     opts = SimpleNamespace(**ctx.sizes.hf)
     builders = {

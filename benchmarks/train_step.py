@@ -9,7 +9,7 @@ Shapes and FLOPs are matched: untied embeddings, rotary attention, no dropout; t
 top-1, in every layer; Mixtral's SwiGLU experts are 2/3 as wide as our GELU experts, so an expert costs the
 same FLOPs. Every model trains with the same fused AdamW. Variants are interleaved repeat by repeat and medians
 taken; ratios are tokens/s against the Hugging Face model. MFU is against this device's peak (a measured matmul
-probe on a CPU, see megatron/model/flops.py). Needs `transformers` (a benchmark-only dependency here).
+probe on a CPU, see megatron/sizing/flops.py). Needs `transformers` (a benchmark-only dependency here).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.model.compile import compile_regions  # noqa: E402
-from megatron.model.flops import flops_per_token, peak_tflops  # noqa: E402
 from megatron.model.gpt import GPT, GPTConfig, MoESettings  # noqa: E402
 from megatron.model.moe import LoREConfig  # noqa: E402
 from megatron.runtime import keep_freed_memory_in_process  # noqa: E402
+from megatron.sizing.flops import flops_per_token, peak_tflops  # noqa: E402
 
 
 def ours(opts, moe: bool, lore: bool) -> nn.Module:

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import load_config
 from megatron.model.build import gpt_config_from_args
-from megatron.model.flops import data_sheet_peak, flops_per_token
 from megatron.model.gpt import GPT
+from megatron.sizing.flops import data_sheet_peak, flops_per_token
 
 CONFIGS = ["tiny.yml", "tiny_moe.yml", "tiny_structmoe.yml", "tiny_structmoe_router_free.yml",
            "tiny_structmoe_standalone.yml"]

@@ -13,13 +13,14 @@ from distributed import run_on_ranks
 from torch.distributed.tensor import DTensor
 
 from megatron.config import load_config
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
-from megatron.model.param_count import count_parameters, vocab_size_of
 from megatron.parallel import DistInfo
 from megatron.parallel.data_parallel import ParallelModel
-from megatron.parallel.memory import block_activation_bytes, ddp_overhead_bytes, estimate_memory
 from megatron.parallel.mesh import build_parallel_dims
+from megatron.sizing.memory import block_activation_bytes, ddp_overhead_bytes, estimate_memory
+from megatron.sizing.params import count_parameters
 from megatron.training.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import ConfigError, load_config
 from megatron.model.build import gpt_config_from_args
-from megatron.model.flops import flops_per_token
 from megatron.model.gpt import GPT, MLP, Attention, GPTConfig, mlp_width
-from megatron.model.param_count import count_parameters
+from megatron.sizing.flops import flops_per_token
+from megatron.sizing.params import count_parameters
 
 NEOX = Path(__file__).parent / "data" / "neox"
 HAND_ACT = {"swiglu": F.silu, "geglu": F.gelu}

@@ -12,9 +12,9 @@ import torch
 
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config import neox_keys as nk
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
-from megatron.model.param_count import vocab_size_of
 
 REPO = Path(__file__).resolve().parents[1]
 NEOX = REPO / "tests" / "data" / "neox"

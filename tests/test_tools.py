@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from megatron.config import load_config
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
-from megatron.model.param_count import count_parameters, vocab_size_of
+from megatron.sizing.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config.schema import NeoXArgs  # noqa: E402
-from megatron.model.param_count import count_parameters  # noqa: E402
+from megatron.sizing.params import count_parameters  # noqa: E402
 
 
 def find_metrics(run_dir: Path) -> Path:

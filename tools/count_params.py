@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError, load_config, parse_command_line  # noqa: E402
-from megatron.model.param_count import count_parameters  # noqa: E402
+from megatron.sizing.params import count_parameters  # noqa: E402
 
 PARTS = ("embeddings", "attention", "norms", "dense_mlp", "shared_experts", "experts", "lores", "routers")
 

@@ -1,4 +1,4 @@
-"""Memory per rank of a config at a layout (GiB), from megatron.parallel.memory; nothing is allocated.
+"""Memory per rank of a config at a layout (GiB), from megatron.sizing.memory; nothing is allocated.
 
     python tools/estimate_memory.py configs/410M_structmoe.yml --world 8 --ep 8 --zero 1 --gpu-gb 40
     python tools/estimate_memory.py configs/410M_structmoe.yml --layouts [--worlds 8,16,64] [--eps 1,8]
@@ -22,8 +22,8 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError, load_config  # noqa: E402
-from megatron.model.param_count import count_parameters  # noqa: E402
-from megatron.parallel.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory  # noqa: E402
+from megatron.sizing.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory  # noqa: E402
+from megatron.sizing.params import count_parameters  # noqa: E402
 
 GIB = 1024**3
 COLUMNS = ("params", "grads", "optimizer", "state", "gathered", "activations", "peak", "ddp_extra")

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError, load_config  # noqa: E402
 from megatron.config.loader import read_yaml  # noqa: E402
-from megatron.model.param_count import count_parameters  # noqa: E402
+from megatron.sizing.params import count_parameters  # noqa: E402
 
 LORE_KEYS = ("lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_loss_coeff", "lore_renormalize_weights")
 

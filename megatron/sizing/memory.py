@@ -5,7 +5,7 @@ K experts per token, M LoREs per expert, R LoRE rank, V padded vocabulary, L lay
 
 The layout follows `ParallelModel` (megatron/parallel/data_parallel.py) tensor by tensor. The
 parameter shapes come from the model itself, built on the meta device (no memory), and are checked
-against the closed-form count of `megatron.model.param_count`; which tensors belong to experts is
+against the closed-form count of `megatron.sizing.params`; which tensors belong to experts is
 decided by the same `expert_parameter_names` that ParallelModel uses. The most loaded rank is rank 0:
 it is EP rank 0, which holds ceil(E/EP) experts of every MoE layer, and shard 0 of every FSDP2 mesh,
 which FSDP2 gives the largest (padded) chunk.
@@ -44,9 +44,9 @@ from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
 from megatron.model.build import gpt_config_from_args, moe_settings_from_args
 from megatron.model.gpt import GPT, mlp_width
-from megatron.model.param_count import count_parameters
 from megatron.parallel.data_parallel import expert_parameter_names, expert_shard_dim
 from megatron.parallel.expert_parallel import experts_per_rank
+from megatron.sizing.params import count_parameters
 
 FP32 = 4
 STEP_COUNTER_BYTES = 4  # AdamW's per-tensor `step`, a float32 scalar
@@ -100,7 +100,7 @@ def model_parameters(args) -> tuple[ParamShape, ...]:
             shapes.append(ParamShape(name, tuple(param.shape), name in experts, block))
         total, expected = sum(math.prod(p.shape) for p in shapes), count_parameters(args).total
         if total != expected:
-            raise RuntimeError(f"the model has {total} parameters but param_count says {expected}")
+            raise RuntimeError(f"the model has {total} parameters but sizing.params says {expected}")
         _SHAPES[key] = tuple(shapes)
     return _SHAPES[key]
 
