@@ -70,3 +70,73 @@ def test_structmoe_study_tables_are_the_generated_ones():
                 if p["method"] == "tiny_structmoe_lorebal")
     assert pair["ci_low"] < 0 < pair["ci_high"] and "lower on every seed, but its interval includes 0" in " ".join(
         doc.split())
+
+
+def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for the Markdown table whose header line starts with header_start."""
+    lines = text[text.index(header_start):].split("\n")
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def mean_sd(entry: dict, digits: int, sign: str = "") -> str:
+    return f"{entry['mean']:{sign}.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def test_remix_study_tables_and_figures_are_the_json():
+    study = json.loads(read("docs/remix_study.json"))
+    doc = read("docs/remix.md")
+    prose = " ".join(doc.split())
+    rows = table_rows(doc, "| config | val loss (mean ± sd)")
+    labels = {"plain DiT": "dit_digits",
+              "Remix 4 x 20 (prior 1 annealed to 0 at step 500)": "remix_digits_4x20@remix_study",
+              "Remix 4 x 20, no prior": "remix_digits_4x20@remix_study_noprior",
+              "Remix 4 x 8": "remix_digits_4x8",
+              "oracle (4 independent DiTs, 5 intervals each)": "remix_digits_oracle",
+              "Remix 4 x 20, an expert per micro-batch (4 x 16 images)": "remix_digits_4x20_draw_micro"}
+    assert set(rows) == set(labels)
+    for label, key in labels.items():
+        entry = study[key]
+        expected = [mean_sd(entry["val_loss"], 4), "", mean_sd(entry["fd"], 0), ""]
+        if key != "dit_digits":
+            expected[1] = mean_sd(entry["val_loss"]["minus_baseline"], 4, "+")
+            expected[3] = mean_sd(entry["fd"]["minus_baseline"], 0, "+")
+        assert rows[label] == expected, label
+
+    finetune = table_rows(doc, "| learning rate (cosine to 1/10)")
+    for label, name in (("1e-3 (the configs' rate)", "remix_finetune"), ("1e-4", "remix_finetune_lr1e-4")):
+        run = json.loads(read(f"docs/{name}.json"))
+        plain, remix = run["plain"], run["remix"]
+        cells = finetune[label]
+        assert cells[0] == f"{mean_sd(plain['val_loss'], 4)}, FD {mean_sd(plain['fd'], 0)}"
+        assert cells[1] == f"{mean_sd(remix['val_loss'], 4)}, FD {mean_sd(remix['fd'], 0)}"
+        assert cells[2].startswith(mean_sd(remix["val_loss"]["minus_baseline"], 4, "+"))
+
+    def paired(method: str, baseline: str) -> tuple[float, float]:
+        a, b = study[method]["val_loss"]["per_seed"], study[baseline]["val_loss"]["per_seed"]
+        differences = [a[seed] - b[seed] for seed in b]
+        mean = sum(differences) / len(differences)
+        sd = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5
+        return mean, sd
+
+    mean, sd = paired("remix_digits_4x20@remix_study", "remix_digits_oracle")
+    assert f"(paired difference {mean:+.4f} ± {sd:.3f})" in prose
+    assert f"(+{paired('remix_digits_4x20@remix_study_noprior', 'remix_digits_4x20@remix_study')[0]:.3f} against" \
+           in prose
+    coefficients = {key: study[key]["coefficients"] for key in labels.values() if "coefficients" in study[key]}
+    assert f"end at {coefficients['remix_digits_4x20@remix_study']['peak_near_t0']['mean']:.2f} on the prior" in prose
+    assert f"({coefficients['remix_digits_4x20@remix_study_noprior']['peak_near_t0']['mean']:.2f} on the main" in prose
+    assert (f"distance {coefficients['remix_digits_4x20@remix_study']['neighbour_ratio']['mean']:.2f} with the prior, "
+            f"{coefficients['remix_digits_4x20@remix_study_noprior']['neighbour_ratio']['mean']:.2f} without") in prose
+
+    experts = json.loads(read("docs/remix_study_experts.json"))
+    prior, no_prior = [r for r in experts["runs"] if r["name"] == "remix_digits_4x20_s1234"]
+    own_best = [sum(o == b for o, b in zip(r["own_expert"], r["best_expert"])) for r in (no_prior, prior)]
+    assert f"on {own_best[0]} of 20 intervals without the prior, {own_best[1]} of 20 with it" in prose
+    peaks = [max(row) for row in no_prior["coefficients"]]
+    assert f"({peaks[0]:.2f} on its basis, against {min(peaks[1:]):.2f}-{max(peaks[1:]):.2f} for the others)" in prose
