@@ -1,1 +1,2 @@
-"""Evaluation of generated images: a Frechet distance in a small classifier's feature space, image grids."""
+"""Evaluation: a language model's loss and perplexity on held-out text (lm_loss.py); for generated images a
+Frechet distance in a small classifier's feature space (frechet.py) and image grids (grids.py)."""
