@@ -1,13 +1,19 @@
-"""Expert parallelism: placement, the row regrouping, and the MoE layer on 2 gloo ranks against 1 rank."""
+"""Expert parallelism: placement, the row regrouping, and the MoE layer on 2 gloo ranks against 1 rank; the
+gradient reduction and global norm of the data-parallel wrapper (DDP and EP) against 1 rank.
+
+Shape suffixes: T tokens, D hidden width."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
+from megatron.parallel import DistInfo
+from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.expert_parallel import (
     ExpertParallel,
     all_gather_counts,
@@ -15,6 +21,7 @@ from megatron.parallel.expert_parallel import (
     local_expert_range,
     source_to_expert_major,
 )
+from megatron.parallel.mesh import build_parallel_dims
 
 
 @pytest.mark.parametrize("experts, ranks, expected", [
@@ -106,15 +113,74 @@ def _compare_layer(rank: int, world: int, name: str) -> None:
     assert_grads_match_one_rank(full, part, name)
 
 
+class _ProjectedMoE(nn.Module):
+    """A replicated projection before an MoE layer: both kinds of parameter the wrapper reduces."""
+
+    def __init__(self, expert_parallel: ExpertParallel | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(16, 16)
+        self.moe = MoELayer(hidden_size=16, ffn_hidden_size=24, num_experts=5, top_k=2,
+                            lore=LoREConfig(4, 3, top_l=1), expert_parallel=expert_parallel)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.proj(x_TD))[0]
+
+
+def _compare_wrapped_model(rank: int, world: int, ep_size: int) -> None:
+    """ParallelModel's reduced gradients and global norm (clipping off, then on) == one rank's on the whole
+    batch, whose loss is the mean of the ranks' losses. Catches a norm that counts a replicated element once
+    per rank, and expert gradients not divided by the world size."""
+    dims = build_parallel_dims(DistInfo(rank, world, 0, torch.device("cpu")), ep_size)
+    full, part = _ProjectedMoE(None), _ProjectedMoE(dims.expert_parallel())
+    wrapped = ParallelModel(part, dims)
+    torch.manual_seed(1)
+    x_TD = torch.rand(world * 12, 16) + 0.1
+    weights_T1 = torch.linspace(-1.0, 1.0, x_TD.shape[0]).unsqueeze(1)
+    halves = [slice(r * 12, (r + 1) * 12) for r in range(world)]
+    (sum((full(x_TD[half]) * weights_T1[half]).sum() for half in halves) / world).backward()
+    mine = halves[rank]
+    (wrapped.module(x_TD[mine]) * weights_T1[mine]).sum().backward()
+    wrapped.reduce_gradients()
+
+    expected_norm = float(torch.nn.utils.get_total_norm([p.grad for p in full.parameters()]))
+    norm = wrapped.clip_grad_norm_(0.0)  # 0: no clipping; the norm sums squares in fp32
+    assert_reduced_grads_match(full, part)
+    assert norm == pytest.approx(expected_norm, rel=1e-6), f"grad norm {norm}, one rank's {expected_norm}"
+    max_norm = expected_norm / 3  # clips: every gradient shrinks by the same global factor
+    torch.nn.utils.clip_grad_norm_(full.parameters(), max_norm)
+    norm = wrapped.clip_grad_norm_(max_norm)
+    assert norm == pytest.approx(expected_norm, rel=1e-6), f"grad norm {norm}, one rank's {expected_norm}"
+    assert_reduced_grads_match(full, part)
+
+
+def assert_reduced_grads_match(full: nn.Module, part: nn.Module) -> None:
+    """Reduced gradients equal the one-rank model's (this rank's rows of the expert tensors)."""
+    full_grads = {name: p.grad for name, p in full.named_parameters()}
+    for name, param in part.named_parameters():
+        expected = full_grads[name]
+        if name.startswith(("moe.experts.", "moe.lore.")) and param.shape != expected.shape:
+            rows = expected.shape[0] // part.moe.num_experts
+            experts = part.moe.local_experts
+            expected = expected[experts.start * rows:experts.stop * rows]
+        torch.testing.assert_close(param.grad, expected, atol=1e-10, rtol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _compare_every_layer(rank: int, world: int) -> None:
     for name in LAYER_CASES:  # one pair of processes for all cases: starting them is most of a case's time
         try:
             _compare_layer(rank, world, name)
         except AssertionError as err:
             raise AssertionError(f"case {name}: {err}") from err
+    for ep_size in (1, 2):  # DDP over every parameter; DDP + expert parallelism
+        try:
+            _compare_wrapped_model(rank, world, ep_size)
+        except AssertionError as err:
+            raise AssertionError(f"wrapped model, moe_expert_parallel_size {ep_size}: {err}") from err
 
 
 def test_moe_layer_on_two_ranks_equals_one_rank():
+    """The layer's outputs and gradients, and the wrapper's gradient reduction and norm, on 2 ranks."""
     run_on_ranks(_compare_every_layer, 2)
 
 
