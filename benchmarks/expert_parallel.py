@@ -1,5 +1,7 @@
 """Expert parallelism on 2 gloo ranks, measured side by side in one run: time, bytes moved, memory per rank.
 
+Shape legend: N or T rows (tokens), D hidden, E experts, K top-k.
+
     python benchmarks/expert_parallel.py                  # 125M shape: d=768, ffn 3072, 8 experts, top-1
     python benchmarks/expert_parallel.py --lore           # + StructMoE LoREs: 32 per expert, rank 64, top-1
     python benchmarks/expert_parallel.py --tokens 4096 --repeats 5 --plot /tmp/ep.png

@@ -1,5 +1,7 @@
 """LSH-MoE compression of the expert-parallel exchange, on 2 ranks over a rate-limited veth link.
 
+Shape legend: N or T rows (tokens), C centroids, D hidden, E experts.
+
     python benchmarks/lsh_all_to_all.py                       # 1 Gbit/s veth between two network namespaces
     python benchmarks/lsh_all_to_all.py --rate 10gbit --plot /tmp/lsh.png
     python benchmarks/lsh_all_to_all.py --no-netns            # loopback, no rate limit

@@ -1,5 +1,7 @@
 """Text from a trained GPT checkpoint: the prompt, tokenized with the run's tokenizer, continued token by token.
 
+Shape legend: B prompts, S tokens.
+
     python tools/generate.py CHECKPOINT --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--temperature T]
                              [--top-k K] [--top-p P] [--seed S] [--no-cache]
 

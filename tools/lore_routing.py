@@ -1,5 +1,7 @@
 """Why StructMoE's secondary (LoRE) routing collapses: measured on a trained run's held-out sequences.
 
+Shape legend: B sequences, S sequence, N rows, D hidden, E experts, M LoREs per expert, R rows of one expert.
+
     python tools/lore_routing.py runs/tiny_structmoe [--sequences 64] [--output lore_routing.json]
 
 The rows an expert receives were chosen by the first router, so they may share a large common direction

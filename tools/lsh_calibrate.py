@@ -1,5 +1,7 @@
 """Choose LSH-MoE settings for a trained model: compression rate and output error per setting, measured.
 
+Shape legend: B sequences, S sequence.
+
     python tools/lsh_calibrate.py runs/tiny_structmoe
     python tools/lsh_calibrate.py runs/my_run --settings 1x16,2x8,2x16 --tokens 2048,16384 --target 0.2
     python tools/lsh_calibrate.py docs/lsh_calibration.json --markdown   # docs/lsh.md's table, from its JSON

@@ -1,6 +1,8 @@
 """Summarise a Remix-DiT sweep over seeds: final validation loss and Frechet distance per config (mean, spread,
 differences paired by seed against a baseline), and the shape of the learned coefficient tables.
 
+Shape legend: N experts (timestep intervals), K bases.
+
     python tools/remix_study.py runs/remix_study runs/remix_study_noprior --baseline dit_digits \
         --output docs/remix_study.png
 

@@ -2,6 +2,8 @@
 embeddings), Mistral (Llama with a sliding window), Mixtral (the same block with every MLP a sparse MoE), Qwen3
 and Qwen3-MoE (QK-norm) as our model, and back.
 
+Shape legend: E experts, D hidden, F expert width.
+
 Llama is a block our GPT already computes: RMSNorm before attention and MLP, rotary on the whole head in the
 rotate-half form (GPT-NeoX's), grouped-query attention, a SwiGLU MLP `down(silu(gate x) * up x)` and no biases.
 What maps where:

@@ -1,5 +1,7 @@
 """Atomic checkpoints in GPT-NeoX's layout: `SAVE/global_stepN/` and `SAVE/latest` naming the newest.
 
+Shape legend: E experts, D hidden, F expert width.
+
 Model and optimizer go through torch.distributed.checkpoint (DCP): every rank writes and reads only
 its own shards, in parallel, and nothing is gathered on one rank. A checkpoint loads into any layout
 (world size, expert-parallel size, ZeRO stage): DCP reshards plain and FSDP-sharded tensors by their

@@ -1,4 +1,7 @@
-"""Language modelling as a `Task`: GPT-NeoX data in, next-token loss (+ MoE aux losses) out."""
+"""Language modelling as a `Task`: GPT-NeoX data in, next-token loss (+ MoE aux losses) out.
+
+Shape legend: B sequences, S sequence, V vocabulary, E experts, M LoREs per expert.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Optional GPU backend: Megablocks' grouped GEMM kernel and weight layout (CUDA only, imported lazily).
 
+Shape legend: N rows, D hidden, F expert width, U up-projection width (F, or 2F gated), X either width,
+E experts, G groups (experts) of a grouped GEMM.
+
 Megablocks' grouped MLP stores `w1` and `w2` as [E*F, D] (megablocks/layers/mlp.py, SparseMLP), and
 GroupedMLP views both as [E, F, D]: expert e's up-projection is `gmm(x, w1, trans_b=True)`, i.e.
 `x @ w1[e].T`, and its down-projection `h @ w2[e]`. Its gated form (megablocks/layers/glu.py, GroupedGLU)

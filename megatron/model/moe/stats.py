@@ -1,4 +1,7 @@
-"""Routing statistics for logging: how evenly experts, and LoREs within experts, share the tokens."""
+"""Routing statistics for logging: how evenly experts, and LoREs within experts, share the tokens.
+
+Shape legend: E experts, M LoREs per expert.
+"""
 
 from __future__ import annotations
 
