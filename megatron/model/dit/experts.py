@@ -16,6 +16,7 @@ import torch.nn as nn
 from megatron.model.dit.config import check_timesteps, timestep_interval
 from megatron.model.dit.diffusion import forward_with_cfg
 from megatron.model.dit.model import DiT
+from megatron.model.dit.remix import forward_per_expert
 
 
 @torch.no_grad()
@@ -101,13 +102,8 @@ class ExpertSwitch(nn.Module):
         experts = expert_B.unique().tolist() or [0]  # an empty batch goes through expert 0
         if len(experts) == 1:
             return self.experts[experts[0]](x_BCHW, t_B, y_B)[0], {}
-        out = None
-        for n in experts:
-            rows_R = (expert_B == n).nonzero().squeeze(1)
-            out_R, _ = self.experts[n](x_BCHW[rows_R], t_B[rows_R], y_B[rows_R])
-            out = out_R.new_zeros((t_B.shape[0], *out_R.shape[1:])) if out is None else out
-            out = out.index_copy(0, rows_R, out_R)
-        return out, {}
+        return forward_per_expert(expert_B, experts, lambda n, rows_R: self.experts[n](
+            x_BCHW[rows_R], t_B[rows_R], y_B[rows_R])[0]), {}
 
     def forward_with_cfg(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,
                          cfg_scale: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatron.model.dit.config import DiTConfig, expert_of_timestep
 from megatron.model.dit.diffusion import forward_with_cfg
-from megatron.model.dit.remix import RemixLinear, coefficient_tables
+from megatron.model.dit.remix import RemixLinear, coefficient_tables, forward_per_expert
 
 REMIXED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")  # per block, in this order
 
@@ -249,12 +249,8 @@ class DiT(nn.Module):
         if len(experts) == 1:  # the usual training batch: no gather or scatter
             out = self.forward_expert(x_BCHW, t_B, y_B, self.expert_coefficients(experts[0]))
             return out, {"prior_loss": self.prior_loss()}
-        out = None
-        for n in experts:
-            rows_R = (expert_B == n).nonzero().squeeze(1)
-            out_R = self.forward_expert(x_BCHW[rows_R], t_B[rows_R], y_B[rows_R], self.expert_coefficients(n))
-            out = out_R.new_zeros((t_B.shape[0], *out_R.shape[1:])) if out is None else out
-            out = out.index_copy(0, rows_R, out_R)
+        out = forward_per_expert(expert_B, experts, lambda n, rows_R: self.forward_expert(
+            x_BCHW[rows_R], t_B[rows_R], y_B[rows_R], self.expert_coefficients(n)))
         return out, {"prior_loss": self.prior_loss()}
 
     def forward_with_cfg(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, y_B: torch.Tensor,

@@ -1,6 +1,6 @@
 """Remix-DiT (Fang, Ma & Wang, NeurIPS 2024): N timestep experts mixed from K basis weights.
 
-Shape legend: N experts, K basis models, O out features, I in features.
+Shape legend: N experts, K basis models, O out features, I in features; B batch, R the rows of one expert.
 
 Expert n serves the timesteps [floor(nT/N), floor((n+1)T/N)) and runs with W_n = sum_k c[n, k] W_k in every
 remixed linear, where c is a learned [N, K] coefficient table. Mixing happens in weight space, so an expert's
@@ -9,6 +9,8 @@ DiT uses them (model.py) and experts.py exports experts as plain DiTs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -114,3 +116,16 @@ def coefficient_tables(cfg: RemixConfig, num_linears: int) -> nn.Module:
     if cfg.scope == "global":
         return table()
     return nn.ModuleList(table() for _ in range(num_linears))
+
+
+def forward_per_expert(expert_B: torch.Tensor, experts: Sequence[int],
+                       forward_rows: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """A batch whose rows belong to several experts: `forward_rows(n, rows_R)` once per expert n on its rows,
+    the outputs scattered back into batch order (None when `experts` is empty)."""
+    out = None
+    for n in experts:
+        rows_R = (expert_B == n).nonzero().squeeze(1)
+        out_R = forward_rows(n, rows_R)
+        out = out_R.new_zeros((expert_B.shape[0], *out_R.shape[1:])) if out is None else out
+        out = out.index_copy(0, rows_R, out_R)
+    return out
