@@ -9,7 +9,7 @@ import torch
 from runs import write_config
 
 from megatron.config import load_config
-from megatron.data.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.data.tokenizer import vocab_size_of
 from megatron.model.build import gpt_config_from_args
 from megatron.model.gpt import GPT
 from megatron.training.seed_checkpoint import write_step0_checkpoint
@@ -22,9 +22,7 @@ TOKENIZER = {"tokenizer_type": "HFTokenizer", "vocab_file": VOCAB_FILE, "make_vo
 def build(folder: Path, data_prefix: str, **overrides):
     """(args, model) of a config written into `folder`, weights as initialised."""
     args = load_config([str(write_config(folder, data_prefix, **{**TOKENIZER, **overrides}))])
-    vocab = padded_vocab_size(build_tokenizer(args.tokenizer_type, args.vocab_file).vocab_size,
-                              args.make_vocab_size_divisible_by)
-    return args, GPT(gpt_config_from_args(args, vocab))
+    return args, GPT(gpt_config_from_args(args, vocab_size_of(args)))
 
 
 def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tuple[str, ...] = (),
