@@ -68,7 +68,7 @@ def test_difference_panel_draws_mean_band_and_zero_line():
     assert (band_y.min(), band_y.max()) == pytest.approx((-0.1 - SD_AT_100, -0.1 + SD_AT_100))  # mean ± sd
     low, high = ax.get_ylim()
     assert low < -0.1 - SD_AT_100 and high > -0.1 + SD_AT_100 and high - low < 0.5  # differences' scale, not losses'
-    assert "final -0.1000 ± 0.0000 sd, 3 pairs" in ax.get_legend().get_texts()[1].get_text()
+    assert "final -0.1000 ± 0.0000 sd, 3 seed pairs" in ax.get_legend().get_texts()[1].get_text()
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 and the final load entropies, against hand computations."""
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -56,3 +57,34 @@ def test_study_analysis_by_hand(tmp_path, capsys):
     table = (tmp_path / "out" / "structmoe_study.md").read_text()
     assert "| 2 StructMoE (entangled) | `tiny_structmoe` | 3 |" in table
     assert "StructMoE < matched baseline" in capsys.readouterr().out
+    curve = result["curve_differences"]["tiny_structmoe"]  # drawn against the matched baseline, seed by seed
+    assert curve["baseline"] == "tiny_moe_matched" and curve["tokens"] == [300 * 2048, 600 * 2048]
+    assert curve["mean"] == pytest.approx([statistics.fmean(diffs)] * 2)
+    assert curve["sd"] == pytest.approx([statistics.stdev(diffs)] * 2)
+    standalone = result["curve_differences"]["tiny_structmoe_standalone"]  # its panel's baseline is StructMoE
+    assert standalone["baseline"] == "tiny_structmoe"
+    assert standalone["final"]["mean"] == pytest.approx(statistics.fmean(
+        FINAL["tiny_structmoe_standalone"][s] - FINAL["tiny_structmoe"][s] for s in (1234, 1235, 1236)))
+    assert result["load_curves"]["tiny_structmoe"]["lore"] == [[300, 600], pytest.approx([0.85, 0.35])]
+
+
+def test_redraw_from_the_json_alone(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for arm, finals in FINAL.items():
+        for seed, final in finals.items():
+            write_run(runs / f"{arm}_s{seed}", final, LORE_ENTROPY.get(arm))
+    structmoe_study.main(["--analyse-only", "--runs", str(runs), "--out", str(out), "--sequences", "0"])
+    names = ["structmoe_study.png", "structmoe_study_pairs.png", "structmoe_study_lore_load.png"]
+    for name in names:
+        (out / name).unlink()
+    shutil.rmtree(runs)
+    assert sorted(structmoe_study.main(["--redraw", "--out", str(out)])["redrawn"]) == sorted(names)
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in names)
+    result = json.loads((out / "structmoe_study.json").read_text())  # as analyses before the curves were kept
+    for group in result["groups"].values():
+        del group["val_curve_per_seed"]
+    del result["load_curves"]
+    (out / "structmoe_study.json").write_text(json.dumps(result))
+    capsys.readouterr()
+    assert structmoe_study.main(["--redraw", "--out", str(out)])["redrawn"] == ["structmoe_study_pairs.png"]
+    assert "the JSON has no per-seed curves" in capsys.readouterr().out

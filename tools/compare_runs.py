@@ -1,15 +1,23 @@
-"""Compare training runs, or configs over seeds: validation loss against tokens, a table, and method vs baseline.
+"""Compare training runs, or configs over seeds: validation loss against tokens, its difference to a baseline, a
+table, and method vs baseline.
 
     python tools/compare_runs.py runs/tiny_structmoe runs/tiny_moe_matched --output compare.png
     python tools/compare_runs.py runs/study --baseline tiny_moe_matched --output study.png   # a sweep folder
+    python tools/compare_runs.py --group base=runs/a1,runs/a2 --group method=runs/b1,runs/b2 --output ab.png
 
 A RUN_DIR is a run's folder (holding logs/metrics.jsonl and its checkpoints) or its log folder. A folder holding
-`tools/sweep.py`'s NAME_sSEED run folders stands for all of them. Runs named NAME_sSEED are grouped by NAME:
-mean and sample standard deviation of the final and best validation loss over the seeds, tokens/s and training
-time beside them, and a band (the seeds' range) around the mean curve on the plot. With `--baseline NAME`, every
-other config that shares seeds with it gets the paired difference of final validation loss (config minus
-baseline, seed by seed) with a 95% confidence interval (Student's t over the pairs). The numbers also go to a
-JSON file beside the PNG.
+`tools/sweep.py`'s NAME_sSEED run folders stands for all of them. Runs named NAME_sSEED are grouped by NAME, and
+`--group NAME=DIR,...` groups any folders (their seeds from their checkpoints' configs): mean and sample standard
+deviation of the final and best validation loss over the seeds, tokens/s and training time beside them.
+
+The baseline is `--baseline NAME`, else the first config given. The plot's left panel has the curves (a band of
+the seeds' range around a config's mean, y-range over the last 80% of training); its right panel has every other
+config's validation loss minus the baseline's, seed by seed at the evaluations both reached, as the mean over
+seeds with a band (±1 sd, or min to max with `--band range`) and a zero line: the gap between two configs is
+usually far smaller than the loss's fall over training. One run against one run of another seed is paired too.
+The JSON beside the PNG has, per config, the paired difference of the final validation loss with a 95%
+confidence interval (Student's t over the pairs; `minus_baseline`), the per-seed validation curves and the
+paired curve difference (`curve_minus_baseline`, its last common evaluation under `final`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +40,9 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config.schema import NeoXArgs  # noqa: E402
 from megatron.sizing.params import count_parameters  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired_differences import curve_difference, draw_curves, draw_differences, mean_std, paired_difference  # noqa: E402
 
 
 def find_metrics(run_dir: Path) -> Path:
@@ -89,8 +99,11 @@ def summarize(run_dir: Path) -> dict:
     if config is not None:
         import yaml
 
-        counts = count_parameters(NeoXArgs.from_dict(yaml.safe_load(config.read_text())))
+        resolved = yaml.safe_load(config.read_text())
+        counts = count_parameters(NeoXArgs.from_dict(resolved))
         summary["total"], summary["active"] = counts.total, counts.active
+        if seed is None:  # a folder not named NAME_sSEED: the seed its checkpoint was trained with
+            summary["seed"] = resolved.get("seed")
     return summary
 
 
@@ -113,43 +126,23 @@ def name_and_seed(run_dir: Path) -> tuple[str, int | None]:
     return (match["name"], int(match["seed"])) if match else (name, None)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value, NaN for none)."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def t_quantile_975(dof: int) -> float:
-    """Student's t 97.5% quantile (two-sided 95%)."""
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, dof))
-    except ImportError:  # scipy comes with scikit-learn; a table for the few pairs a study has, else normal
-        table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-        return table.get(dof, 1.96)
-
-
-def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> dict[str, float]:
-    """Seed-by-seed differences method - baseline over the seeds both have: mean, sd, n and a 95% CI."""
-    diffs = [method[s] - baseline[s] for s in sorted(set(method) & set(baseline))
-             if not math.isnan(method[s]) and not math.isnan(baseline[s])]
-    mean, sd = mean_std(diffs)
-    half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return {"mean": mean, "sd": sd, "pairs": len(diffs), "ci_low": mean - half, "ci_high": mean + half}
+def run_key(summary: dict, index: int) -> int:
+    """A run's key within its config: its seed, else its position (runs without a known seed pair by position)."""
+    return summary["seed"] if summary["seed"] is not None else index
 
 
 def group(summaries: list[dict], baseline: str | None) -> dict[str, dict]:
+    """Per config: the seeds' statistics and validation curves; against `baseline`, the paired difference of the
+    final validation loss (with a t-interval) and of the validation curves (`curve_minus_baseline`)."""
     groups: dict[str, list[dict]] = {}
     for s in summaries:
         groups.setdefault(s["config"], []).append(s)
     if baseline is not None and baseline not in groups:
         raise ValueError(f"--baseline {baseline}: not among the configs {sorted(groups)}")
+    curves = {name: {run_key(s, i): s["val"] for i, s in enumerate(runs)} for name, runs in groups.items()}
     out = {}
     for name, runs in groups.items():
-        final = {s["seed"] if s["seed"] is not None else i: s["final_val"] for i, s in enumerate(runs)}
+        final = {run_key(s, i): s["final_val"] for i, s in enumerate(runs)}
         entry = {
             "seeds": sorted(s["seed"] for s in runs if s["seed"] is not None),
             "final_val": dict(zip(("mean", "sd"), mean_std(list(final.values())))),
@@ -158,54 +151,76 @@ def group(summaries: list[dict], baseline: str | None) -> dict[str, dict]:
             "train_seconds": mean_std([s["train_seconds"] for s in runs])[0],
             "final_val_per_seed": final,
             "total": runs[0]["total"], "active": runs[0]["active"],
+            "val_curve_per_seed": {key: [list(tokens), list(losses)] for key, (tokens, losses) in curves[name].items()},
         }
         if baseline is not None and name != baseline:
-            base = {s["seed"]: s["final_val"] for s in groups[baseline] if s["seed"] is not None}
-            entry["minus_baseline"] = paired_difference({k: v for k, v in final.items() if k in base}, base)
+            base = {run_key(s, i): s["final_val"] for i, s in enumerate(groups[baseline])}
+            entry["minus_baseline"] = paired_difference(final, base)
+            difference = curve_difference(curves[name], curves[baseline])
+            if difference is not None:
+                entry["curve_minus_baseline"] = {"baseline": baseline, **difference}
         out[name] = entry
     return out
 
 
-def plot(summaries: list[dict], groups: dict[str, dict], smooth: float, output: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, name in enumerate(groups):
+def plot(summaries: list[dict], groups: dict[str, dict], baseline: str, smooth: float, output: str,
+         band: str = "sd") -> None:
+    """Left: the curves (validation per config, training EMA per single run); right: each config's validation loss
+    minus the baseline's, paired by seed."""
+    colors = {name: f"C{i % 10}" for i, name in enumerate(groups)}
+    fig, (ax_curves, ax_diff) = plt.subplots(1, 2, figsize=(14, 5))
+    train_curves = []
+    for name in groups:
         runs = [s for s in summaries if s["config"] == name]
-        color = f"C{i % 10}"
-        if len(runs) == 1:
-            s = runs[0]
-            ax.plot(s["train"][0], ema(s["train"][1], smooth), color=color, alpha=0.35, label=f"{name} train (EMA)")
-            ax.plot(s["val"][0], s["val"][1], "o-", color=color, label=f"{name} validation")
-            continue
-        points = min(len(s["val"][1]) for s in runs)  # the evaluations every seed reached
-        x = runs[0]["val"][0][:points]
-        curves = [s["val"][1][:points] for s in runs]
-        mean = [statistics.fmean(c[j] for c in curves) for j in range(points)]
-        ax.plot(x, mean, "o-", color=color, label=f"{name} validation, mean of {len(runs)} seeds")
-        ax.fill_between(x, [min(c[j] for c in curves) for j in range(points)],
-                        [max(c[j] for c in curves) for j in range(points)], color=color, alpha=0.2)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        if len(runs) == 1 and runs[0]["train"][0]:
+            tokens, losses = runs[0]["train"][0], ema(runs[0]["train"][1], smooth)
+            ax_curves.plot(tokens, losses, color=colors[name], alpha=0.35, label=f"{name} train (EMA)")
+            train_curves.append((tokens, losses))
+    val_curves = {name: g["val_curve_per_seed"] for name, g in groups.items()}
+    draw_curves(ax_curves, val_curves, colors, extra=train_curves)
+    differences = {name: g["curve_minus_baseline"] for name, g in groups.items() if "curve_minus_baseline" in g}
+    if differences:
+        draw_differences(ax_diff, differences, baseline, colors, kind=band)
+    else:
+        ax_diff.text(0.5, 0.5, "no other config shares evaluations with the baseline", ha="center",
+                     transform=ax_diff.transAxes)
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)
 
 
+def parse_group(text: str) -> tuple[str, list[Path]]:
+    """`NAME=DIR,DIR,...` of --group."""
+    name, sep, folders = text.partition("=")
+    if not sep or not name or not folders:
+        raise argparse.ArgumentTypeError(f"--group {text}: expected NAME=DIR,DIR,...")
+    return name, [Path(f) for f in folders.split(",") if f]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or sweep folders of NAME_sSEED runs")
-    parser.add_argument("--baseline", default=None, help="config name the others are paired against, seed by seed")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders, or sweep folders of NAME_sSEED runs")
+    parser.add_argument("--group", action="append", type=parse_group, default=[], metavar="NAME=DIR,DIR,...",
+                        help="runs of one config under NAME (seeds from NAME_sSEED folder names, else checkpoints)")
+    parser.add_argument("--baseline", default=None,
+                        help="config the others are paired against, seed by seed (default: the first one given)")
+    parser.add_argument("--band", choices=("sd", "range"), default="sd",
+                        help="band around the mean paired difference: ±1 sd or min to max over the seeds")
     parser.add_argument("--output", default="compare.png")
     parser.add_argument("--smooth", type=float, default=0.6,
                         help="EMA factor for the training loss records (0 = raw; high values lag behind)")
     opts = parser.parse_args(argv)
+    if not opts.runs and not opts.group:
+        parser.error("give run folders, sweep folders or --group NAME=DIR,...")
     try:
         summaries = [summarize(run) for run in expand(opts.runs)]
-        groups = group(summaries, opts.baseline)
+        for name, folders in opts.group:
+            summaries += [summarize(run) | {"config": name} for run in expand(folders)]
+        baseline = opts.baseline or summaries[0]["config"]
+        groups = group(summaries, baseline)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"compare_runs: {err}")
-    plot(summaries, groups, opts.smooth, opts.output)
+    plot(summaries, groups, baseline, opts.smooth, opts.output, opts.band)
     Path(opts.output).with_suffix(".json").write_text(json.dumps(groups, indent=1))
 
     def millions(n):
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(len(g["final_val_per_seed"]) > 1 for g in groups.values()):
         print()
         print(f"{'config':<28}{'seeds':>6}{'final val':>18}{'best val':>18}{'tokens/s':>10}{'train s':>9}"
-              + (f"{'minus ' + opts.baseline + ' (95% CI)':>44}" if opts.baseline else ""))
+              + f"{'minus ' + baseline + ' (95% CI)':>44}")
         for name, g in groups.items():
             line = (f"{name:<28}{len(g['final_val_per_seed']):>6}{g['final_val']['mean']:>11.4f} ± "
                     f"{g['final_val']['sd']:.4f}{g['best_val']['mean']:>11.4f} ± {g['best_val']['sd']:.4f}"
@@ -230,6 +245,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if d:
                 line += f"{d['mean']:>+16.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), {d['pairs']} pairs"
             print(line)
+    differences = {name: g["curve_minus_baseline"]["final"] for name, g in groups.items()
+                   if "curve_minus_baseline" in g}
+    if differences:
+        print(f"\nvalidation loss minus {baseline}'s at the last evaluation both reached, paired by seed")
+        print(f"{'config':<28}{'tokens':>10}{'pairs':>6}{'mean':>10}{'sd':>9}{'min':>10}{'max':>10}")
+        for name, d in differences.items():
+            print(f"{name:<28}{d['tokens']:>10.0f}{d['pairs']:>6}{d['mean']:>+10.4f}{d['sd']:>9.4f}"
+                  f"{d['min']:>+10.4f}{d['max']:>+10.4f}")
     print(f"plot: {opts.output}")
     return summaries
 

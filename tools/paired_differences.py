@@ -153,7 +153,8 @@ def draw_differences(ax, differences: Mapping[str, dict], baseline: str, colors:
     for name, d in differences.items():
         final = d["final"]
         spread = f" ± {final['sd']:.4f} sd" if kind == "sd" else f" [{final['min']:+.4f}, {final['max']:+.4f}]"
-        label = f"{name}: final {final['mean']:+.4f}" + (spread if d["pairs"] > 1 else "") + f", {d['pairs']} pairs"
+        pairs = f"{d['pairs']} seed pairs" if d["pairs"] > 1 else "1 run each"
+        label = f"{name}: final {final['mean']:+.4f}" + (spread if d["pairs"] > 1 else "") + f", {pairs}"
         ax.plot(d["tokens"], d["mean"], "o-", ms=3, color=colors[name], label=label)
         drawn.append((d["tokens"], d["mean"]))
         if d["pairs"] > 1:

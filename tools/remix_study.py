@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_runs import RUN_NAME, mean_std, paired_difference  # noqa: E402  # one implementation of seed pairing
+from compare_runs import RUN_NAME  # noqa: E402
+from paired_differences import mean_std, paired_difference  # noqa: E402  # one implementation of seed pairing
 
 
 @dataclass

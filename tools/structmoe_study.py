@@ -4,6 +4,7 @@ plots of docs/results.md.
     python tools/structmoe_study.py                       # train what is missing (resumes), then analyse
     python tools/structmoe_study.py --analyse-only        # only the tables and plots from finished runs
     python tools/structmoe_study.py --print               # the training commands, for a cluster
+    python tools/structmoe_study.py --redraw              # the figures again from OUT/structmoe_study.json alone
 
 Arms (configs/): 1 tiny_moe (plain MoE, StructMoE's 8 experts), 2 tiny_structmoe (entangled), 3 tiny_moe_matched
 (plain MoE with StructMoE's total parameters), 4 router-free, 5 standalone (non-entangled), 6 StructMoE with a
@@ -11,6 +12,9 @@ LoRE balancing loss, 7 LoRE count x rank at fixed LoRE parameters (8 x 32 and 12
 sees the same tokens in the same order for a seed (the batches are a function of seed and step), so differences
 are paired seed by seed. Writes OUT/structmoe_study.{png,json}, OUT/structmoe_study_pairs.png,
 OUT/structmoe_study_lore_load.png and OUT/structmoe_study.md (the tables), OUT defaulting to docs/results/.
+structmoe_study.png has the arms' mean validation curves beside the panels of DIFFERENCE_PANELS: each arm's
+validation loss minus its baseline arm's, seed by seed, as a mean line with a ±1 sd band. The JSON keeps the
+per-seed validation curves and the load-entropy curves, so the figures redraw without the runs.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from compare_runs import expand, find_metrics, group, paired_difference, plot, read_records, summarize  # noqa: E402
+from compare_runs import expand, find_metrics, group, read_records, summarize  # noqa: E402
+from paired_differences import curve_difference, draw_curves, draw_differences, paired_difference  # noqa: E402
 from sweep import make_run, run_all  # noqa: E402
 
 ARMS = {  # config name: what the arm asks
@@ -54,6 +59,12 @@ PAIRS = [
     ("tiny_structmoe_lorebal", "tiny_structmoe", "LoRE balancing loss: cost or gain"),
     ("tiny_structmoe_m8r32", "tiny_structmoe", "fewer, larger LoREs (8 x 32 vs 32 x 8)"),
     ("tiny_structmoe_m128r2", "tiny_structmoe", "more, smaller LoREs (128 x 2 vs 32 x 8)"),
+]
+# the difference panels: (baseline arm, the arms drawn minus it, paired by seed); every other arm appears once
+DIFFERENCE_PANELS = [
+    ("tiny_moe_matched", ["tiny_moe", "tiny_structmoe", "tiny_structmoe_router_free"]),
+    ("tiny_structmoe", ["tiny_structmoe_standalone", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32",
+                        "tiny_structmoe_m128r2"]),
 ]
 LORE_ARMS = ["tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32", "tiny_structmoe_m128r2"]
 
@@ -98,23 +109,52 @@ def plot_pairs(rows: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
-def plot_loads(runs: list[Path], output: Path) -> dict[str, dict[str, float]]:
-    """LoRE and expert load entropy over training per arm (mean over seeds); returns the final values."""
-    finals: dict[str, dict[str, float]] = {}
-    fig, (ax_lore, ax_expert) = plt.subplots(1, 2, figsize=(11, 4))
+def plot_curves(curves: dict[str, dict], output: Path) -> dict[str, dict]:
+    """Validation loss per arm (mean over seeds) beside each difference panel of DIFFERENCE_PANELS; returns the
+    paired curve differences drawn, per arm."""
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(ARMS)}
+    fig, axes = plt.subplots(1, 1 + len(DIFFERENCE_PANELS), figsize=(6 * (1 + len(DIFFERENCE_PANELS)), 5))
+    draw_curves(axes[0], {arm: curves[arm] for arm in ARMS if arm in curves}, colors, spread=False)
+    drawn: dict[str, dict] = {}
+    for ax, (baseline, arms) in zip(axes[1:], DIFFERENCE_PANELS):
+        differences = {arm: curve_difference(curves[arm], curves[baseline]) for arm in arms
+                       if arm in curves and baseline in curves}
+        differences = {arm: d for arm, d in differences.items() if d is not None}
+        if differences:
+            draw_differences(ax, differences, baseline, colors)
+        drawn |= {arm: {"baseline": baseline, **d} for arm, d in differences.items()}
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def load_curves_by_arm(runs: list[Path]) -> dict[str, dict[str, list[list]]]:
+    """Per arm and kind ("lore", "expert"): steps and the load entropy's mean over seeds at the steps all logged."""
     by_arm: dict[str, list[Path]] = {}
     for run in runs:
         by_arm.setdefault(run.name.rsplit("_s", 1)[0], []).append(run)
-    for i, (arm, arm_runs) in enumerate(sorted(by_arm.items())):
+    out: dict[str, dict[str, list[list]]] = {}
+    for arm, arm_runs in sorted(by_arm.items()):
+        for kind in ("lore", "expert"):
+            curves = [c for c in (load_curves(run, kind) for run in arm_runs) if c[0]]
+            if curves:
+                points = min(len(c[0]) for c in curves)
+                mean = [sum(c[1][j] for c in curves) / len(curves) for j in range(points)]
+                out.setdefault(arm, {})[kind] = [curves[0][0][:points], mean]
+    return out
+
+
+def plot_loads(curves: dict[str, dict[str, list[list]]], output: Path) -> dict[str, dict[str, float]]:
+    """LoRE and expert load entropy over training per arm (mean over seeds); returns the final values."""
+    finals: dict[str, dict[str, float]] = {}
+    fig, (ax_lore, ax_expert) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (arm, kinds) in enumerate(sorted(curves.items())):
         for kind, ax in (("lore", ax_lore), ("expert", ax_expert)):
-            curves = [load_curves(run, kind) for run in arm_runs]
-            curves = [c for c in curves if c[0]]
-            if not curves:
-                continue
-            points = min(len(c[0]) for c in curves)
-            mean = [sum(c[1][j] for c in curves) / len(curves) for j in range(points)]
-            ax.plot(curves[0][0][:points], mean, color=f"C{i % 10}", label=arm)
-            finals.setdefault(arm, {})[kind] = sum(c[1][points - 1] for c in curves) / len(curves)
+            if kind in kinds:
+                steps, mean = kinds[kind]
+                ax.plot(steps, mean, color=f"C{i % 10}", label=arm)
+                finals.setdefault(arm, {})[kind] = mean[-1]
     for ax, title in ((ax_lore, "LoRE load entropy within experts"), (ax_expert, "expert load entropy")):
         ax.set_title(f"{title} (normalised, mean over layers and seeds)", fontsize=9)
         ax.set_xlabel("step")
@@ -125,6 +165,23 @@ def plot_loads(runs: list[Path], output: Path) -> dict[str, dict[str, float]]:
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return finals
+
+
+def redraw(out: Path) -> list[str]:
+    """The figures again from OUT/structmoe_study.json alone (no runs needed); returns the files written. Analyses
+    from before the JSON held curves redraw only the pairs figure."""
+    result = json.loads((out / "structmoe_study.json").read_text())
+    written = []
+    plot_pairs(result["pairs"], out / "structmoe_study_pairs.png")
+    written.append("structmoe_study_pairs.png")
+    curves = {arm: g["val_curve_per_seed"] for arm, g in result["groups"].items() if "val_curve_per_seed" in g}
+    if curves:
+        plot_curves(curves, out / "structmoe_study.png")
+        written.append("structmoe_study.png")
+    if result.get("load_curves"):
+        plot_loads(result["load_curves"], out / "structmoe_study_lore_load.png")
+        written.append("structmoe_study_lore_load.png")
+    return written
 
 
 def routing_diagnosis(runs: list[Path], sequences: int) -> dict[str, dict]:
@@ -186,9 +243,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--analyse-only", action="store_true")
     parser.add_argument("--print", action="store_true", help="print the training commands and stop")
+    parser.add_argument("--redraw", action="store_true",
+                        help="redraw the figures from OUT/structmoe_study.json alone (no runs needed)")
     parser.add_argument("--sequences", type=int, default=64,
                         help="held-out sequences for the routing diagnosis of the final checkpoints; 0: none")
     opts, overrides = parser.parse_known_args(argv)
+    if opts.redraw:
+        written = redraw(opts.out)
+        print(f"redrawn in {opts.out}: {', '.join(written)}")
+        if "structmoe_study.png" not in written:
+            print("the JSON has no per-seed curves (written by analyses since they were added): "
+                  "structmoe_study.png and structmoe_study_lore_load.png left as they are")
+        return {"redrawn": written}
     configs = [str(REPO / "configs" / f"{name}.yml") for name in ARMS]
     runs = [make_run(config, 1234 + s, opts.runs, overrides) for s in range(opts.seeds) for config in configs]
     if opts.print:
@@ -203,14 +269,17 @@ def main(argv: list[str] | None = None) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(run) for run in expand(finished)]
     groups = group(summaries, "tiny_moe_matched" if any(s["config"] == "tiny_moe_matched" for s in summaries) else None)
-    plot(summaries, groups, 0.6, str(opts.out / "structmoe_study.png"))
+    curve_differences = plot_curves({name: g["val_curve_per_seed"] for name, g in groups.items()},
+                                    opts.out / "structmoe_study.png")
     rows = pair_table(groups)
     plot_pairs(rows, opts.out / "structmoe_study_pairs.png")
-    loads = plot_loads(finished, opts.out / "structmoe_study_lore_load.png")
+    load_curves = load_curves_by_arm(finished)
+    loads = plot_loads(load_curves, opts.out / "structmoe_study_lore_load.png")
     diagnosis = routing_diagnosis(finished, opts.sequences) if opts.sequences else {}
     table = markdown(groups, rows, loads, diagnosis)
     (opts.out / "structmoe_study.md").write_text(table)
-    result = {"groups": groups, "pairs": rows, "final_loads": loads, "routing_diagnosis": diagnosis}
+    result = {"groups": groups, "pairs": rows, "final_loads": loads, "routing_diagnosis": diagnosis,
+              "curve_differences": curve_differences, "load_curves": load_curves}
     (opts.out / "structmoe_study.json").write_text(json.dumps(result, indent=1))
     print(table)
     print(f"figures and tables in {opts.out}")
