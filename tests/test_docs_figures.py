@@ -140,3 +140,60 @@ def test_remix_study_tables_and_figures_are_the_json():
     assert f"on {own_best[0]} of 20 intervals without the prior, {own_best[1]} of 20 with it" in prose
     peaks = [max(row) for row in no_prior["coefficients"]]
     assert f"({peaks[0]:.2f} on its basis, against {min(peaks[1:]):.2f}-{max(peaks[1:]):.2f} for the others)" in prose
+
+
+ESTIMATE_MARKER = re.compile(r"<!-- generated: (python tools/estimate_memory\.py [^>]*?) -->\n```\n(.*?)\n```\n"
+                             r"<!-- end generated -->", re.S)
+
+
+def estimate_output(command: str) -> str:
+    """What `python tools/estimate_memory.py ARGS` prints, run in this process (the model is built on meta)."""
+    import contextlib
+    import io
+
+    import estimate_memory
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        estimate_memory.main(command.split()[2:])
+    return out.getvalue().rstrip("\n")
+
+
+def refresh_estimate_blocks(path: Path) -> None:
+    """Rewrite every generated estimate_memory block of a doc with the tool's current output."""
+    text = path.read_text()
+    path.write_text(ESTIMATE_MARKER.sub(lambda m: f"<!-- generated: {m.group(1)} -->\n```\n"
+                                        f"{estimate_output(m.group(1))}\n```\n<!-- end generated -->", text))
+
+
+def test_memory_tables_and_figures_are_the_estimators_output():
+    doc = read("docs/parallelism.md")
+    blocks = ESTIMATE_MARKER.findall(doc)
+    assert len(blocks) == 2
+    for command, quoted in blocks:
+        assert quoted == estimate_output(command), command
+
+    from megatron.config import load_config
+    from megatron.data.tokenizer import vocab_size_of
+    from megatron.sizing.memory import activation_bytes, estimate_memory
+
+    gib = 1024**3
+    config = load_config(["configs/410M_structmoe.yml"], data_parallel_size=8)
+    ep8_stage1 = estimate_memory(config, 8, 8, 1).peak_bytes() / gib
+    ddp_state = estimate_memory(config, 8, 1, 0).state_bytes() / gib
+    readme = " ".join(read("README.md").split())
+    assert f"(`--world 8`: {ep8_stage1:.1f} GiB," in readme
+    assert f"(its fp32 state alone is {ddp_state:.0f} GiB)" in readme
+    prose = " ".join(doc.split())
+    assert f"fits with EP = 8 and stage 1 ({ep8_stage1:.1f} GiB)" in prose
+    assert f"the fp32 state alone is {ddp_state:.1f} GiB" in prose
+    chunked = activation_bytes(config) / gib
+    full_logits = load_config(["configs/410M_structmoe.yml"], ["--loss_chunk_tokens", "0"], data_parallel_size=8)
+    tokens = full_logits.train_micro_batch_size_per_gpu * full_logits.seq_length
+    logits = tokens * 12 * vocab_size_of(full_logits) / gib  # fp32 log-softmax, its gradient, the logits' gradient
+    assert (f"{logits:.1f} GiB of the {activation_bytes(full_logits) / gib:.1f} GiB for the 410M" in prose
+            and f"activations to {chunked:.2f} GiB" in prose)
+
+
+if __name__ == "__main__":  # python tests/test_docs_figures.py: refresh the generated estimator tables
+    refresh_estimate_blocks(DOCS / "parallelism.md")
