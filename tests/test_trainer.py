@@ -58,6 +58,9 @@ def test_ddp_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, data_
     ddp = read_metrics(tmp_path / "two" / "logs")
     assert train_losses(ddp) == pytest.approx(train_losses(single), abs=1e-5)
     assert len(train_losses(ddp)) == 4
+    # the global norm counts each replicated element once (AdamW hides a wrongly scaled, clipped gradient)
+    norms = [[r["grad_norm"] for r in records if "loss" in r] for records in (ddp, single)]
+    assert len(norms[0]) == 4 and norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 
 def test_config_errors_exit_with_one_line(tmp_path, data_prefix):
