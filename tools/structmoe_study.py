@@ -1,20 +1,24 @@
-"""The StructMoE study at small scale in one command: 8 arms x 3 seeds on the bundled corpus, then the tables and
-plots of docs/results.md.
+"""The small-scale studies in one command, each arms x 3 seeds on the bundled corpus, then the tables and plots of
+docs/results.md: the StructMoE study (`--study structmoe`, the default) and the routing study (`--study routing`).
 
     python tools/structmoe_study.py                       # train what is missing (resumes), then analyse
+    python tools/structmoe_study.py --study routing       # the routing study, the same way
     python tools/structmoe_study.py --analyse-only        # only the tables and plots from finished runs
     python tools/structmoe_study.py --print               # the training commands, for a cluster
-    python tools/structmoe_study.py --redraw              # the figures again from OUT/structmoe_study.json alone
+    python tools/structmoe_study.py --redraw              # the figures again from OUT/NAME_study.json alone
 
-Arms (configs/): 1 tiny_moe (plain MoE, StructMoE's 8 experts), 2 tiny_structmoe (entangled), 3 tiny_moe_matched
-(plain MoE with StructMoE's total parameters), 4 router-free, 5 standalone (non-entangled), 6 StructMoE with a
-LoRE balancing loss, 7 LoRE count x rank at fixed LoRE parameters (8 x 32 and 128 x 2 beside 32 x 8). Every arm
-sees the same tokens in the same order for a seed (the batches are a function of seed and step), so differences
-are paired seed by seed. Writes OUT/structmoe_study.{png,json}, OUT/structmoe_study_pairs.png,
-OUT/structmoe_study_lore_load.png and OUT/structmoe_study.md (the tables), OUT defaulting to docs/results/.
-structmoe_study.png has the arms' mean validation curves beside the panels of DIFFERENCE_PANELS: each arm's
-validation loss minus its baseline arm's, seed by seed, as a mean line with a ±1 sd band. The JSON keeps the
-per-seed validation curves and the load-entropy curves, so the figures redraw without the runs.
+StructMoE arms (configs/): 1 tiny_moe (plain MoE, StructMoE's 8 experts), 2 tiny_structmoe (entangled), 3
+tiny_moe_matched (plain MoE with StructMoE's total parameters), 4 router-free, 5 standalone (non-entangled), 6
+StructMoE with a LoRE balancing loss, 7 LoRE count x rank at fixed LoRE parameters (8 x 32 and 128 x 2 beside 32 x
+8). Routing arms: plain MoE with the per-micro-batch Switch loss, with the global-batch loss, with the loss-free
+bias; StructMoE with no LoRE balancing, the LoRE loss, the LoRE loss-free bias, the global-batch LoRE loss; every
+routing arm splits the same 16-sequence batch into 4 micro-batches of 4 (the configs' own setting for the new
+arms, an override for the three older ones), so a micro-batch is not the global batch. Every arm sees the same
+tokens in the same order for a seed (the batches are a function of seed and step), so differences are paired
+seed by seed. Writes OUT/NAME_study.{png,json,md}, OUT/NAME_study_pairs.png and OUT/NAME_study_lore_load.png,
+OUT defaulting to docs/results/. NAME_study.png has the arms' mean validation curves beside the difference
+panels: each arm's validation loss minus its baseline arm's, seed by seed, as a mean line with a ±1 sd band.
+The JSON keeps the per-seed validation curves and the load-entropy curves, so the figures redraw without the runs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,35 +43,82 @@ from compare_runs import expand, find_metrics, group, read_records, summarize  #
 from paired_differences import curve_difference, draw_curves, draw_differences, paired_difference  # noqa: E402
 from sweep import make_run, run_all  # noqa: E402
 
-ARMS = {  # config name: what the arm asks
-    "tiny_moe": "1 plain MoE, 8 experts",
-    "tiny_structmoe": "2 StructMoE (entangled)",
-    "tiny_moe_matched": "3 matched plain MoE, 18 experts",
-    "tiny_structmoe_router_free": "4 router-free",
-    "tiny_structmoe_standalone": "5 standalone LoREs",
-    "tiny_structmoe_lorebal": "6 StructMoE + LoRE balancing loss",
-    "tiny_structmoe_m8r32": "7 M=8 LoREs of rank 32",
-    "tiny_structmoe_m128r2": "7 M=128 LoREs of rank 2",
-}
-# (method, baseline, the question): differences are method - baseline, paired by seed
-PAIRS = [
-    ("tiny_structmoe", "tiny_moe_matched", "StructMoE < matched baseline (paper Fig. 2)"),
-    ("tiny_structmoe", "tiny_moe", "StructMoE < plain MoE of its expert count"),
-    ("tiny_moe_matched", "tiny_moe", "more experts < fewer (parameters help)"),
-    ("tiny_structmoe", "tiny_structmoe_standalone", "entangled < standalone (paper Fig. 3)"),
-    ("tiny_structmoe_router_free", "tiny_moe_matched", "router-free ~ matched baseline (paper Fig. 4)"),
-    ("tiny_structmoe", "tiny_structmoe_router_free", "routed LoREs < router-free"),
-    ("tiny_structmoe_lorebal", "tiny_structmoe", "LoRE balancing loss: cost or gain"),
-    ("tiny_structmoe_m8r32", "tiny_structmoe", "fewer, larger LoREs (8 x 32 vs 32 x 8)"),
-    ("tiny_structmoe_m128r2", "tiny_structmoe", "more, smaller LoREs (128 x 2 vs 32 x 8)"),
-]
-# the difference panels: (baseline arm, the arms drawn minus it, paired by seed); every other arm appears once
-DIFFERENCE_PANELS = [
-    ("tiny_moe_matched", ["tiny_moe", "tiny_structmoe", "tiny_structmoe_router_free"]),
-    ("tiny_structmoe", ["tiny_structmoe_standalone", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32",
-                        "tiny_structmoe_m128r2"]),
-]
-LORE_ARMS = ["tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32", "tiny_structmoe_m128r2"]
+
+@dataclass
+class Study:
+    """Arms (config name: what the arm asks), the paired questions (method, baseline, question: differences are
+    method - baseline), the difference panels (baseline arm, the arms drawn minus it), the arms with routed
+    LoREs, and overrides every run gets."""
+
+    name: str
+    arms: dict[str, str]
+    pairs: list[tuple[str, str, str]]
+    difference_panels: list[tuple[str, list[str]]]
+    lore_arms: list[str]
+    overrides: list[str] = field(default_factory=list)
+
+
+STRUCTMOE = Study(
+    "structmoe",
+    arms={
+        "tiny_moe": "1 plain MoE, 8 experts",
+        "tiny_structmoe": "2 StructMoE (entangled)",
+        "tiny_moe_matched": "3 matched plain MoE, 18 experts",
+        "tiny_structmoe_router_free": "4 router-free",
+        "tiny_structmoe_standalone": "5 standalone LoREs",
+        "tiny_structmoe_lorebal": "6 StructMoE + LoRE balancing loss",
+        "tiny_structmoe_m8r32": "7 M=8 LoREs of rank 32",
+        "tiny_structmoe_m128r2": "7 M=128 LoREs of rank 2",
+    },
+    pairs=[
+        ("tiny_structmoe", "tiny_moe_matched", "StructMoE < matched baseline (paper Fig. 2)"),
+        ("tiny_structmoe", "tiny_moe", "StructMoE < plain MoE of its expert count"),
+        ("tiny_moe_matched", "tiny_moe", "more experts < fewer (parameters help)"),
+        ("tiny_structmoe", "tiny_structmoe_standalone", "entangled < standalone (paper Fig. 3)"),
+        ("tiny_structmoe_router_free", "tiny_moe_matched", "router-free ~ matched baseline (paper Fig. 4)"),
+        ("tiny_structmoe", "tiny_structmoe_router_free", "routed LoREs < router-free"),
+        ("tiny_structmoe_lorebal", "tiny_structmoe", "LoRE balancing loss: cost or gain"),
+        ("tiny_structmoe_m8r32", "tiny_structmoe", "fewer, larger LoREs (8 x 32 vs 32 x 8)"),
+        ("tiny_structmoe_m128r2", "tiny_structmoe", "more, smaller LoREs (128 x 2 vs 32 x 8)"),
+    ],
+    difference_panels=[  # every other arm appears once
+        ("tiny_moe_matched", ["tiny_moe", "tiny_structmoe", "tiny_structmoe_router_free"]),
+        ("tiny_structmoe", ["tiny_structmoe_standalone", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32",
+                            "tiny_structmoe_m128r2"]),
+    ],
+    lore_arms=["tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_m8r32", "tiny_structmoe_m128r2"],
+)
+
+ROUTING = Study(
+    "routing",
+    arms={
+        "tiny_moe": "1 plain MoE, Switch loss per micro-batch",
+        "tiny_moe_global_lbl": "2 plain MoE, global-batch Switch loss",
+        "tiny_moe_loss_free": "3 plain MoE, loss-free bias",
+        "tiny_structmoe": "4 StructMoE, no LoRE balancing",
+        "tiny_structmoe_lorebal": "5 StructMoE, LoRE loss 0.01 per micro-batch",
+        "tiny_structmoe_lore_loss_free": "6 StructMoE, LoRE loss-free bias",
+        "tiny_structmoe_lorebal_global": "7 StructMoE, global-batch LoRE loss 0.01",
+    },
+    pairs=[
+        ("tiny_moe_global_lbl", "tiny_moe", "global-batch Switch loss vs per micro-batch"),
+        ("tiny_moe_loss_free", "tiny_moe", "loss-free bias vs Switch loss"),
+        ("tiny_structmoe_lorebal", "tiny_structmoe", "LoRE loss vs no LoRE balancing"),
+        ("tiny_structmoe_lore_loss_free", "tiny_structmoe", "LoRE loss-free bias vs no LoRE balancing"),
+        ("tiny_structmoe_lorebal_global", "tiny_structmoe", "global-batch LoRE loss vs no LoRE balancing"),
+        ("tiny_structmoe_lorebal_global", "tiny_structmoe_lorebal", "global-batch LoRE loss vs per micro-batch"),
+        ("tiny_structmoe_lore_loss_free", "tiny_structmoe_lorebal", "LoRE loss-free bias vs LoRE loss"),
+    ],
+    difference_panels=[
+        ("tiny_moe", ["tiny_moe_global_lbl", "tiny_moe_loss_free"]),
+        ("tiny_structmoe", ["tiny_structmoe_lorebal", "tiny_structmoe_lore_loss_free",
+                            "tiny_structmoe_lorebal_global"]),
+    ],
+    lore_arms=["tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_lore_loss_free",
+               "tiny_structmoe_lorebal_global"],
+    overrides=["--train_micro_batch_size_per_gpu", "4", "--gradient_accumulation_steps", "4"],
+)
+STUDIES = {study.name: study for study in (STRUCTMOE, ROUTING)}
 
 
 def load_curves(run_dir: Path, kind: str) -> tuple[list[int], list[float]]:
@@ -81,9 +133,9 @@ def load_curves(run_dir: Path, kind: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def pair_table(groups: dict[str, dict]) -> list[dict]:
+def pair_table(groups: dict[str, dict], study: Study = STRUCTMOE) -> list[dict]:
     rows = []
-    for method, baseline, question in PAIRS:
+    for method, baseline, question in study.pairs:
         if method not in groups or baseline not in groups:
             continue
         diff = paired_difference(groups[method]["final_val_per_seed"], groups[baseline]["final_val_per_seed"])
@@ -109,14 +161,15 @@ def plot_pairs(rows: list[dict], output: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, dict], output: Path) -> dict[str, dict]:
-    """Validation loss per arm (mean over seeds) beside each difference panel of DIFFERENCE_PANELS; returns the
+def plot_curves(curves: dict[str, dict], output: Path, study: Study = STRUCTMOE) -> dict[str, dict]:
+    """Validation loss per arm (mean over seeds) beside each of the study's difference panels; returns the
     paired curve differences drawn, per arm."""
-    colors = {arm: f"C{i % 10}" for i, arm in enumerate(ARMS)}
-    fig, axes = plt.subplots(1, 1 + len(DIFFERENCE_PANELS), figsize=(6 * (1 + len(DIFFERENCE_PANELS)), 5))
-    draw_curves(axes[0], {arm: curves[arm] for arm in ARMS if arm in curves}, colors, spread=False)
+    panels = study.difference_panels
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(study.arms)}
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 * (1 + len(panels)), 5))
+    draw_curves(axes[0], {arm: curves[arm] for arm in study.arms if arm in curves}, colors, spread=False)
     drawn: dict[str, dict] = {}
-    for ax, (baseline, arms) in zip(axes[1:], DIFFERENCE_PANELS):
+    for ax, (baseline, arms) in zip(axes[1:], panels):
         differences = {arm: curve_difference(curves[arm], curves[baseline]) for arm in arms
                        if arm in curves and baseline in curves}
         differences = {arm: d for arm, d in differences.items() if d is not None}
@@ -167,24 +220,25 @@ def plot_loads(curves: dict[str, dict[str, list[list]]], output: Path) -> dict[s
     return finals
 
 
-def redraw(out: Path) -> list[str]:
-    """The figures again from OUT/structmoe_study.json alone (no runs needed); returns the files written. Analyses
+def redraw(out: Path, study: Study = STRUCTMOE) -> list[str]:
+    """The figures again from OUT/NAME_study.json alone (no runs needed); returns the files written. Analyses
     from before the JSON held curves redraw only the pairs figure."""
-    result = json.loads((out / "structmoe_study.json").read_text())
+    prefix = f"{study.name}_study"
+    result = json.loads((out / f"{prefix}.json").read_text())
     written = []
-    plot_pairs(result["pairs"], out / "structmoe_study_pairs.png")
-    written.append("structmoe_study_pairs.png")
+    plot_pairs(result["pairs"], out / f"{prefix}_pairs.png")
+    written.append(f"{prefix}_pairs.png")
     curves = {arm: g["val_curve_per_seed"] for arm, g in result["groups"].items() if "val_curve_per_seed" in g}
     if curves:
-        plot_curves(curves, out / "structmoe_study.png")
-        written.append("structmoe_study.png")
+        plot_curves(curves, out / f"{prefix}.png", study)
+        written.append(f"{prefix}.png")
     if result.get("load_curves"):
-        plot_loads(result["load_curves"], out / "structmoe_study_lore_load.png")
-        written.append("structmoe_study_lore_load.png")
+        plot_loads(result["load_curves"], out / f"{prefix}_lore_load.png")
+        written.append(f"{prefix}_lore_load.png")
     return written
 
 
-def routing_diagnosis(runs: list[Path], sequences: int) -> dict[str, dict]:
+def routing_diagnosis(runs: list[Path], sequences: int, study: Study = STRUCTMOE) -> dict[str, dict]:
     """tools/lore_routing.py on the final checkpoint of every routed-LoRE arm's runs (mean over seeds and layers)."""
     from lore_routing import analyse_layer, lore_inputs
     from lsh_calibrate import validation_tokens
@@ -194,7 +248,7 @@ def routing_diagnosis(runs: list[Path], sequences: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for run in runs:
         arm = run.name.rsplit("_s", 1)[0]
-        if arm not in LORE_ARMS:
+        if arm not in study.lore_arms:
             continue
         args, model, _ = load_pretrained(run)
         inputs = lore_inputs(model, validation_tokens(args, sequences))
@@ -208,10 +262,11 @@ def millions(count: int | None) -> str:
     return "-" if count is None else f"{count / 1e6:.2f}M"
 
 
-def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: dict) -> str:
+def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: dict, study: Study = STRUCTMOE
+             ) -> str:
     lines = ["| arm | config | seeds | final val loss (mean ± sd) | best val | total params | active params "
              "| tokens/s | training time |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, arm in ARMS.items():
+    for name, arm in study.arms.items():
         if name not in groups:
             continue
         g = groups[name]
@@ -225,7 +280,7 @@ def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: 
                      f"({r['ci_low']:+.4f}, {r['ci_high']:+.4f}) | {r['verdict']} |")
     lines += ["", "| arm | final LoRE load entropy | final expert load entropy | mean share of rows' energy | "
               "offset / content | entropy as trained | entropy with input centred |", "|---|---|---|---|---|---|---|"]
-    for arm in LORE_ARMS:
+    for arm in study.lore_arms:
         if arm in loads:
             d = diagnosis.get(arm, {})
             cells = [f"{d[k]:.3f}" if k in d else "-" for k in
@@ -237,26 +292,31 @@ def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "structmoe_study", help="the sweep folder")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="structmoe")
+    parser.add_argument("--runs", type=Path, default=None, help="the sweep folder (default: runs/NAME_study)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--analyse-only", action="store_true")
     parser.add_argument("--print", action="store_true", help="print the training commands and stop")
     parser.add_argument("--redraw", action="store_true",
-                        help="redraw the figures from OUT/structmoe_study.json alone (no runs needed)")
+                        help="redraw the figures from OUT/NAME_study.json alone (no runs needed)")
     parser.add_argument("--sequences", type=int, default=64,
                         help="held-out sequences for the routing diagnosis of the final checkpoints; 0: none")
     opts, overrides = parser.parse_known_args(argv)
+    study = STUDIES[opts.study]
+    prefix = f"{study.name}_study"
+    runs_dir = opts.runs or REPO / "runs" / prefix
     if opts.redraw:
-        written = redraw(opts.out)
+        written = redraw(opts.out, study)
         print(f"redrawn in {opts.out}: {', '.join(written)}")
-        if "structmoe_study.png" not in written:
+        if f"{prefix}.png" not in written:
             print("the JSON has no per-seed curves (written by analyses since they were added): "
-                  "structmoe_study.png and structmoe_study_lore_load.png left as they are")
+                  f"{prefix}.png and {prefix}_lore_load.png left as they are")
         return {"redrawn": written}
-    configs = [str(REPO / "configs" / f"{name}.yml") for name in ARMS]
-    runs = [make_run(config, 1234 + s, opts.runs, overrides) for s in range(opts.seeds) for config in configs]
+    configs = [str(REPO / "configs" / f"{name}.yml") for name in study.arms]
+    runs = [make_run(config, 1234 + s, runs_dir, study.overrides + overrides)
+            for s in range(opts.seeds) for config in configs]
     if opts.print:
         for run in runs:
             print("python train.py " + " ".join(run.argv))
@@ -265,22 +325,23 @@ def main(argv: list[str] | None = None) -> dict:
         run_all(runs, opts.jobs)
     finished = [run.folder for run in runs if run.finished]
     if not finished:
-        sys.exit(f"structmoe_study: no finished runs in {opts.runs}")
+        sys.exit(f"{prefix}: no finished runs in {runs_dir}")
     opts.out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(run) for run in expand(finished)]
-    groups = group(summaries, "tiny_moe_matched" if any(s["config"] == "tiny_moe_matched" for s in summaries) else None)
+    baseline = study.difference_panels[0][0]
+    groups = group(summaries, baseline if any(s["config"] == baseline for s in summaries) else None)
     curve_differences = plot_curves({name: g["val_curve_per_seed"] for name, g in groups.items()},
-                                    opts.out / "structmoe_study.png")
-    rows = pair_table(groups)
-    plot_pairs(rows, opts.out / "structmoe_study_pairs.png")
+                                    opts.out / f"{prefix}.png", study)
+    rows = pair_table(groups, study)
+    plot_pairs(rows, opts.out / f"{prefix}_pairs.png")
     load_curves = load_curves_by_arm(finished)
-    loads = plot_loads(load_curves, opts.out / "structmoe_study_lore_load.png")
-    diagnosis = routing_diagnosis(finished, opts.sequences) if opts.sequences else {}
-    table = markdown(groups, rows, loads, diagnosis)
-    (opts.out / "structmoe_study.md").write_text(table)
+    loads = plot_loads(load_curves, opts.out / f"{prefix}_lore_load.png")
+    diagnosis = routing_diagnosis(finished, opts.sequences, study) if opts.sequences else {}
+    table = markdown(groups, rows, loads, diagnosis, study)
+    (opts.out / f"{prefix}.md").write_text(table)
     result = {"groups": groups, "pairs": rows, "final_loads": loads, "routing_diagnosis": diagnosis,
               "curve_differences": curve_differences, "load_curves": load_curves}
-    (opts.out / "structmoe_study.json").write_text(json.dumps(result, indent=1))
+    (opts.out / f"{prefix}.json").write_text(json.dumps(result, indent=1))
     print(table)
     print(f"figures and tables in {opts.out}")
     return result
