@@ -15,10 +15,11 @@ bias; StructMoE with no LoRE balancing, the LoRE loss, the LoRE loss-free bias, 
 routing arm splits the same 16-sequence batch into 4 micro-batches of 4 (the configs' own setting for the new
 arms, an override for the three older ones), so a micro-batch is not the global batch, and trains 250 steps.
 Every arm sees the same tokens in the same order for a seed (the batches are a function of seed and step), so
-differences are paired seed by seed. Writes OUT/NAME_study.{png,json,md}, OUT/NAME_study_pairs.png and OUT/NAME_study_lore_load.png,
-OUT defaulting to docs/results/. NAME_study.png has the arms' mean validation curves beside the difference
-panels: each arm's validation loss minus its baseline arm's, seed by seed, as a mean line with a ±1 sd band.
-The JSON keeps the per-seed validation curves and the load-entropy curves, so the figures redraw without the runs.
+differences are paired seed by seed. Writes OUT/NAME_study.{png,json,md}, OUT/NAME_study_pairs.png and
+OUT/NAME_study_lore_load.png, OUT defaulting to docs/results/. NAME_study.png has the arms' mean validation
+curves beside the difference panels: each arm's validation loss minus its baseline arm's, seed by seed, as a
+mean line with a ±1 sd band. The JSON keeps the per-seed validation curves and the load-entropy curves, so the
+figures redraw without the runs.
 """
 
 from __future__ import annotations
@@ -198,6 +199,10 @@ def load_curves_by_arm(runs: list[Path]) -> dict[str, dict[str, list[list]]]:
                 points = min(len(c[0]) for c in curves)
                 mean = [sum(c[1][j] for c in curves) / len(curves) for j in range(points)]
                 out.setdefault(arm, {})[kind] = [curves[0][0][:points], mean]
+        tables = [v for r in read_records(find_metrics(arm_runs[0])) for k, v in r.items()
+                  if k.startswith("moe/layer") and k.endswith("/lore_load")]
+        if tables and arm in out:
+            out[arm]["num_lores"] = len(tables[0][0])  # M, from a [E][M] load table
     return out
 
 
@@ -211,6 +216,8 @@ def plot_loads(curves: dict[str, dict[str, list[list]]], output: Path) -> dict[s
                 steps, mean = kinds[kind]
                 ax.plot(steps, mean, color=f"C{i % 10}", label=arm)
                 finals.setdefault(arm, {})[kind] = mean[-1]
+        if "lore" in kinds and "num_lores" in kinds:  # a normalised entropy h of M shares: M^h LoREs in effect
+            finals[arm]["lores_in_use"] = kinds["num_lores"] ** kinds["lore"][1][-1]
     for ax, title in ((ax_lore, "LoRE load entropy within experts"), (ax_expert, "expert load entropy")):
         ax.set_title(f"{title} (normalised, mean over layers and seeds)", fontsize=9)
         ax.set_xlabel("step")
@@ -281,15 +288,21 @@ def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: 
     for r in rows:
         lines.append(f"| {r['question']} | `{r['method']}` - `{r['baseline']}` | {r['pairs']} | {r['mean']:+.4f} | "
                      f"({r['ci_low']:+.4f}, {r['ci_high']:+.4f}) | {r['verdict']} |")
-    lines += ["", "| arm | final LoRE load entropy | final expert load entropy | mean share of rows' energy | "
-              "offset / content | entropy as trained | entropy with input centred |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| arm | final LoRE load entropy | LoREs in use (M^entropy) | final expert load entropy | "
+              "mean share of rows' energy | offset / content | entropy as trained | entropy with input centred |",
+              "|---|---|---|---|---|---|---|---|"]
     for arm in study.lore_arms:
         if arm in loads:
             d = diagnosis.get(arm, {})
             cells = [f"{d[k]:.3f}" if k in d else "-" for k in
                      ("mean_share", "offset_over_content", "entropy_trained", "entropy_centred")]
             lore, expert = loads[arm].get("lore", math.nan), loads[arm].get("expert", math.nan)
-            lines.append(f"| `{arm}` | {lore:.3f} | {expert:.3f} | " + " | ".join(cells) + " |")
+            in_use = f"{loads[arm]['lores_in_use']:.1f}" if "lores_in_use" in loads[arm] else "-"
+            lines.append(f"| `{arm}` | {lore:.3f} | {in_use} | {expert:.3f} | " + " | ".join(cells) + " |")
+    plain = [arm for arm in study.arms if arm not in study.lore_arms and arm in loads]
+    if plain and study.name == "routing":  # the plain-MoE arms' expert balance too
+        lines += ["", "| arm | final expert load entropy |", "|---|---|"]
+        lines += [f"| `{arm}` | {loads[arm].get('expert', math.nan):.3f} |" for arm in plain]
     return "\n".join(lines) + "\n"
 
 
