@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron.model.moe import LoREConfig, MoELayer, lore, router
+from megatron.model.moe import Balancing, LoREConfig, MoELayer, lore, router
 from megatron.model.moe.kernels import accumulate_grouped_matmul
 from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig
 
@@ -58,6 +58,7 @@ def record_syncs(monkeypatch):
     return recorder
 
 
+GLOBAL_BIAS = Balancing(bias=True, lbl_scope="global_batch")  # sigmoid scores, biased choice, running counts
 LAYERS = {
     "plain_top2": dict(num_experts=8, top_k=2),
     "structmoe_l1": dict(num_experts=8, top_k=1, lore=LoREConfig(8, 8, top_l=1)),
@@ -65,6 +66,9 @@ LAYERS = {
     "router_free": dict(num_experts=8, top_k=1, lore=LoREConfig(8, 8, mode="router_free")),
     "standalone": dict(num_experts=8, top_k=1, lore=LoREConfig(8, 8, mode="standalone")),
     "swiglu_shared": dict(num_experts=8, top_k=2, activation="swiglu", num_shared_experts=1),
+    "routing_remedies": dict(num_experts=8, top_k=2, score_function="sigmoid", balancing=GLOBAL_BIAS,
+                             lore=LoREConfig(8, 8, top_l=1, balancing=GLOBAL_BIAS)),
+    "sequence_loss": dict(num_experts=8, top_k=2, balancing=Balancing(lbl_scope="sequence")),
 }
 
 
