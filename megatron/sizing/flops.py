@@ -120,7 +120,10 @@ def peak_tflops(device: torch.device, precision: str) -> tuple[float, str]:
     dtype = {"bfloat16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     dtype = torch.float32 if device.type == "cpu" else dtype  # CPU configs train in fp32
     n = 1024 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: drawing from the global one would shift dropout and jitter from the first log on, which
+    # a resumed run reaches at another step
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
     for _ in range(2):
         a @ b
     _synchronize(device)
