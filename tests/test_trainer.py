@@ -16,9 +16,11 @@ import train  # noqa: E402
 MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_zloss_coeff": 0.001}
 # the rotation changes at steps 3 and 6, on both sides of the resume at step 4
 LSH_REFRESHED = {**MOE, "lsh_compression": True, "lsh_hash_dim": 4, "lsh_rotation_refresh_interval": 3}
+# draws random numbers every step: the resumed run must continue the saved generator state, not a fresh one
+RANDOM = {**MOE, "hidden_dropout": 0.1, "attention_dropout": 0.1, "moe_jitter_eps": 0.1}
 
 
-@pytest.mark.parametrize("extra", [{}, MOE, LSH_REFRESHED], ids=["dense", "moe", "lsh-refreshed"])
+@pytest.mark.parametrize("extra", [{}, MOE, LSH_REFRESHED, RANDOM], ids=["dense", "moe", "lsh-refreshed", "dropout"])
 def test_resume_continues_exactly(tmp_path, data_prefix, extra):
     straight = train.run([str(write_config(tmp_path / "a", data_prefix, **extra))])
     config = write_config(tmp_path / "b", data_prefix, **extra)
