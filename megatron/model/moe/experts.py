@@ -22,23 +22,12 @@ import torch
 import torch.nn as nn
 
 from megatron.model.activations import activate, up_width
+from megatron.model.moe.init import normal_init_slice
 from megatron.model.moe.kernels import compute_dtype, gmm_available, grouped_matmul
 
 if TYPE_CHECKING:
     from megatron.model.moe.dispatcher import RowSources
     from megatron.model.moe.lore import LoREBank
-
-
-
-def normal_init_slice(shape: tuple[int, ...], std: float, rows: range | None = None) -> torch.Tensor:
-    """N(0, std^2) draws for the full `shape`, keeping only `rows` of dim 0 (this rank's experts).
-
-    Drawing the full tensor and slicing it makes every layout start from the weights one rank would
-    have: the same random stream, consumed the same way, whatever the expert-parallel size.
-    """
-    full = torch.empty(shape)
-    nn.init.normal_(full, std=std)
-    return full if rows is None or len(rows) == shape[0] else full[rows.start:rows.stop].clone()
 
 
 class GroupedExperts(nn.Module):

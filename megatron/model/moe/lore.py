@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from megatron.model.activations import up_width
 from megatron.model.moe.dispatcher import RowSources
-from megatron.model.moe.experts import normal_init_slice
+from megatron.model.moe.init import normal_init_slice
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul
 from megatron.model.moe.router import Balancing, bias_step, choose_top_k, count_ids, sum_over_ranks
 

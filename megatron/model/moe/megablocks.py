@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.moe import kernels
-from megatron.model.moe.experts import normal_init_slice
+from megatron.model.moe.init import normal_init_slice
 from megatron.model.moe.kernels import grouped_matmul
 
 NEEDS = ("moe_impl: megablocks needs CUDA and Megablocks' grouped GEMM kernel: pip install grouped_gemm "
