@@ -431,7 +431,8 @@ def _worker(opts: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from megatron.model.moe.dispatcher import LSHDispatcher
-    from megatron.model.moe.lsh import LSHConfig, relative_error
+    from megatron.model.moe.lsh import LSHConfig
+    from megatron.model.moe.lsh_probes import relative_error
 
     torch.set_num_threads(1)
     rank = opts.rank

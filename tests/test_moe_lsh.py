@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
-from megatron.model.moe.lsh import CompressionErrorProbe, CrossPolytopeHash, LSHConfig, compress, decompress
+from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig, compress, decompress
+from megatron.model.moe.lsh_probes import CompressionErrorProbe
 from megatron.parallel.expert_parallel import ExpertParallel
 
 

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from megatron.config import ConfigError  # noqa: E402
 from megatron.model.moe.dispatcher import LSHDispatcher  # noqa: E402
-from megatron.model.moe.lsh import LSHConfig, outputs_under, relative_error  # noqa: E402
+from megatron.model.moe.lsh import LSHConfig  # noqa: E402
+from megatron.model.moe.lsh_probes import outputs_under, relative_error  # noqa: E402
 
 DEFAULT_SETTINGS = "1x8,1x16,1x32,1x64,2x4,2x8,2x16,2x32"
 

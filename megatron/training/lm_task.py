@@ -23,7 +23,7 @@ from megatron.model.build import gpt_config_from_args
 from megatron.model.compile import compile_regions, compile_wanted
 from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
-from megatron.model.moe.lsh import CompressionErrorProbe, hashers_of
+from megatron.model.moe.lsh_probes import CompressionErrorProbe, hashers_of
 from megatron.model.moe.stats import routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
