@@ -83,8 +83,11 @@ class ParallelModel:
             self.module = model
         else:
             if dims.ep_size > 1:  # experts differ per EP rank: DDP must leave them to `reduce_gradients`
+                # ... and their buffers (LoRE biases and running counts), which are per EP rank too
+                expert_buffers = [f"{prefix}.{name}" for prefix, (module, _) in expert_modules(model).items()
+                                  for name, _ in module.named_buffers()]
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, list(expert_state_names(model)))
+                    model, list(expert_names) + expert_buffers)
             self.module = DistributedDataParallel(model)
         # after wrapping: FSDP2 replaces the parameter objects (by DTensors of the same names)
         named = dict(model.named_parameters())
