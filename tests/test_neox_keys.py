@@ -148,13 +148,11 @@ def test_bad_neox_keys_are_one_line_errors(tmp_path, text, message):
         load_config([write(tmp_path, text)])
 
 
-def test_sliding_window_is_supported_exactly_when_the_schema_has_it(tmp_path):
-    path = write(tmp_path, "sliding_window_width: 64\n")
-    if "sliding_window_width" in NeoXArgs.model_fields:
-        assert load_config([path]).sliding_window_width == 64
-    else:
-        with pytest.raises(ConfigError, match="sliding_window_width: 64 is not supported"):
-            load_config([path])
+def test_sliding_window_width_is_read_as_given(tmp_path):
+    """NeoX's sliding_window_width (Mistral's window) is a setting here: loaded, not refused or dropped."""
+    args = load_config([write(tmp_path, "sliding_window_width: 64\n")])
+    assert args.sliding_window_width == 64
+    assert "sliding_window_width" not in args.ignored_keys
     assert "sliding_window_width" in nk.NEOX_KEYS
 
 
