@@ -35,7 +35,7 @@ def test_placement_is_balanced_and_contiguous(experts, ranks, expected):
 
 
 def test_placement_needs_an_expert_per_rank():
-    with pytest.raises(ValueError, match="between 1 and moe_num_experts 2"):
+    with pytest.raises(ValueError, match="moe_expert_parallel_size 4 > moe_num_experts 2: every EP rank"):
         experts_per_rank(2, 4)
 
 

@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config import ConfigError, load_config  # noqa: E402
+from megatron.parallel.expert_parallel import check_ep_layout  # noqa: E402
 from megatron.sizing.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory  # noqa: E402
 from megatron.sizing.params import count_parameters  # noqa: E402
 
@@ -70,8 +71,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("give --world W and --zero S (and --ep EP), or --layouts")
         if args.world < 1:
             parser.error(f"--world {args.world} must be >= 1")
-        if args.ep < 1 or args.world % args.ep:
-            parser.error(f"--ep {args.ep} must divide --world {args.world}")
     if args.gpu_gb is not None and args.gpu_gb <= 0:
         parser.error(f"--gpu-gb {args.gpu_gb:g} must be positive")
     return args
@@ -82,12 +81,12 @@ def load(paths: list[str], world: int, zero: int):
     return load_config(paths, ["--moe_expert_parallel_size", "1", "--zero_stage", str(zero)], data_parallel_size=world)
 
 
-def check_ep(config, ep: int) -> str | None:
-    """Why this EP cannot run this config, naming the flag, or None."""
-    if ep > 1 and config.moe_num_experts <= 1:
-        return f"--ep {ep} needs an MoE config (moe_num_experts is {config.moe_num_experts})"
-    if ep > max(config.moe_num_experts, 1):
-        return f"--ep {ep} > moe_num_experts {config.moe_num_experts}: every EP rank must hold an expert"
+def check_ep(config, world: int, ep: int) -> str | None:
+    """Why this EP cannot run this config on `world` ranks, naming the flags, or None."""
+    try:
+        check_ep_layout(ep, config.moe_num_experts, world, "--ep", "--world")
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -116,7 +115,7 @@ def one_layout(args: argparse.Namespace) -> None:
         config = load(args.configs, args.world, args.zero)
     except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"estimate_memory: {where}: {err}")
-    problem = check_ep(config, args.ep)
+    problem = check_ep(config, args.world, args.ep)
     if problem:
         sys.exit(f"estimate_memory: {problem}")
     try:
@@ -155,7 +154,7 @@ def layout_table(args: argparse.Namespace) -> None:
                 print(header(config, args.configs))
                 described = True
             for ep in args.eps:
-                if check_ep(config, ep) or world % ep:
+                if check_ep(config, world, ep):
                     continue  # not a layout of this config
                 cells = [str(world), str(ep), "DDP" if zero == 0 else str(zero)]
                 try:

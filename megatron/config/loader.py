@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from megatron.config.neox_keys import NEOX_KEYS, REJECTED, SUPPORTED, TRANSLATED
 from megatron.config.schema import NeoXArgs
 from megatron.model.moe.lsh import LSHConfig
+from megatron.parallel.expert_parallel import check_ep_layout
 
 log = logging.getLogger("megatron.config")
 COMMAND_LINE = "command line"
@@ -315,15 +316,10 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     if args.is_moe and not moe_layers:
         raise ConfigError(f"moe_first_layer {args.moe_first_layer} leaves no MoE layer in num_layers "
                           f"{args.num_layers}: expected a layer index below {args.num_layers}")
-    if args.moe_expert_parallel_size > 1:
-        ep = args.moe_expert_parallel_size
-        if not args.is_moe:
-            raise ConfigError(f"moe_expert_parallel_size {ep} needs an MoE model (moe_num_experts > 1)")
-        if ep > args.moe_num_experts:
-            raise ConfigError(f"moe_expert_parallel_size {ep} > moe_num_experts {args.moe_num_experts}: "
-                              "every EP rank must hold at least one expert")
-        if data_parallel_size % ep:
-            raise ConfigError(f"moe_expert_parallel_size {ep} must divide the number of ranks {data_parallel_size}")
+    try:
+        check_ep_layout(args.moe_expert_parallel_size, args.moe_num_experts, data_parallel_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if args.lsh_compression:
         if not args.is_moe:
             raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")

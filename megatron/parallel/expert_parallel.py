@@ -16,10 +16,26 @@ import torch
 import torch.distributed as dist
 
 
+def check_ep_layout(ep_size: int, num_experts: int | None = None, world_size: int | None = None,
+                    ep_name: str = "moe_expert_parallel_size", world_name: str = "the number of ranks") -> None:
+    """The one rule for an expert-parallel layout, as a one-line ValueError: EP needs an MoE model, every EP rank
+    holds at least one expert, and EP groups tile the world. A caller leaves out (None) what it does not know, and
+    names the EP size and world size as its user gave them (a config key, a flag)."""
+    if ep_size < 1:
+        raise ValueError(f"{ep_name} {ep_size} must be >= 1")
+    if num_experts is not None:
+        if ep_size > 1 and num_experts <= 1:
+            raise ValueError(f"{ep_name} {ep_size} needs an MoE model (moe_num_experts > 1)")
+        if ep_size > max(num_experts, 1):
+            raise ValueError(f"{ep_name} {ep_size} > moe_num_experts {num_experts}: "
+                             "every EP rank must hold at least one expert")
+    if world_size is not None and world_size % ep_size:
+        raise ValueError(f"{ep_name} {ep_size} must divide {world_name} {world_size}")
+
+
 def experts_per_rank(num_experts: int, ep_size: int) -> list[int]:
     """Experts held by each EP rank: ceil(E/P) for the first E mod P ranks, floor(E/P) for the rest."""
-    if ep_size < 1 or num_experts < ep_size:
-        raise ValueError(f"moe_expert_parallel_size {ep_size} must be between 1 and moe_num_experts {num_experts}")
+    check_ep_layout(ep_size, num_experts)
     base, extra = divmod(num_experts, ep_size)
     return [base + (1 if p < extra else 0) for p in range(ep_size)]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron.parallel.distributed import DistInfo, subgroup_backend_override
-from megatron.parallel.expert_parallel import ExpertParallel
+from megatron.parallel.expert_parallel import ExpertParallel, check_ep_layout
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,9 @@ class ParallelDims:
         return ExpertParallel(self.ep_size, self.ep_rank, self.expert_mesh["ep"].get_group())
 
 
-def check_layout(world_size: int, ep_size: int) -> None:
-    if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"moe_expert_parallel_size {ep_size} must divide the number of ranks {world_size}")
-
-
 def build_parallel_dims(dist_info: DistInfo, ep_size: int = 1) -> ParallelDims:
     """Meshes for this run; call after `init_distributed` (they build process groups)."""
-    check_layout(dist_info.world_size, ep_size)
+    check_ep_layout(ep_size, world_size=dist_info.world_size)
     if not dist_info.is_distributed:
         return ParallelDims(1, 1, 0)
     device = dist_info.device.type

@@ -45,7 +45,7 @@ from megatron.model.activations import is_gated, up_width
 from megatron.model.build import gpt_config_from_args, moe_settings_from_args
 from megatron.model.gpt import GPT, mlp_width
 from megatron.parallel.data_parallel import expert_parameter_names, expert_shard_dim
-from megatron.parallel.expert_parallel import experts_per_rank
+from megatron.parallel.expert_parallel import check_ep_layout, experts_per_rank
 from megatron.sizing.params import count_parameters
 
 FP32 = 4
@@ -111,13 +111,7 @@ def check_layout(args, world_size: int, ep_size: int, zero_stage: int) -> None:
         raise ValueError(f"world size {world_size} must be >= 1")
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage {zero_stage} must be 0, 1, 2 or 3")
-    if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"expert-parallel size {ep_size} must divide the world size {world_size}")
-    if ep_size > 1 and args.moe_num_experts <= 1:
-        raise ValueError(f"expert-parallel size {ep_size} needs an MoE model (moe_num_experts > 1)")
-    if ep_size > max(args.moe_num_experts, 1):
-        raise ValueError(f"expert-parallel size {ep_size} > moe_num_experts {args.moe_num_experts}: "
-                         "every EP rank must hold at least one expert")
+    check_ep_layout(ep_size, args.moe_num_experts, world_size, "expert-parallel size", "the world size")
 
 
 def estimate_memory(args, world_size: int, ep_size: int, zero_stage: int) -> MemoryEstimate:
