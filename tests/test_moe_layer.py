@@ -69,13 +69,16 @@ def check_against_reference(layer: MoELayer, T: int, D: int, activation: str = "
     y_ref = reference_moe(layer, x_ref, activation)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     grad_out = torch.randn_like(y)
-    params = [p for p in layer.parameters()]
-    grads = torch.autograd.grad(y, [x] + params, grad_out, allow_unused=True)
-    grads_ref = torch.autograd.grad(y_ref, [x_ref] + params, grad_out, allow_unused=True)
-    for g, g_ref in zip(grads, grads_ref):
-        if g_ref is None:
-            continue  # fp32 rounding grows with the values (gated: products of two projections)
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(g_ref.abs().max())))
+    names, params = zip(*[("x", x), *layer.named_parameters()])
+    grads = torch.autograd.grad(y, params, grad_out, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, (x_ref, *params[1:]), grad_out, allow_unused=True)
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        if g is None or g_ref is None:  # a parameter the output does not use: on both sides, or a stray gradient
+            assert g is None and g_ref is None, f"{name}: layer gradient {g is not None}, reference {g_ref is not None}"
+            continue
+        # fp32 rounding grows with the values (gated: products of two projections)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(g_ref.abs().max())),
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
