@@ -2,6 +2,7 @@
 
     python benchmarks/moe_layer.py            # the paper's 125M shape: d=768, ed=3072, 8 experts, top-1, 4096 tokens
     python benchmarks/moe_layer.py --quick    # tiny shapes, a smoke test
+    python benchmarks/moe_layer.py --repeats 7 --json docs/results/moe_layer.json   # the figures the docs quote
 
 Variants are interleaved repeat by repeat and medians taken, so drift in the machine's speed hits all alike.
 Like train.py on CPU, it keeps freed memory in the process (megatron/runtime.py); --default-malloc
@@ -12,6 +13,8 @@ measures with glibc's default instead. Memory is the bytes of tensors autograd s
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -62,30 +65,20 @@ def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     module.zero_grad(set_to_none=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's default (unmap large freed blocks), as train.py does not on CPU")
-    args = parser.parse_args()
-    if not args.default_malloc:
-        keep_freed_memory_in_process()  # as train.py does on CPU
-    torch.set_num_threads(2)
+def measure(tokens: int, repeats: int, quick: bool) -> dict:
+    """Times and saved-tensor memory of every variant, interleaved repeat by repeat; a JSON-ready dict."""
     torch.manual_seed(0)
-    d, f, experts, lores, rank = (768, 3072, 8, 32, 64) if not args.quick else (64, 256, 8, 8, 8)
-    tokens = args.tokens if not args.quick else 512
+    d, f, experts, lores, rank = (768, 3072, 8, 32, 64) if not quick else (64, 256, 8, 8, 8)
     lore = LoREConfig(lores, rank, 1, "entangled")
     structmoe_params = sum(moe_param_counts(d, f, experts, lore).values())
     per_expert = moe_param_counts(d, f, 1, None)
     matched = round((structmoe_params) / (per_expert["experts"] + per_expert["routers"]))
     variants = {
-        f"plain MoE, {experts} experts": MoELayer(d, f, experts, 1),
-        f"StructMoE (M={lores}, r={rank}, l=1)": MoELayer(d, f, experts, 1, lore=lore),
-        "StructMoE router-free": MoELayer(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "router_free")),
-        "StructMoE standalone": MoELayer(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "standalone")),
-        f"plain MoE, {matched} experts (matched)": MoELayer(d, f, matched, 1),
+        f"plain MoE, {experts} experts": MoELayer.build(d, f, experts, 1),
+        f"StructMoE (M={lores}, r={rank}, l=1)": MoELayer.build(d, f, experts, 1, lore=lore),
+        "StructMoE router-free": MoELayer.build(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "router_free")),
+        "StructMoE standalone": MoELayer.build(d, f, experts, 1, lore=LoREConfig(lores, rank, 1, "standalone")),
+        f"plain MoE, {matched} experts (matched)": MoELayer.build(d, f, matched, 1),
         "dense MLP, equal FLOPs": DenseMLP(d, f),
     }
     x = torch.randn(tokens, d, requires_grad=True)
@@ -94,33 +87,71 @@ def main() -> None:
         for module in variants.values():
             step(module, x, grad)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, module in variants.items():
             start = time.perf_counter()
             step(module, x, grad)
             times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    memory = {name: saved_bytes(module, x) for name, module in variants.items()}
-    names = list(variants)
-    plain, struct, dense = names[0], names[1], names[-1]
+    return {
+        "tokens": tokens, "hidden_size": d, "ffn_hidden_size": f, "experts": experts, "matched_experts": matched,
+        "threads": torch.get_num_threads(), "repeats": repeats,
+        "variants": [{"name": name, "params": sum(p.numel() for p in module.parameters()),
+                      "seconds": times[name], "saved_bytes": saved_bytes(module, x)}
+                     for name, module in variants.items()],
+    }
 
-    print(f"tokens={tokens} d={d} ed={f} top-1 fp32 fwd+bwd, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    print(f"{'layer':<40}{'params':>12}{'time (s)':>10}{'vs plain':>10}{'saved MB':>10}{'vs plain':>10}")
-    for name, module in variants.items():
-        n = sum(p.numel() for p in module.parameters())
-        print(f"{name:<40}{n / 1e6:>11.1f}M{median[name]:>10.3f}{median[name] / median[plain]:>10.3f}"
-              f"{memory[name] / 2**20:>10.1f}{memory[name] / memory[plain]:>10.3f}")
+
+def format_report(result: dict) -> str:
+    """The printed table and ratios, computed from a measure() result alone (docs quote this text)."""
+    variants = result["variants"]
+    median = {v["name"]: statistics.median(v["seconds"]) for v in variants}
+    memory = {v["name"]: v["saved_bytes"] for v in variants}
+    names = [v["name"] for v in variants]
+    plain, struct, matched, dense = names[0], names[1], names[4], names[-1]
+    tokens, d, f = result["tokens"], result["hidden_size"], result["ffn_hidden_size"]
+    lines = [f"tokens={tokens} d={d} ed={f} top-1 fp32 fwd+bwd, {result['threads']} threads, "
+             f"median of {result['repeats']}",
+             f"{'layer':<40}{'params':>12}{'time (s)':>10}{'vs plain':>10}{'saved MB':>10}{'vs plain':>10}"]
+    for v in variants:
+        name = v["name"]
+        lines.append(f"{name:<40}{v['params'] / 1e6:>11.1f}M{median[name]:>10.3f}{median[name] / median[plain]:>10.3f}"
+                     f"{memory[name] / 2**20:>10.1f}{memory[name] / memory[plain]:>10.3f}")
     flops = 3 * 2 * tokens * 2 * d * f  # fwd + bwd (2x) of the two expert matmuls, top-1
     moe_rate, dense_rate = flops / median[plain], flops / median[dense]
-    print()
-    print(f"StructMoE / plain {experts}-expert time       {median[struct] / median[plain]:.3f}  (target <= 1.15)")
-    print(f"StructMoE / matched {matched}-expert time     {median[struct] / median[names[4]]:.3f}")
+    lines.append("")
+    lines.append(f"StructMoE / plain {result['experts']}-expert time       {median[struct] / median[plain]:.3f}  "
+                 "(target <= 1.15)")
+    lines.append(f"StructMoE / matched {result['matched_experts']}-expert time     "
+                 f"{median[struct] / median[matched]:.3f}")
     for ablation in names[2:4]:
-        print(f"{ablation} / plain time  {median[ablation] / median[plain]:.3f}")
-    print(f"StructMoE / plain saved-tensor memory  {memory[struct] / memory[plain]:.3f}  (target <= 1.2)")
-    print(f"dropless MoE FLOP/s / dense MLP FLOP/s {moe_rate / dense_rate:.3f}  (target >= 0.85; "
-          f"{moe_rate / 1e9:.1f} vs {dense_rate / 1e9:.1f} GFLOP/s)")
+        lines.append(f"{ablation} / plain time  {median[ablation] / median[plain]:.3f}")
+    lines.append(f"StructMoE / plain saved-tensor memory  {memory[struct] / memory[plain]:.3f}  (target <= 1.2)")
+    lines.append(f"dropless MoE FLOP/s / dense MLP FLOP/s {moe_rate / dense_rate:.3f}  (target >= 0.85; "
+                 f"{moe_rate / 1e9:.1f} vs {dense_rate / 1e9:.1f} GFLOP/s)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default (unmap large freed blocks), as train.py does not on CPU")
+    parser.add_argument("--json", default=None, help="also write the measured times and memory to this path")
+    args = parser.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory_in_process()  # as train.py does on CPU
+    torch.set_num_threads(2)
+    load_before = os.getloadavg()[0]
+    result = measure(args.tokens if not args.quick else 512, args.repeats, args.quick)
+    result["default_malloc"] = args.default_malloc
+    result["load_average"] = [load_before, os.getloadavg()[0]]  # others' work on the machine skews the ratios
+    print(format_report(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -197,3 +197,19 @@ def test_memory_tables_and_figures_are_the_estimators_output():
 
 if __name__ == "__main__":  # python tests/test_docs_figures.py: refresh the generated estimator tables
     refresh_estimate_blocks(DOCS / "parallelism.md")
+
+
+def test_moe_layer_benchmark_block_and_ratios_are_the_json():
+    import moe_layer
+
+    result = json.loads(read("docs/results/moe_layer.json"))
+    doc = read("docs/moe.md")
+    block = generated_block(doc, "python benchmarks/moe_layer.py --repeats 7 --json docs/results/moe_layer.json")
+    assert block == f"```\n{moe_layer.format_report(result)}\n```"
+    # independently of format_report: the memory ratio the prose and the README quote, and the recorded load
+    saved = {v["name"]: v["saved_bytes"] for v in result["variants"]}
+    ratio = saved["StructMoE (M=32, r=64, l=1)"] / saved["plain MoE, 8 experts"]
+    assert f"StructMoE saves {ratio:.2f}x the plain layer's" in " ".join(doc.split())
+    assert f"the StructMoE layer saves {ratio:.2f}x the plain 8-expert layer's" in " ".join(read("README.md").split())
+    start, end = result["load_average"]
+    assert f"load average of {start:.1f} at the start and {end:.1f} at the end" in " ".join(doc.split())
