@@ -38,6 +38,13 @@ def test_lsh_calibration_table_is_the_json():
     assert f"lowered the layer-output error in {lowered} and raised it in {len(report['results']) - lowered}" in quoted
 
 
+
+def test_lsh_calibrate_reprints_a_recorded_json_without_measuring(capsys):
+    lsh_calibrate.main([str(DOCS / "lsh_calibration.json"), "--markdown"])
+    printed = capsys.readouterr().out
+    assert lsh_calibrate.markdown_summary(json.loads(read("docs/lsh_calibration.json"))) in printed
+    assert "--lsh_num_hashes 2 --lsh_hash_dim 32" in printed  # nearest 0.2 at 2048 tokens: 2x32 (0.212)
+
 def test_neox_key_counts_are_the_code():
     from megatron.config import neox_keys
 
