@@ -36,6 +36,7 @@ def test_lsh_calibration_table_is_the_json():
     assert f"**{rate:.3f}**" in quoted
     lowered = sum(r["error_with_compensation"] < r["error_without_compensation"] for r in report["results"])
     assert f"lowered the layer-output error in {lowered} and raised it in {len(report['results']) - lowered}" in quoted
+    assert f"The default 2x16 keeps {rate:.3f} of the rows" in " ".join(read("README.md").split())
 
 
 
