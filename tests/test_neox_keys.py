@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config import neox_keys as nk
@@ -231,6 +232,51 @@ NEOX_OWN = ["19M.yml", "49M.yml", "125M.yml", "bf16_125M.yml", "350M.yml", "760M
 def test_neox_configs_count_what_their_model_builds(name):
     counts = run(name, *GPT2)
     assert counts["total"] == built_total(counts["args"])
+
+
+# keys that would take a config off GPT-NeoX's dense architecture as transformers' GPTNeoX builds it; none of the
+# configs below sets them, so NeoX's defaults hold: LayerNorm with biases, biased linears, GELU MLP of 4 x width
+OFF_ARCHITECTURE = {"activation", "intermediate_size", "expansion_factor", "num_kv_heads", "moe_num_experts",
+                    "mlp_type", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp", "gpt_j_tied"}
+RAW_VOCAB = {"GPT2": 50257, "PILE": 50277}  # local_setup.yml's GPT-2 BPE files; the 20B tokenizer
+
+
+def transformers_total(name: str, tokenizer: str) -> int:
+    """The parameter count of transformers' own GPTNeoXForCausalLM built (on the meta device) from the config
+    file's hyper-parameters, read with a plain YAML reader, and NeoX's vocabulary padding (128 x
+    model_parallel_size): shares no code with our loader, model or formula."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    raw = {key.replace("-", "_"): value for key, value in yaml.safe_load((NEOX / name).read_text()).items()}
+    assert not OFF_ARCHITECTURE & set(raw), sorted(OFF_ARCHITECTURE & set(raw))
+    assert raw["pos_emb"] == "rotary" and raw.get("norm", "layernorm") == "layernorm"
+    multiple = 128 * raw.get("model_parallel_size", 1)
+    vocab = -(-RAW_VOCAB[tokenizer] // multiple) * multiple
+    d = raw["hidden_size"]
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=raw["num_layers"],
+                           num_attention_heads=raw["num_attention_heads"], intermediate_size=4 * d,
+                           tie_word_embeddings=not raw.get("no_weight_tying", False))
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPTNeoXForCausalLM(config).parameters())
+
+
+@pytest.mark.parametrize("name", NEOX_OWN + [p[0] for p in PYTHIA])
+def test_dense_neox_configs_count_what_transformers_gpt_neox_builds(name):
+    """An independent count for every dense config here: transformers' GPTNeoXForCausalLM from the same file.
+
+    NeoX's own configs (19M to 13B) have no published size; this is their only check not derived from our own
+    formula or model. For Pythia and GPT-NeoX-20B it is a third count beside their published totals (PYTHIA),
+    which also checks the transformers build itself. 125M-dmoe (experts), llama2/ and mistral/ (SwiGLU, RMSNorm,
+    grouped-query attention) are not GPTNeoX models: they are checked against our formula and built model and,
+    for llama2/ and mistral/, Meta's and Mistral's published totals, above and below.
+    """
+    pythia = {p[0]: p for p in PYTHIA}.get(name)
+    if pythia is None:
+        ours = run(name, *GPT2)["total"]
+    else:
+        ours = run(name, *PILE, *pythia[1], local=pythia[2])["total"]
+        assert ours == pythia[3]
+    assert ours == transformers_total(name, "GPT2" if pythia is None else "PILE")
 
 
 def test_neox_dmoe_config_counts_experts_without_biases():
