@@ -80,6 +80,16 @@ def test_structmoe_study_tables_are_the_generated_ones():
         doc.split())
 
 
+
+def test_readme_structmoe_study_figures_are_the_json():
+    study = json.loads(read("docs/results/structmoe_study.json"))
+    readme = " ".join(read("README.md").split())
+    pair = next(p for p in study["pairs"] if (p["method"], p["baseline"]) == ("tiny_structmoe", "tiny_moe_matched"))
+    assert f"+{pair['mean']:.3f}, 95% interval {pair['ci_low']:.3f} to +{pair['ci_high']:.3f}" in readme
+    loads = study["final_loads"]
+    assert f"(normalised entropy {loads['tiny_structmoe']['lore']:.1f}," in readme
+    assert f"keeps them at {loads['tiny_structmoe_lorebal']['lore']:.2f} at no measured cost" in readme
+
 def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
     """First cell -> the other cells, for the Markdown table whose header line starts with header_start."""
     lines = text[text.index(header_start):].split("\n")
