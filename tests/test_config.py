@@ -74,7 +74,7 @@ def test_batch_sizes_fill_in_and_must_multiply_out():
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match="hidden_size 770 is not divisible by num_attention_heads 12"):
         load_config([], ["--hidden_size", "770", "--num_attention_heads", "12"])
-    with pytest.raises(ConfigError, match="moe_top_k 3 > moe_num_experts 2"):
+    with pytest.raises(ConfigError, match="moe_top_k 3 must be between 1 and moe_num_experts 2"):
         load_config([], ["--moe_num_experts", "2", "--moe_top_k", "3"])
     with pytest.raises(ConfigError, match="lore_num_experts needs an MoE model"):
         load_config([], ["--lore_num_experts", "4", "--lore_rank", "2"])

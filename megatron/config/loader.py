@@ -15,7 +15,9 @@ from pydantic import ValidationError
 
 from megatron.config.neox_keys import NEOX_KEYS, REJECTED, SUPPORTED, TRANSLATED
 from megatron.config.schema import NeoXArgs
+from megatron.model.moe.lore import LoREConfig
 from megatron.model.moe.lsh import LSHConfig
+from megatron.model.moe.router import Balancing, build_router
 from megatron.parallel.expert_parallel import check_ep_layout
 
 log = logging.getLogger("megatron.config")
@@ -287,15 +289,11 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
                           f"{args.num_kv_heads}")
     if args.max_position_embeddings < args.seq_length:
         raise ConfigError(f"max_position_embeddings {args.max_position_embeddings} < seq_length {args.seq_length}")
-    if args.moe_top_k > args.moe_num_experts:
-        raise ConfigError(f"moe_top_k {args.moe_top_k} > moe_num_experts {args.moe_num_experts}")
-    if args.lore_num_experts > 0:
-        if args.moe_num_experts <= 1:
-            raise ConfigError("lore_num_experts needs an MoE model (moe_num_experts > 1)")
-        if args.lore_rank <= 0:
-            raise ConfigError("lore_num_experts > 0 needs lore_rank > 0")
-        if args.lore_top_k > args.lore_num_experts:
-            raise ConfigError(f"lore_top_k {args.lore_top_k} > lore_num_experts {args.lore_num_experts}")
+    if args.lore_num_experts > 0 and not args.is_moe:
+        raise ConfigError("lore_num_experts needs an MoE model (moe_num_experts > 1)")
+    if args.lsh_compression and not args.is_moe:
+        raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")
+    check_moe_settings(args)
     if args.min_lr > args.lr:
         raise ConfigError(f"min_lr {args.min_lr} > optimizer.params.lr {args.lr}")
     if args.data_path and args.train_data_paths:
@@ -321,12 +319,6 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if args.lsh_compression:
-        if not args.is_moe:
-            raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")
-        try:  # the LSH settings' own checks, as a config error
-            LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         for layer in args.lsh_layers or []:
             if layer not in moe_layers:
                 raise ConfigError(f"lsh_layers: {layer} is not an MoE layer (MoE layers: {moe_layers})")
@@ -334,6 +326,27 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
         raise ConfigError(f"prepare_data: {args.prepare_data} needs data_path (the dataset prefix to create)")
     if args.model_type == "dit":
         check_dit(args)
+
+
+def check_moe_settings(args: NeoXArgs) -> None:
+    """The model's own checks of its MoE settings (the router's, LoREConfig's, LSHConfig's), run on the config so
+    that each rule has one copy and a setting the model would refuse is a one-line ConfigError before any build."""
+    try:
+        if args.is_moe:  # a 1-wide gate: only the settings matter here
+            build_router(args.moe_router_type, hidden_size=1, num_experts=args.moe_num_experts, top_k=args.moe_top_k,
+                         score_function=args.moe_router_score_function,
+                         balancing=Balancing(args.moe_router_enable_expert_bias, args.moe_router_bias_update_rate,
+                                             args.moe_lbl_scope))
+        else:  # a dense model builds no router, but its moe_top_k is still held to moe_num_experts
+            build_router("topk", hidden_size=1, num_experts=args.moe_num_experts, top_k=args.moe_top_k)
+        if args.lore_num_experts > 0:
+            LoREConfig(args.lore_num_experts, args.lore_rank, args.lore_top_k, args.lore_mode,
+                       args.lore_renormalize_weights,
+                       Balancing(args.lore_router_enable_bias, args.lore_router_bias_update_rate, args.lore_lbl_scope))
+        if args.lsh_compression:
+            LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def moe_layer_indices(args: NeoXArgs) -> list[int]:

@@ -240,6 +240,3 @@ DEFAULT_EXCEPTIONS = {
     "optimizer": "NeoX's None means Adam, lr 0.001, betas (0.9, 0.999), eps 1e-8: our OptimizerSpec's defaults",
 }
 
-
-def classify(key: str) -> NeoXKey | None:
-    return NEOX_KEYS.get(key)
