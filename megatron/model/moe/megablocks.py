@@ -9,9 +9,10 @@ GroupedMLP views both as [E, F, D]: expert e's up-projection is `gmm(x, w1, tran
 adds `v1`, also [E*F, D], and computes `act(x @ w1[e].T) * (x @ v1[e].T)`: w1 is the gate, v1 the value.
 (Megablocks' default activation is tanh-approximated GELU; this backend uses the layer's own `activation`,
 so both backends compute the same function.) Ours are `w_up_EDF` [E, D, F] (gated: [E, D, 2F], value
-columns then gate columns) and `w_down_EFD` [E, F, D]; the functions below convert a state dict either way,
-so a checkpoint moves between backends. The LoRE term goes where the native path puts it: between the first
-grouped GEMMs and the activation, on the [N, 2F] value-then-gate rows when gated.
+columns then gate columns) and `w_down_EFD` [E, F, D]; the functions below map an experts state dict either
+way (the tests compare the backends with them; no tool converts checkpoint files). The LoRE term goes where the
+native path puts it: between the first grouped GEMMs and the activation, on the [N, 2F] value-then-gate rows
+when gated.
 
 The kernel is `grouped_gemm.ops.gmm`, which Megablocks re-exports as `megablocks.grouped_gemm_util.ops.gmm`:
 the grouped_gemm package alone is enough. It takes bf16 only (under bf16 autocast the operands are cast,
