@@ -2,6 +2,7 @@
 
     python benchmarks/loss_memory.py                        # the 410M config's head: d=1024, vocab 128256, bf16
     python benchmarks/loss_memory.py --tokens 16384         # its whole micro-batch, 8 x 2048 (needs ~20 GB)
+    python benchmarks/loss_memory.py --dtype float32 --json docs/results/loss_memory.json   # the figures docs quote
 
 Each variant runs in a fresh process; its peak resident memory (ru_maxrss) during the loss's forward and
 backward, minus the memory held before (hidden states, head weight and its gradient buffer, targets), is the
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="loss_chunk_tokens")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="the head's dtype (float32 is much faster on CPUs without bf16 matmul units)")
+    parser.add_argument("--json", default=None, help="also write the settings and both measurements to this path")
     opts = parser.parse_args()
     full = measure(opts.tokens, opts.hidden, opts.vocab, 0, opts.dtype)
     chunked = measure(opts.tokens, opts.hidden, opts.vocab, opts.chunk, opts.dtype)
@@ -62,6 +64,12 @@ def main() -> None:
     print(f"full logits                 peak {full['peak_mib']:>8.0f} MiB   loss {full['loss']:.6f}")
     print(f"chunks of {opts.chunk:<6} tokens     peak {chunked['peak_mib']:>8.0f} MiB   loss {chunked['loss']:.6f}")
     print(f"chunked / full peak memory  {chunked['peak_mib'] / full['peak_mib']:.3f}  (target <= 0.25)")
+    if opts.json:
+        result = {"tokens": opts.tokens, "hidden": opts.hidden, "vocab": opts.vocab, "chunk": opts.chunk,
+                  "dtype": opts.dtype, "full": full, "chunked": chunked}
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {opts.json}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,16 @@ def test_readme_structmoe_study_figures_are_the_json():
     assert f"(normalised entropy {loads['tiny_structmoe']['lore']:.1f}," in readme
     assert f"keeps them at {loads['tiny_structmoe_lorebal']['lore']:.2f} at no measured cost" in readme
 
+
+def test_loss_memory_figures_are_the_json():
+    result = json.loads(read("docs/results/loss_memory.json"))
+    full, chunked = result["full"]["peak_mib"], result["chunked"]["peak_mib"]
+    doc = " ".join(read("docs/performance.md").split())
+    assert (f"{full:,.0f} MiB with full logits and {chunked:,.0f} MiB in chunks of {result['chunk']}, "
+            f"**{chunked / full:.2f}x**") in doc
+    assert result["full"]["loss"] == result["chunked"]["loss"]  # "with the same loss"
+    assert f"{chunked / full:.2f}x the loss's peak memory" in " ".join(read("README.md").split())
+
 def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
     """First cell -> the other cells, for the Markdown table whose header line starts with header_start."""
     lines = text[text.index(header_start):].split("\n")
