@@ -46,6 +46,26 @@ def test_lsh_calibrate_reprints_a_recorded_json_without_measuring(capsys):
     assert lsh_calibrate.markdown_summary(json.loads(read("docs/lsh_calibration.json"))) in printed
     assert "--lsh_num_hashes 2 --lsh_hash_dim 32" in printed  # nearest 0.2 at 2048 tokens: 2x32 (0.212)
 
+
+def test_lsh_quality_table_is_the_json():
+    quality = json.loads(read("docs/lsh_quality.json"))
+    lines = [line for line in read("docs/lsh.md").splitlines()
+             if line.startswith(("| plain MoE |", "| StructMoE |"))]
+    arms = {("plain MoE", "off"): "moe/off", ("plain MoE", "on"): "moe/on",
+            ("plain MoE", "on, no compensation"): "moe/no_compensation", ("StructMoE", "off"): "structmoe/off",
+            ("StructMoE", "on"): "structmoe/on", ("StructMoE", "on, no compensation"): "structmoe/no_compensation"}
+    assert len(lines) == len(arms)
+    for line in lines:
+        model, lsh, loss, paired, rate, errors = (c.strip() for c in line.strip("|").split("|"))
+        arm = quality[arms[model, lsh]]
+        assert loss == "{:.3f} ± {:.3f}".format(*arm["final_val_loss"]), line
+        if lsh == "off":
+            assert (paired, rate, errors) == ("", "", "")
+            continue
+        assert paired == "{:+.3f} ± {:.3f}".format(*arm["paired_difference_to_off"]), line
+        assert rate == f"{arm['compression_rate_second_half']:.3f}", line
+        assert errors == f"{arm['error_with_compensation']:.3f} / {arm['error_without_compensation']:.3f}", line
+
 def test_neox_key_counts_are_the_code():
     from megatron.config import neox_keys
 
