@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -42,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -50,7 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
-import megatron.model.moe.dispatcher as dispatcher_module  # noqa: E402
+from harness import Exchange, TimedAllToAll, interleaved, medians, spawn_gloo_ranks  # noqa: E402
+
 from megatron.model.moe import LoREConfig, MoELayer  # noqa: E402
 from megatron.parallel import DistInfo  # noqa: E402
 from megatron.parallel.data_parallel import ParallelModel, expert_parameter_names  # noqa: E402
@@ -90,6 +88,7 @@ class _Clock:
 
     def __init__(self):
         self.forward: dict[str, float] = defaultdict(float)
+        self.backward: dict[str, float] = defaultdict(float)  # backward seconds timed directly (the all_to_all)
         self.names: dict[int, str] = {}  # region id -> part
         self.starts: dict[int, list[float]] = defaultdict(list)  # backward stamps of the region's outputs
         self.ends: dict[int, float] = {}  # backward stamp of the region's inputs (the last one)
@@ -105,7 +104,7 @@ class _Clock:
         return rid
 
     def backward_parts(self) -> dict[str, float]:
-        parts: dict[str, float] = defaultdict(float)
+        parts: dict[str, float] = defaultdict(float, self.backward)
         for rid, part in self.names.items():
             if rid in self.ends and self.starts[rid]:
                 parts[part] += self.ends[rid] - min(self.starts[rid])
@@ -194,31 +193,37 @@ def _instrument_layer(layer: MoELayer) -> None:
 
     def timed_exchange(x_ND, tokens_per_expert_E):
         return _timed_call("exchange", x_ND, lambda x: exchange(x, tokens_per_expert_E),
-                           lambda out, mark: (mark(out[0]), *out[1:]))
+                           lambda out, mark: dataclasses.replace(out, rows_ND=mark(out.rows_ND)))
 
     def timed_exchange_back(y_ND, state):
         return _timed_call("exchange", y_ND, lambda y: exchange_back(y, state), lambda out, mark: mark(out))
 
     dispatcher.exchange, dispatcher.exchange_back = timed_exchange, timed_exchange_back
+    if hasattr(dispatcher, "all_to_all"):  # the EP layer's AllToAllDispatcher
+        _instrument_collectives(dispatcher)
 
 
-def _instrument_collectives() -> None:
-    """Wraps the dispatcher module's all_to_all and all_gather_counts (in this rank process only)."""
-    all_to_all, all_gather_counts = dispatcher_module.all_to_all, dispatcher_module.all_gather_counts
+def _note_all_to_all(exchange: Exchange) -> None:
+    clock = _CLOCK
+    if clock is None:
+        return
+    if exchange.phase == "fwd":
+        clock.forward["all_to_all"] += exchange.seconds
+        clock.splits.append((exchange.input_splits, exchange.output_splits))
+        clock.row_bytes = exchange.row_bytes
+    else:
+        clock.backward["all_to_all"] += exchange.seconds
 
-    def timed_all_to_all(x_ND, output_splits, input_splits, group):
-        if _CLOCK is not None:
-            _CLOCK.splits.append((list(input_splits), list(output_splits)))
-            _CLOCK.row_bytes = x_ND.shape[1] * x_ND.element_size()
-        return _timed_call("all_to_all", x_ND, lambda x: all_to_all(x, output_splits, input_splits, group),
-                           lambda out, mark: mark(out))
+
+def _instrument_collectives(dispatcher) -> None:
+    """Times one dispatcher's all_to_all (forward and backward) and counts all-gather, on that instance."""
+    all_gather_counts = dispatcher.all_gather_counts
 
     def timed_all_gather_counts(counts_E, group):
         return _timed_call("counts_all_gather", counts_E, lambda c: all_gather_counts(c, group),
                            lambda out, mark: out)
 
-    dispatcher_module.all_to_all = timed_all_to_all
-    dispatcher_module.all_gather_counts = timed_all_gather_counts
+    dispatcher.all_to_all, dispatcher.all_gather_counts = TimedAllToAll(_note_all_to_all), timed_all_gather_counts
 
 
 # -- rank side: timing ----------------------------------------------------------------------------------------------
@@ -266,22 +271,19 @@ def _time_layers(rank: int, world: int, opts: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(100 + rank)  # every rank routes its own tokens
     x = torch.randn(opts.tokens, D, generator=generator).requires_grad_()
     grad = torch.randn(opts.tokens, D, generator=generator)
-    records: dict[str, list[dict]] = {name: [] for name in layers}
     last: dict[str, _Clock] = {}
-    for repeat in range(WARMUP + opts.repeats):
-        for name, layer in layers.items():
-            record, last[name] = _timed_step(layer, x, grad)
-            if repeat >= WARMUP:
-                records[name].append(record)
+
+    def step(name: str) -> dict:
+        record, last[name] = _timed_step(layers[name], x, grad)
+        return record
+
     result = {}
-    for name, steps in records.items():
-        medians = {phase: {part: statistics.median(step[phase][part] for step in steps) for part in steps[0][phase]}
-                   for phase in ("forward", "backward")}
-        medians["fwd_bwd"] = {part: medians["forward"][part] + medians["backward"][part]
-                              for part in medians["forward"]}
+    for name, steps in interleaved(step, layers, opts.repeats, WARMUP).items():
+        median = {phase: medians([step[phase] for step in steps]) for phase in ("forward", "backward")}
+        median["fwd_bwd"] = {part: median["forward"][part] + median["backward"][part] for part in median["forward"]}
         totals = [step["forward"]["total"] + step["backward"]["total"] for step in steps]
         clock = last[name]
-        result[name] = {"median": medians, "totals": totals, "expert_rows": clock.expert_rows,
+        result[name] = {"median": median, "totals": totals, "expert_rows": clock.expert_rows,
                         "splits": clock.splits, "row_bytes": clock.row_bytes or D * x.element_size()}
     return result
 
@@ -364,23 +366,17 @@ def _measure_small_run(rank: int, world: int) -> dict:
     return results
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, opts: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
+def _rank_main(rank: int, world: int, opts: argparse.Namespace) -> dict:
     # the layer returns y.view_as(x); nothing here modifies it in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     if not opts.default_malloc:
         keep_freed_memory_in_process()  # as train.py does on CPU
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = {"timing": _time_layers(rank, world, opts), "layer_memory": _measure_layer_memory(rank, world, opts)}
     try:
-        _instrument_collectives()
-        result = {"timing": _time_layers(rank, world, opts), "layer_memory": _measure_layer_memory(rank, world, opts)}
-        try:
-            result["small_run"] = _measure_small_run(rank, world)
-        except Exception as err:  # the layer figures stand without it
-            result["small_run_error"] = f"{type(err).__name__}: {err}"
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+        result["small_run"] = _measure_small_run(rank, world)
+    except Exception as err:  # the layer figures stand without it
+        result["small_run_error"] = f"{type(err).__name__}: {err}"
+    return result
 
 
 # -- parent side: the report ------------------------------------------------------------------------------------------
@@ -571,9 +567,7 @@ def main() -> None:
     opts = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # one thread per rank: 2 ranks on 2 cores
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_main, args=(WORLD, os.path.join(tmp, "store"), tmp, opts), nprocs=WORLD, join=True)
-        ranks = [json.loads(Path(tmp, f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    ranks = spawn_gloo_ranks(_rank_main, WORLD, opts)
     parts = _print_timing(ranks, opts)
     print()
     _print_bytes(ranks)

@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,38 +293,17 @@ class _Counters:
 _COUNTERS = _Counters()
 
 
-def _install_shim(rank: int) -> None:
-    """Replaces the dispatcher module's all_to_all, all_gather_counts, compress and decompress (this process only)."""
+def _install_shim(rank: int, exact, compressed: list) -> None:
+    """Times the exact dispatcher's all_to_all and all_gather_counts (after a barrier, timed as "wait") and each
+    LSH dispatcher's compress and decompress, on those instances."""
     import torch.distributed as dist
+    from harness import Exchange, TimedAllToAll
 
-    import megatron.model.moe.dispatcher as dispatcher_module
-    from megatron.parallel.expert_parallel import _exchange
-
-    def wire(x, output_splits, input_splits, group, phase):
-        start = time.perf_counter()
-        dist.barrier(group=group)
-        middle = time.perf_counter()
-        out = _exchange(x, output_splits, input_splits, group)
-        end = time.perf_counter()
-        _COUNTERS.times["wait"] += middle - start
-        _COUNTERS.times[f"a2a_{phase}"] += end - middle
-        crossing = (sum(input_splits) - input_splits[rank], sum(output_splits) - output_splits[rank])
-        _COUNTERS.calls.append((phase, *crossing))
-        return out
-
-    class TimedAllToAll(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x_ND, output_splits, input_splits, group):
-            ctx.splits, ctx.group = (output_splits, input_splits), group
-            return wire(x_ND, output_splits, input_splits, group, "fwd")
-
-        @staticmethod
-        def backward(ctx, grad_ND):
-            output_splits, input_splits = ctx.splits
-            return wire(grad_ND, input_splits, output_splits, ctx.group, "bwd"), None, None, None
-
-    gather, compress, decompress = (dispatcher_module.all_gather_counts, dispatcher_module.compress,
-                                    dispatcher_module.decompress)
+    def note(exchange: Exchange) -> None:
+        _COUNTERS.times["wait"] += exchange.wait_seconds
+        _COUNTERS.times[f"a2a_{exchange.phase}"] += exchange.seconds
+        sent, received = exchange.input_splits, exchange.output_splits
+        _COUNTERS.calls.append((exchange.phase, sum(sent) - sent[rank], sum(received) - received[rank]))
 
     def timed(name, fn):
         def call(*args, **kwargs):
@@ -333,7 +313,7 @@ def _install_shim(rank: int) -> None:
             return out
         return call
 
-    def compress_and_note(x_ND, *args, **kwargs):
+    def compress_and_note(compress, x_ND, *args, **kwargs):
         out = timed("compress", compress)(x_ND, *args, **kwargs)
         if _COUNTERS.measure_input:
             centroids_CD, _, compression = out
@@ -342,16 +322,18 @@ def _install_shim(rank: int) -> None:
             _COUNTERS.input_error[1] += float(x_ND.square().sum())
         return out
 
-    dispatcher_module.all_to_all = TimedAllToAll.apply
+    gather = exact.all_gather_counts
+
     def gather_after_barrier(counts_E, group):
         start = time.perf_counter()
         dist.barrier(group=group)
         _COUNTERS.times["wait"] += time.perf_counter() - start
         return timed("counts", gather)(counts_E, group)
 
-    dispatcher_module.all_gather_counts = gather_after_barrier
-    dispatcher_module.compress = compress_and_note
-    dispatcher_module.decompress = timed("decompress", decompress)
+    exact.all_to_all, exact.all_gather_counts = TimedAllToAll(note, barrier=True), gather_after_barrier
+    for dispatcher in compressed:
+        dispatcher.compress = partial(compress_and_note, dispatcher.compress)
+        dispatcher.decompress = timed("decompress", dispatcher.decompress)
 
 
 def _tx_bytes(ifname: str | None) -> int:
@@ -429,6 +411,7 @@ def _step(layer, x, grad, ifname) -> dict:
 def _worker(opts: argparse.Namespace) -> None:
     global _COUNTERS
     import torch.distributed as dist
+    from harness import interleaved, medians
 
     from megatron.model.moe.dispatcher import LSHDispatcher
     from megatron.model.moe.lsh import LSHConfig
@@ -440,7 +423,6 @@ def _worker(opts: argparse.Namespace) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://{opts.master}", rank=rank, world_size=WORLD)
     try:
         result: dict = {"link": _link_check(ifname)}
-        _install_shim(rank)
         saved = torch.load(opts.states, weights_only=False)
         layer = _build_layer(saved, rank)
         exact = layer.dispatcher
@@ -450,6 +432,7 @@ def _worker(opts: argparse.Namespace) -> None:
         for hashes, dims in settings:
             variants[f"{hashes}x{dims}"] = LSHDispatcher(exact, saved["meta"]["hidden"],
                                                          LSHConfig(hashes, dims, True, lsh_seed))
+        _install_shim(rank, exact, [v for name, v in variants.items() if name != "exact"])
         x_TD = saved["ranks"][rank]["x"]
         residual_TD = saved["ranks"][rank]["residual"]
         generator = torch.Generator().manual_seed(100 + rank)
@@ -458,17 +441,14 @@ def _worker(opts: argparse.Namespace) -> None:
         # (a) + (b): timing, variants interleaved repeat by repeat
         layer.train()
         x = x_TD.clone().requires_grad_()
-        steps: dict[str, list[dict]] = {name: [] for name in variants}
-        for repeat in range(opts.warmup + opts.repeats):
-            for name, dispatcher in variants.items():
-                layer.dispatcher = dispatcher
-                record = _step(layer, x, grad, ifname)
-                if repeat >= opts.warmup:
-                    steps[name].append(record)
+
+        def step(name: str) -> dict:
+            layer.dispatcher = variants[name]
+            return _step(layer, x, grad, ifname)
+
         timing = {}
-        for name, records in steps.items():
-            keys = [k for k, v in records[0].items() if isinstance(v, (int, float))]
-            timing[name] = {k: statistics.median(r[k] for r in records) for k in keys}
+        for name, records in interleaved(step, variants, opts.repeats, opts.warmup).items():
+            timing[name] = medians(records)
             timing[name]["calls"] = records[-1]["calls"]
             timing[name]["stats"] = records[-1]["stats"]
             timing[name]["totals"] = [r["fwd"] + r["bwd"] for r in records]

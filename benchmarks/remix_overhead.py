@@ -21,7 +21,6 @@ import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +29,8 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
+
+from harness import interleaved, medians  # noqa: E402
 
 from megatron.model.dit import (  # noqa: E402
     DiT,
@@ -87,20 +88,6 @@ def build(config: DiTConfig, seed: int) -> DiT:
     return model
 
 
-def interleaved(variants: dict[str, Callable[[], dict[str, float]]], repeats: int, warmup: int
-                ) -> dict[str, dict[str, list[float]]]:
-    """Each variant once per round, `repeats` rounds after `warmup` ones; every timing each call returns."""
-    for _ in range(warmup):  # the first calls grow the heap and fault pages in
-        for run in variants.values():
-            run()
-    times: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            for key, value in run().items():
-                times[name].setdefault(key, []).append(value)
-    return times
-
-
 def mixing_time(model: DiT, repeats: int) -> float:
     """Median seconds to mix one expert's weights for every remixed linear (forward only, no autograd)."""
     layers = [model.get_submodule(name) for name in model.remixed_layer_names()]
@@ -154,9 +141,9 @@ def main() -> None:
         scales = dict.fromkeys(model.coefficient_parameter_names(), 10.0)  # own lr, as remix_coeff_lr gives
         optimizer = build_optimizer(model, 1e-4, (0.9, 0.999), 1e-8, 0.0, torch.device("cpu"), scales)
         trainees[name] = Trainee(model, optimizer, diffusion, torch.Generator().manual_seed(2))
-    train_times = interleaved({name: (lambda t=t: t.step(x0, y)) for name, t in trainees.items()},
-                              opts.repeats, opts.warmup)
-    train_median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in train_times.items()}
+    # warm-up rounds first: the first calls grow the heap and fault pages in
+    train_times = interleaved(lambda name, ts=trainees: ts[name].step(x0, y), trainees, opts.repeats, opts.warmup)
+    train_median = {name: medians(records) for name, records in train_times.items()}
     for trainee in trainees.values():  # free the optimizer state before sampling
         trainee.optimizer.state.clear()
     del trainees
@@ -177,9 +164,8 @@ def main() -> None:
         return {"sample": time.perf_counter() - start}
 
     with torch.no_grad():
-        sample_times = interleaved({name: (lambda s=s: sample(s)) for name, s in samplers.items()},
-                                   opts.repeats, 1)
-    sample_median = {name: statistics.median(t["sample"]) for name, t in sample_times.items()}
+        sample_times = interleaved(lambda name: sample(samplers[name]), samplers, opts.repeats, 1)
+    sample_median = {name: medians(records)["sample"] for name, records in sample_times.items()}
 
     # -- report -----------------------------------------------------------------------------------
     tokens = (opts.image_size // opts.patch_size) ** 2

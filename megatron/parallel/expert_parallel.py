@@ -64,15 +64,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], group):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        return _exchange(x_ND, output_splits, input_splits, group)
+        return exchange_rows(x_ND, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_ND):
         output_splits, input_splits = ctx.splits
-        return _exchange(grad_ND, input_splits, output_splits, ctx.group), None, None, None
+        return exchange_rows(grad_ND, input_splits, output_splits, ctx.group), None, None, None
 
 
-def _exchange(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+def exchange_rows(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """One `all_to_all_single` of rows with uneven splits, not differentiable (`all_to_all` is)."""
     out = x_ND.new_empty((sum(output_splits), *x_ND.shape[1:]))
     dist.all_to_all_single(out, x_ND.contiguous(), output_splits, input_splits, group=group)
     return out

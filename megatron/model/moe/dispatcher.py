@@ -140,15 +140,17 @@ class AllToAllDispatcher(TokenDispatcher):
         self.group, self.ep_rank = expert_parallel.group, expert_parallel.rank
         self.local_experts = expert_parallel.local_experts(num_experts)
         self.experts_per_rank = experts_per_rank(num_experts, expert_parallel.size)
+        # the collectives, per instance: a benchmark wraps them on this dispatcher, not on the module
+        self.all_gather_counts, self.all_to_all = all_gather_counts, all_to_all
 
     def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
         x_ND = in_compute_dtype(x_ND)
-        counts_SE = all_gather_counts(tokens_per_expert_E, self.group)
+        counts_SE = self.all_gather_counts(tokens_per_expert_E, self.group)
         counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
         rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
         splits = torch.cat([rows_per_rank_P, counts_SL.sum(dim=1)]).tolist()  # the one host sync
         send_splits, recv_splits = splits[:len(rows_per_rank_P)], splits[len(rows_per_rank_P):]
-        received_ND = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        received_ND = self.all_to_all(x_ND, recv_splits, send_splits, self.group)
         order = source_to_expert_major(counts_SL, total=sum(recv_splits))
         state = _AllToAllState(send_splits, recv_splits, order)
         sources = RowSources(counts_SL, counts_SE.sum(dim=1))
@@ -158,7 +160,7 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def exchange_back(self, y_ND: torch.Tensor, state: _AllToAllState) -> torch.Tensor:
         received_order_ND = torch.empty_like(y_ND).index_copy(0, state.expert_major_order, y_ND)
-        return all_to_all(received_order_ND, state.send_splits, state.recv_splits, self.group)
+        return self.all_to_all(received_order_ND, state.send_splits, state.recv_splits, self.group)
 
 
 class LSHDispatcher(TokenDispatcher):
@@ -173,9 +175,10 @@ class LSHDispatcher(TokenDispatcher):
     def __init__(self, inner: TokenDispatcher, hidden_size: int, config: LSHConfig):
         self.inner, self.config = inner, config
         self.hasher = CrossPolytopeHash(hidden_size, config)
+        self.compress, self.decompress = compress, decompress  # per instance, as the collectives are
 
     def exchange(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> Exchanged:
-        centroids_CD, centroids_per_expert_E, compression = compress(
+        centroids_CD, centroids_per_expert_E, compression = self.compress(
             x_ND, tokens_per_expert_E, self.hasher, self.config.error_compensation)
         inner = self.inner.exchange(centroids_CD, centroids_per_expert_E)
         inner.state = (compression, inner.state)
@@ -190,7 +193,7 @@ class LSHDispatcher(TokenDispatcher):
 
     def exchange_back(self, y_ND: torch.Tensor, state: tuple[Compression, Any]) -> torch.Tensor:
         compression, inner_state = state
-        return decompress(self.inner.exchange_back(y_ND, inner_state), compression)
+        return self.decompress(self.inner.exchange_back(y_ND, inner_state), compression)
 
 
 def build_dispatcher(
