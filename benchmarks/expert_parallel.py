@@ -12,10 +12,11 @@ It spawns its own 2 ranks (gloo over a file:// store, one thread each) and repor
    (half the experts a rank: AllToAllDispatcher), each rank routing its own --tokens tokens, split into
    routing, exchange (counts all-gather + all_to_all both ways, with the regrouping around them),
    experts and the rest (permutation, combine, losses). A timing shim installed here, not in the
-   package, wraps the router and experts (module hooks), the dispatcher's exchange/exchange_back and
-   its all_to_all/all_gather_counts. Backward times of a part come from identity autograd nodes on the
+   package, wraps the router and experts (module hooks), and the dispatcher instance's exchange/exchange_back
+   and its all_to_all/all_gather_counts. Backward times of a part come from identity autograd nodes on the
    part's inputs and outputs: autograd runs CPU nodes in decreasing creation order, so the time between
-   the output's node and the input's node is exactly the backward of the nodes the part created.
+   the output's node and the input's node is exactly the backward of the nodes the part created. The
+   all_to_all (benchmarks/harness.py's TimedAllToAll) times its own backward.
 2. Bytes each rank sends per exchange with EP=2, and the share of rows that stay on their rank.
 3. Per-rank bytes of parameters + gradients + AdamW state of the layer on 1 rank against 2 ranks (DDP,
    FSDP2 stage 3, EP=2), with ratios against the targets; then the estimator of

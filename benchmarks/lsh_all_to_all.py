@@ -26,10 +26,11 @@ Steps, all in one run:
    (c) relative error of the layer output and of the block output (residual + layer output) against the
        exact layer on the same tokens, with and without error compensation.
 
-A timing shim, installed in the rank processes by this file only, replaces the dispatcher module's
-all_to_all (and counts all-gather) with one that first waits for the other rank at a barrier (timed apart as
-"wait", so the exchange time is wire time, not load imbalance) and then times the collective itself, forward
-and backward. The bytes on the wire are also read from the veth's own counter (tx_bytes).
+A timing shim, set by this file on the dispatcher instances in the rank processes, replaces the exact
+dispatcher's all_to_all (benchmarks/harness.py's TimedAllToAll) and counts all-gather with ones that first
+wait for the other rank at a barrier (timed apart as "wait", so the exchange time is wire time, not load
+imbalance) and then time the collective itself, forward and backward; it also times each LSH dispatcher's
+compress and decompress. The bytes on the wire are also read from the veth's own counter (tx_bytes).
 """
 
 from __future__ import annotations
