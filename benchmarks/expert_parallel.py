@@ -267,7 +267,7 @@ def _time_layers(rank: int, world: int, opts: argparse.Namespace) -> dict:
     layers = {}
     for name, expert_parallel in (("EP=1", None), ("EP=2", ExpertParallel(world, rank, dist.group.WORLD))):
         torch.manual_seed(0)  # the same weights on every rank and in both layouts
-        layers[name] = MoELayer(D, FFN, EXPERTS, TOP_K, lore=lore, expert_parallel=expert_parallel)
+        layers[name] = MoELayer.build(D, FFN, EXPERTS, TOP_K, lore=lore, expert_parallel=expert_parallel)
         _instrument_layer(layers[name])
     generator = torch.Generator().manual_seed(100 + rank)  # every rank routes its own tokens
     x = torch.randn(opts.tokens, D, generator=generator).requires_grad_()
@@ -321,7 +321,7 @@ def _measure_layer_memory(rank: int, world: int, opts: argparse.Namespace) -> di
         info = DistInfo(rank, layout_world, rank, CPU) if layout_world > 1 else DistInfo(0, 1, 0, CPU)
         dims = build_parallel_dims(info, ep)
         torch.manual_seed(0)
-        layer = MoELayer(D, FFN, EXPERTS, TOP_K, lore=lore, expert_parallel=dims.expert_parallel())
+        layer = MoELayer.build(D, FFN, EXPERTS, TOP_K, lore=lore, expert_parallel=dims.expert_parallel())
         expert_names = set(expert_parameter_names(layer))
         parallel = ParallelModel(layer, dims, stage)
         optimizer = build_optimizer(layer, 1e-3, (0.9, 0.95), 1e-8, 0.1, CPU)
@@ -342,8 +342,7 @@ def _measure_small_run(rank: int, world: int) -> dict:
     """The state of a small GPT (configs/tiny_structmoe.yml) after one step at a few 2-rank layouts."""
     from megatron.config import load_config
     from megatron.data.tokenizer import vocab_size_of
-    from megatron.model.build import gpt_config_from_args
-    from megatron.model.gpt import GPT
+    from megatron.model.build import build_gpt
 
     args = load_config([str(SMALL_CONFIG)], SMALL_OVERRIDES, data_parallel_size=world)
     vocab = vocab_size_of(args)
@@ -351,7 +350,7 @@ def _measure_small_run(rank: int, world: int) -> dict:
     for stage, ep in SMALL_LAYOUTS:
         dims = build_parallel_dims(DistInfo(rank, world, rank, CPU), ep)
         torch.manual_seed(0)
-        model = GPT(gpt_config_from_args(args, vocab, dims.expert_parallel()))
+        model = build_gpt(args, vocab, dims.expert_parallel())
         parallel = ParallelModel(model, dims, stage)  # one step: DDP never has to look for unused parameters
         optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, CPU)
         tokens = torch.randint(0, vocab, (args.train_micro_batch_size_per_gpu, args.seq_length + 1),

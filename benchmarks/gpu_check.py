@@ -601,12 +601,11 @@ def build_model(args, device):
     import torch
 
     from megatron.data.tokenizer import vocab_size_of
-    from megatron.model.build import gpt_config_from_args
-    from megatron.model.gpt import GPT
+    from megatron.model.build import build_gpt
 
     args.device = device.type  # moe_impl auto resolves for this device
     with torch.device(device):
-        return GPT(gpt_config_from_args(args, vocab_size_of(args)))
+        return build_gpt(args, vocab_size_of(args))
 
 
 def estimated_bytes(args) -> int:
@@ -932,17 +931,19 @@ def section_memory(ctx: Context) -> dict:
 # 6. LSH-MoE, Remix-DiT, FSDP2
 
 def small_lm(ctx: Context, lsh=None):
-    from megatron.model.gpt import GPT, GPTConfig, MoESettings
+    from megatron.model.gpt import GPT, GPTConfig
+    from megatron.model.moe import MoEArchitecture, MoERuntime
     from megatron.model.moe.kernels import resolve_moe_impl
 
     s = ctx.sizes.small_lm
-    moe = MoESettings(num_experts=s["experts"], top_k=1, impl=resolve_moe_impl("auto", ctx.device), lsh=lsh)
+    moe = MoEArchitecture(num_experts=s["experts"], top_k=1)
+    runtime = MoERuntime(impl=resolve_moe_impl("auto", ctx.device), lsh=lsh)
     config = GPTConfig(vocab_size=s["vocab"], num_layers=s["layers"], hidden_size=s["hidden"],
                        num_attention_heads=s["heads"], max_position_embeddings=s["seq"], moe=moe)
     import torch
 
     torch.manual_seed(0)
-    return GPT(config).to(ctx.device)  # built on the CPU as the trainer does (the LSH rotation's generator is)
+    return GPT(config, runtime).to(ctx.device)  # built on the CPU as the trainer does (the LSH rotation's generator is)
 
 
 def lm_loss_of(model, tokens_BS1):

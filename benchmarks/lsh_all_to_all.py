@@ -122,8 +122,7 @@ def _capture_states(opts: argparse.Namespace, ckpt: Path, states_path: Path) -> 
     from megatron.config import load_config
     from megatron.data.gpt_dataset import build_train_valid_test_datasets
     from megatron.data.tokenizer import vocab_size_of
-    from megatron.model.build import gpt_config_from_args
-    from megatron.model.gpt import GPT
+    from megatron.model.build import build_gpt
     from megatron.parallel import DistInfo
     from megatron.training import checkpoint as ckpt_module
     from megatron.training.optim import build_optimizer
@@ -132,7 +131,7 @@ def _capture_states(opts: argparse.Namespace, ckpt: Path, states_path: Path) -> 
     args = load_config([str(CONFIG)], _train_args(opts, ckpt), data_parallel_size=1)
     vocab = vocab_size_of(args)
     torch.manual_seed(args.seed)
-    model = GPT(gpt_config_from_args(args, vocab))
+    model = build_gpt(args, vocab)
     optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, cpu)
     path = ckpt_module.resolve_checkpoint(ckpt)
     ckpt_module.load_checkpoint(path, model, optimizer, DistInfo(0, 1, 0, cpu))
@@ -368,11 +367,12 @@ def _build_layer(saved: dict, rank: int):
 
     meta = saved["meta"]
     shape = (meta["hidden"], meta["ffn"], meta["experts"], meta["top_k"])
-    full = MoELayer(*shape, activation=meta["activation"], jitter_eps=meta["jitter_eps"],
-                    renormalize=meta["renormalize"])
+    full = MoELayer.build(*shape, activation=meta["activation"], jitter_eps=meta["jitter_eps"],
+                          renormalize=meta["renormalize"])
     full.load_state_dict(saved["layer"])
-    layer = MoELayer(*shape, activation=meta["activation"], jitter_eps=meta["jitter_eps"],
-                     renormalize=meta["renormalize"], expert_parallel=ExpertParallel(WORLD, rank, dist.group.WORLD))
+    layer = MoELayer.build(*shape, activation=meta["activation"], jitter_eps=meta["jitter_eps"],
+                           renormalize=meta["renormalize"],
+                           expert_parallel=ExpertParallel(WORLD, rank, dist.group.WORLD))
     whole, local = full.state_dict(), {}
     experts = layer.local_experts
     for name, value in layer.state_dict().items():

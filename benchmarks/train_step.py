@@ -30,8 +30,8 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.model.compile import compile_regions  # noqa: E402
-from megatron.model.gpt import GPT, GPTConfig, MoESettings  # noqa: E402
-from megatron.model.moe import LoREConfig  # noqa: E402
+from megatron.model.gpt import GPT, GPTConfig  # noqa: E402
+from megatron.model.moe import LoREConfig, MoEArchitecture, MoERuntime  # noqa: E402
 from megatron.runtime import keep_freed_memory_in_process  # noqa: E402
 from megatron.sizing.flops import flops_per_token, peak_tflops  # noqa: E402
 
@@ -39,12 +39,12 @@ from megatron.sizing.flops import flops_per_token, peak_tflops  # noqa: E402
 def ours(opts, moe: bool, lore: bool) -> nn.Module:
     settings = None
     if moe:
-        settings = MoESettings(num_experts=8, top_k=1, impl="native",
-                               lore=LoREConfig(opts.lores, opts.lore_rank, 1) if lore else None)
+        settings = MoEArchitecture(num_experts=8, top_k=1,
+                                   lore=LoREConfig(opts.lores, opts.lore_rank, 1) if lore else None)
     config = GPTConfig(vocab_size=opts.vocab, num_layers=opts.layers, hidden_size=opts.hidden,
                        num_attention_heads=opts.heads, intermediate_size=4 * opts.hidden,
                        max_position_embeddings=opts.seq, pos_emb="rotary", tie_embeddings=False, moe=settings)
-    return GPT(config)
+    return GPT(config, MoERuntime(impl="native"))
 
 
 def hf_gpt_neox(opts) -> nn.Module:

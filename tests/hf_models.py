@@ -10,7 +10,7 @@ from runs import write_config
 
 from megatron.config import load_config
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
+from megatron.model.build import build_gpt
 from megatron.model.gpt import GPT
 from megatron.training.seed_checkpoint import write_step0_checkpoint
 
@@ -22,7 +22,7 @@ TOKENIZER = {"tokenizer_type": "HFTokenizer", "vocab_file": VOCAB_FILE, "make_vo
 def build(folder: Path, data_prefix: str, **overrides):
     """(args, model) of a config written into `folder`, weights as initialised."""
     args = load_config([str(write_config(folder, data_prefix, **{**TOKENIZER, **overrides}))])
-    return args, GPT(gpt_config_from_args(args, vocab_size_of(args)))
+    return args, build_gpt(args, vocab_size_of(args))
 
 
 def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tuple[str, ...] = (),

@@ -53,7 +53,7 @@ def test_training_moves_the_bias_towards_the_starved_expert():
     """Every token prefers expert 0; after each step the tracker lowers its bias and raises the others', until
     the bias overturns the preference."""
     torch.manual_seed(0)
-    layer = MoELayer(8, 16, 2, 1, balancing=Balancing(bias=True, bias_update_rate=0.05))
+    layer = MoELayer.build(8, 16, 2, 1, balancing=Balancing(bias=True, bias_update_rate=0.05))
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.tensor([[0.1] * 8, [0.0] * 8]))
     tracker = BalanceTracker(layer)
@@ -79,7 +79,7 @@ def test_training_moves_the_bias_towards_the_starved_expert():
 def test_sigmoid_routing_matches_the_per_token_reference():
     """Scores sigmoid(x W); the top-k by score; gates the chosen scores divided by their sum."""
     torch.manual_seed(1)
-    layer = MoELayer(16, 24, 6, 2, init_std=0.3, output_init_std=0.3, score_function="sigmoid")
+    layer = MoELayer.build(16, 24, 6, 2, init_std=0.3, output_init_std=0.3, score_function="sigmoid")
     x = torch.randn(12, 16)
     scores = torch.sigmoid(x @ layer.router.gate.weight.T)
     chosen, ids = torch.topk(scores, 2, dim=-1)
@@ -90,7 +90,7 @@ def test_sigmoid_routing_matches_the_per_token_reference():
     probs = scores / scores.sum(dim=-1, keepdim=True)
     assert float(aux.load_balancing_loss) == pytest.approx(float(load_balancing_loss(probs, ids)), rel=1e-5)
     with pytest.raises(ValueError, match="sigmoid with moe_top_k 1"):
-        MoELayer(16, 24, 6, 1, score_function="sigmoid")
+        MoELayer.build(16, 24, 6, 1, score_function="sigmoid")
 
 
 def test_sequence_level_loss_is_the_mean_of_each_sequences_switch_loss():
@@ -109,7 +109,7 @@ def test_global_batch_fractions_over_micro_batches_equal_one_big_batch():
     its own tokens; the first micro-batch's uses what has been seen so far (itself)."""
     rows = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.5, 0.0, 0.0], [0.0, 0.0, 1.0]]
     router, x = identity_router(rows, balancing=GLOBAL)
-    layer = MoELayer(3, 4, 3, 1, balancing=GLOBAL)
+    layer = MoELayer.build(3, 4, 3, 1, balancing=GLOBAL)
     layer.router = router
     tracker = BalanceTracker(layer)
     big = router(x)
@@ -130,9 +130,9 @@ def test_global_batch_fractions_over_micro_batches_equal_one_big_batch():
 
 def test_global_scope_is_the_micro_batch_scope_for_one_micro_batch_on_one_rank():
     torch.manual_seed(2)
-    plain = MoELayer(8, 16, 4, 2, lore=LoREConfig(4, 2, top_l=2))
+    plain = MoELayer.build(8, 16, 4, 2, lore=LoREConfig(4, 2, top_l=2))
     torch.manual_seed(2)
-    global_ = MoELayer(8, 16, 4, 2, balancing=GLOBAL, lore=LoREConfig(4, 2, top_l=2, balancing=GLOBAL))
+    global_ = MoELayer.build(8, 16, 4, 2, balancing=GLOBAL, lore=LoREConfig(4, 2, top_l=2, balancing=GLOBAL))
     x = torch.randn(20, 8)
     _, a = plain(x)
     _, b = global_(x)

@@ -80,10 +80,11 @@ def test_resolve_checkpoint(tmp_path):
 
 def test_moe_layers_placed_elsewhere_name_moe_first_layer(tmp_path):
     """A checkpoint whose MoE layers are 1, 3 (fairseq-style placement) into a model with GPT-NeoX's 0, 2."""
-    from megatron.model.gpt import GPT, GPTConfig, MoESettings
+    from megatron.model.gpt import GPT, GPTConfig
+    from megatron.model.moe import MoEArchitecture
 
     def gpt(first_layer: int) -> GPT:
-        moe = MoESettings(num_experts=4, expert_interval=2, first_layer=first_layer)
+        moe = MoEArchitecture(num_experts=4, expert_interval=2, first_layer=first_layer)
         return GPT(GPTConfig(vocab_size=64, num_layers=4, hidden_size=32, num_attention_heads=4,
                              max_position_embeddings=16, moe=moe))
 

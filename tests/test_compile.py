@@ -9,21 +9,21 @@ import torch
 import torch._dynamo
 
 from megatron.model.compile import compile_regions, compile_wanted
-from megatron.model.gpt import GPT, GPTConfig, MoESettings
-from megatron.model.moe import LoREConfig
+from megatron.model.gpt import GPT, GPTConfig
+from megatron.model.moe import LoREConfig, MoEArchitecture, MoERuntime
 
 VOCAB, SEQ = 64, 16
 MODELS = {
     "dense": None,
-    "moe_top2": MoESettings(num_experts=4, top_k=2, impl="native"),
-    "structmoe_l1": MoESettings(num_experts=4, top_k=1, impl="native", lore=LoREConfig(num_lores=4, rank=2)),
+    "moe_top2": MoEArchitecture(num_experts=4, top_k=2),
+    "structmoe_l1": MoEArchitecture(num_experts=4, top_k=1, lore=LoREConfig(num_lores=4, rank=2)),
 }
 
 
-def tiny_gpt(moe: MoESettings | None) -> GPT:
+def tiny_gpt(moe: MoEArchitecture | None) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=2,
-                         max_position_embeddings=SEQ, tie_embeddings=False, moe=moe))
+                         max_position_embeddings=SEQ, tie_embeddings=False, moe=moe), MoERuntime(impl="native"))
 
 
 def loss_and_grads(model: GPT, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], list]:

@@ -82,7 +82,7 @@ def _layers_and_input(case: dict, expert_parallel: ExpertParallel):
     layers = []
     for ep in (None, expert_parallel):
         torch.manual_seed(0)
-        layer = MoELayer(hidden_size=16, ffn_hidden_size=24, **case, expert_parallel=ep)
+        layer = MoELayer.build(hidden_size=16, ffn_hidden_size=24, **case, expert_parallel=ep)
         with torch.no_grad():
             layer.router.gate.weight[starve] = -1.0  # inputs are positive: these experts never win
         layers.append(layer)
@@ -120,8 +120,8 @@ class _ProjectedMoE(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.proj = nn.Linear(16, 16)
-        self.moe = MoELayer(hidden_size=16, ffn_hidden_size=24, num_experts=5, top_k=2,
-                            lore=LoREConfig(4, 3, top_l=1), expert_parallel=expert_parallel)
+        self.moe = MoELayer.build(hidden_size=16, ffn_hidden_size=24, num_experts=5, top_k=2,
+                                  lore=LoREConfig(4, 3, top_l=1), expert_parallel=expert_parallel)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.moe(self.proj(x_TD))[0]

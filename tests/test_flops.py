@@ -8,8 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import load_config
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
+from megatron.model.build import build_gpt
 from megatron.sizing.flops import data_sheet_peak, flops_per_token
 
 CONFIGS = ["tiny.yml", "tiny_moe.yml", "tiny_structmoe.yml", "tiny_structmoe_router_free.yml",
@@ -43,7 +42,7 @@ def test_flops_per_token_equal_the_counted_forward(config, overrides):
     if config == "tiny.yml":
         overrides = []
     args = load_config([f"configs/{config}"], overrides)
-    model = GPT(gpt_config_from_args(args, 384))
+    model = build_gpt(args, 384)
     tokens = torch.randint(384, (2, args.seq_length))
     counter = FlopCounterMode(display=False, custom_mapping=COUNTED)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
@@ -64,7 +63,7 @@ def test_shared_experts_count_as_dense(activation):
     overrides = ["--activation", activation, "--moe_expert_interval", "1", "--moe_first_layer", "0"]
     args = load_config(["configs/tiny_structmoe.yml"], overrides)
     shared = load_config(["configs/tiny_structmoe.yml"], [*overrides, "--moe_num_shared_experts", "3"])
-    base, with_shared = (flops_per_token(GPT(gpt_config_from_args(a, 384)), a.seq_length) for a in (args, shared))
+    base, with_shared = (flops_per_token(build_gpt(a, 384), a.seq_length) for a in (args, shared))
     d, f = args.hidden_size, args.intermediate_size or 4 * args.hidden_size
     up = (2 if activation == "geglu" else 1) * 3 * f
     assert with_shared.dense - base.dense == args.num_layers * 2 * d * (up + 3 * f)
@@ -73,7 +72,7 @@ def test_shared_experts_count_as_dense(activation):
 
 def test_dense_closed_form_by_hand():
     args = load_config(["configs/tiny.yml"])
-    model = GPT(gpt_config_from_args(args, 384))
+    model = build_gpt(args, 384)
     d, f, L, S, V = args.hidden_size, args.intermediate_size, args.num_layers, args.seq_length, 384
     by_hand = L * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f + 4 * S * d) + 2 * d * V
     assert flops_per_token(model, S).forward == by_hand
@@ -88,7 +87,7 @@ def test_training_logs_tflops_and_mfu(tmp_path, data_prefix):
                           checkpoint_factor=100, pos_emb="rotary")
     train.run([str(config)])
     args = load_config([str(config)])
-    per_token = flops_per_token(GPT(gpt_config_from_args(args, 384)), args.seq_length).training
+    per_token = flops_per_token(build_gpt(args, 384), args.seq_length).training
     for record in [r for r in read_metrics(tmp_path / "logs") if "loss" in r]:
         assert record["tflops_per_rank"] == pytest.approx(record["tokens_per_sec"] * per_token / 1e12, rel=1e-6)
         assert record["mfu"] == pytest.approx(record["tflops_per_rank"] / 0.5, rel=1e-9)

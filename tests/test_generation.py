@@ -15,8 +15,8 @@ import torch
 from runs import write_config
 
 from megatron.model.generation import filter_logits, generate, next_token, pad_batch
-from megatron.model.gpt import GPT, GPTConfig, KVCache, MoESettings
-from megatron.model.moe import LoREConfig
+from megatron.model.gpt import GPT, GPTConfig, KVCache
+from megatron.model.moe import LoREConfig, MoEArchitecture
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -27,8 +27,8 @@ VARIANTS = {
     "learned_positions": dict(pos_emb="learned", activation="swiglu", intermediate_size=96),
     "gqa_partial_rotary": dict(num_kv_heads=2, rotary_pct=0.5, norm="rmsnorm", use_bias_in_mlp=False),
     "mqa_window": dict(num_kv_heads=1, sliding_window_width=3, activation="geglu", intermediate_size=96),
-    "moe_gqa": dict(num_kv_heads=2, moe=MoESettings(num_experts=4, top_k=2, expert_interval=2)),
-    "structmoe_window": dict(sliding_window_width=5, moe=MoESettings(num_experts=4, lore=LoREConfig(4, 2, 1))),
+    "moe_gqa": dict(num_kv_heads=2, moe=MoEArchitecture(num_experts=4, top_k=2, expert_interval=2)),
+    "structmoe_window": dict(sliding_window_width=5, moe=MoEArchitecture(num_experts=4, lore=LoREConfig(4, 2, 1))),
 }
 SAMPLING = {"greedy": dict(temperature=0.0), "seeded": dict(temperature=1.0, top_k=20, top_p=0.9)}
 

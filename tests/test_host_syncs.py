@@ -75,7 +75,7 @@ LAYERS = {
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_moe_layer_forward_and_backward_make_no_host_sync(name, record_syncs):
     torch.manual_seed(0)
-    layer = MoELayer(32, 64, impl="native", **LAYERS[name])
+    layer = MoELayer.build(32, 64, impl="native", **LAYERS[name])
     x = torch.randn(2, 24, 32, requires_grad=True)
     with record_syncs:
         y, aux = layer(x)

@@ -11,7 +11,7 @@ from megatron.model.moe.megablocks import NEEDS, megablocks_to_native, native_to
 def test_conversion_round_trips_and_follows_megablocks_math():
     torch.manual_seed(0)
     E, D, Fd = 4, 8, 12
-    layer = MoELayer(D, Fd, E, 1, init_std=0.3, output_init_std=0.3)
+    layer = MoELayer.build(D, Fd, E, 1, init_std=0.3, output_init_std=0.3)
     native = {k: v.detach() for k, v in layer.state_dict().items()}
     mb = native_to_megablocks(native)
     assert mb["experts.w1"].shape == (E * Fd, D) and mb["experts.w2"].shape == (E * Fd, D)
@@ -33,7 +33,7 @@ def test_gated_conversion_is_megablocks_glu_layout(activation, act):
     expert e computes (act(x @ w1[e].T) * (x @ v1[e].T)) @ w2[e]."""
     torch.manual_seed(1)
     E, D, Fd = 3, 8, 12
-    layer = MoELayer(D, Fd, E, 1, activation, init_std=0.3, output_init_std=0.3)
+    layer = MoELayer.build(D, Fd, E, 1, activation, init_std=0.3, output_init_std=0.3)
     native = {k: v.detach() for k, v in layer.state_dict().items()}
     mb = native_to_megablocks(native)
     assert {k: tuple(v.shape) for k, v in mb.items() if k.startswith("experts.")} == {
@@ -52,7 +52,7 @@ def test_gated_conversion_is_megablocks_glu_layout(activation, act):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
 def test_megablocks_without_cuda_is_a_clear_error():
     with pytest.raises(RuntimeError, match="moe_impl: megablocks needs CUDA"):
-        MoELayer(8, 16, 2, 1, impl="megablocks")
+        MoELayer.build(8, 16, 2, 1, impl="megablocks")
     assert "pip install megablocks" in NEEDS
 
 
@@ -60,8 +60,8 @@ def test_megablocks_without_cuda_is_a_clear_error():
 def test_megablocks_layer_matches_native_on_cuda():
     pytest.importorskip("megablocks")
     torch.manual_seed(0)
-    native = MoELayer(64, 128, 4, 1).cuda()
-    mb = MoELayer(64, 128, 4, 1, impl="megablocks").cuda()
+    native = MoELayer.build(64, 128, 4, 1).cuda()
+    mb = MoELayer.build(64, 128, 4, 1, impl="megablocks").cuda()
     mb.load_state_dict(native_to_megablocks(native.state_dict()))
     x = torch.randn(32, 64, device="cuda")
     torch.testing.assert_close(mb(x)[0], native(x)[0], rtol=1e-3, atol=1e-4)

@@ -14,8 +14,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron.config import load_config
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
+from megatron.model.build import build_gpt
 from megatron.parallel import DistInfo
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import build_parallel_dims
@@ -141,7 +140,7 @@ def saved_bytes_per_block(args, batch: int, bf16: bool) -> list[int]:
     """The bytes of the tensors each block's forward saves for backward (unique storages, weights and buffers
     left out), as autograd reports them."""
     torch.manual_seed(0)
-    model = GPT(gpt_config_from_args(args, vocab_size_of(args))).train()
+    model = build_gpt(args, vocab_size_of(args)).train()
     x = torch.randn(batch, args.seq_length, args.hidden_size, requires_grad=True)
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     per_block = []
@@ -215,7 +214,7 @@ def _measure_layouts(rank: int, world: int, out_dir: str) -> None:
     for zero_stage, ep in LAYOUTS:
         dims = build_parallel_dims(DistInfo(rank, world, rank, torch.device("cpu")), ep)
         torch.manual_seed(0)  # the same weights on every rank
-        model = GPT(gpt_config_from_args(args, vocab_size_of(args), dims.expert_parallel()))
+        model = build_gpt(args, vocab_size_of(args), dims.expert_parallel())
         parallel = ParallelModel(model, dims, zero_stage)
         optimizer = build_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1, torch.device("cpu"))
         tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(rank))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model.gpt import GPT, GPTConfig, MoESettings, Rotary, init_std
-from megatron.model.moe import LoREConfig
+from megatron.model.gpt import GPT, GPTConfig, Rotary, init_std
+from megatron.model.moe import LoREConfig, MoEArchitecture
 from megatron.training.optim import build_optimizer
 
 VARIANTS = {
@@ -15,8 +15,8 @@ VARIANTS = {
     "learned": dict(pos_emb="learned"),
     "partial_rotary_rmsnorm": dict(rotary_pct=0.25, norm="rmsnorm"),
     "gpt_j_untied": dict(gpt_j_residual=True, tie_embeddings=False),
-    "moe": dict(moe=MoESettings(num_experts=4, top_k=2, expert_interval=2)),
-    "structmoe": dict(moe=MoESettings(num_experts=4, top_k=1, lore=LoREConfig(4, 2, 1, "entangled"))),
+    "moe": dict(moe=MoEArchitecture(num_experts=4, top_k=2, expert_interval=2)),
+    "structmoe": dict(moe=MoEArchitecture(num_experts=4, top_k=1, lore=LoREConfig(4, 2, 1, "entangled"))),
 }
 
 
@@ -67,7 +67,7 @@ def test_one_optimizer_step_reduces_loss_on_a_fixed_batch(variant):
     (2, 3, "---M"),
 ])
 def test_moe_layers_follow_the_interval_and_return_their_aux(interval, first_layer, layout):
-    moe = MoESettings(num_experts=4, expert_interval=interval, first_layer=first_layer)
+    moe = MoEArchitecture(num_experts=4, expert_interval=interval, first_layer=first_layer)
     model = GPT(tiny_config(num_layers=4, moe=moe))
     kinds = "".join("M" if type(block.mlp).__name__ == "MoELayer" else "-" for block in model.blocks)
     assert kinds == layout

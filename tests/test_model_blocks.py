@@ -15,8 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import ConfigError, load_config
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT, MLP, Attention, GPTConfig, mlp_width
+from megatron.model.build import build_gpt
+from megatron.model.gpt import MLP, Attention, GPTConfig, mlp_width
 from megatron.sizing.flops import flops_per_token
 from megatron.sizing.params import count_parameters
 
@@ -136,7 +136,7 @@ VARIANTS = [
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: " ".join(o[::2]) or "plain")
 def test_count_params_equals_the_built_model_for_each_variant(overrides):
     args = load_config(["configs/tiny.yml"], overrides)
-    model = GPT(gpt_config_from_args(args, 384))
+    model = build_gpt(args, 384)
     assert count_parameters(args.model_copy(update={"vocab_size": 384})).total == sum(
         p.numel() for p in model.parameters())
 
@@ -151,7 +151,7 @@ def test_neox_configs_count_the_published_totals(name, overrides, total):
     args = load_config([str(NEOX / name)], ["--vocab_size", "32000", "--use_bias_in_mlp", "false", *overrides])
     assert count_parameters(args).total == total
     with torch.device("meta"):
-        model = GPT(gpt_config_from_args(args, 32000))
+        model = build_gpt(args, 32000)
     assert sum(p.numel() for p in model.parameters()) == total
     with_bias = load_config([str(NEOX / name)], ["--vocab_size", "32000", *overrides])  # NeoX's default: biases
     width = mlp_width("swiglu", args.intermediate_size, args.hidden_size, args.mlp_multiple_of)
@@ -178,7 +178,7 @@ FLOP_VARIANTS = [["--num_kv_heads", "2", "--activation", "swiglu", "--intermedia
 @pytest.mark.parametrize("overrides", FLOP_VARIANTS)
 def test_flops_under_gqa_equal_the_counted_forward(overrides):
     args = load_config(["configs/tiny.yml"], overrides)
-    model = GPT(gpt_config_from_args(args, 384))
+    model = build_gpt(args, 384)
     tokens = torch.randint(384, (2, args.seq_length))
     counter = FlopCounterMode(display=False, custom_mapping=COUNTED)  # with the experts' grouped matmuls
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:

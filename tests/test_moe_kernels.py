@@ -126,7 +126,7 @@ def test_unknown_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="moe_impl: 'megablock' is not one of auto, native, grouped_gemm, megablocks"):
         resolve_moe_impl("megablock", "cpu")
     with pytest.raises(ValueError, match="moe_impl: 'fast' is not one of"):
-        MoELayer(8, 16, 2, 1, impl="fast")
+        MoELayer.build(8, 16, 2, 1, impl="fast")
 
 
 def test_slow_path_warning_fires_once_per_process(fake_device):
@@ -135,7 +135,7 @@ def test_slow_path_warning_fires_once_per_process(fake_device):
         warnings.simplefilter("always")
         for _ in range(3):
             assert resolve_moe_impl("auto", "cuda") == "native"
-        MoELayer(8, 16, 2, 1)  # a layer resolving "auto" itself does not repeat it either
+        MoELayer.build(8, 16, 2, 1)  # a layer resolving "auto" itself does not repeat it either
     assert len(caught) == 1
     assert "torch's grouped_mm has no fused kernel" in str(caught[0].message)
 
@@ -152,12 +152,12 @@ def test_load_gmm_takes_grouped_gemm_ops_gmm_or_none(monkeypatch):
 
 def test_build_resolves_for_the_run_device(fake_device):
     from megatron.config import load_config
-    from megatron.model.build import moe_settings_from_args
+    from megatron.model.build import moe_runtime_from_args
 
     def impl(device: str, moe_impl: str = "auto") -> str:
         args = load_config([], ["--moe_num_experts", "4", "--moe_router_type", "topk", "--moe_impl", moe_impl,
                                 "--device", device])
-        return moe_settings_from_args(args).impl
+        return moe_runtime_from_args(args).impl
 
     fake_device(True, A100, FakeGmm())
     assert impl("cuda") == "grouped_gemm"
@@ -170,10 +170,10 @@ def test_build_resolves_for_the_run_device(fake_device):
 def test_grouped_gemm_impl_needs_cuda_and_the_package(fake_device):
     fake_device(False, None, FakeGmm())
     with pytest.raises(RuntimeError, match="moe_impl: grouped_gemm needs CUDA"):
-        MoELayer(8, 16, 2, 1, impl="grouped_gemm")
+        MoELayer.build(8, 16, 2, 1, impl="grouped_gemm")
     fake_device(True, A100, None)
     with pytest.raises(RuntimeError, match="pip install grouped_gemm"):
-        MoELayer(8, 16, 2, 1, impl="grouped_gemm")
+        MoELayer.build(8, 16, 2, 1, impl="grouped_gemm")
     assert "pip install grouped_gemm" in GMM_NEEDS
 
 
@@ -296,8 +296,8 @@ def test_layer_on_gmm_matches_native_layer(fake_device, gmm_on_cpu, activation):
     fake_device(True, A100, gmm_on_cpu)
     torch.manual_seed(5)
     lore = LoREConfig(num_lores=4, rank=8)
-    native = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
-    on_gmm = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="grouped_gemm")
+    native = MoELayer.build(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
+    on_gmm = MoELayer.build(32, 64, 4, 1, activation, lore=lore, impl="grouped_gemm")
     assert native.experts.gmm is None and on_gmm.experts.gmm is gmm_on_cpu and on_gmm.lore.gmm is gmm_on_cpu
     on_gmm.load_state_dict(native.state_dict())
     x = torch.randn(24, 32)
@@ -316,8 +316,8 @@ def test_megablocks_layout_on_gmm_matches_native_layer(fake_device, gmm_on_cpu, 
 
     fake_device(True, A100, gmm_on_cpu)
     torch.manual_seed(6)
-    native = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
-    mb = MoELayer(32, 64, 4, 1, activation, lore=lore, impl="megablocks")
+    native = MoELayer.build(32, 64, 4, 1, activation, lore=lore, impl="native", init_std=0.2, output_init_std=0.2)
+    mb = MoELayer.build(32, 64, 4, 1, activation, lore=lore, impl="megablocks")
     mb.load_state_dict(native_to_megablocks(native.state_dict()))
     x = torch.randn(24, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -86,7 +86,7 @@ def check_against_reference(layer: MoELayer, T: int, D: int, activation: str = "
 @pytest.mark.parametrize("T,D,Fd,E,K", SHAPES)
 def test_dropless_moe_matches_per_token_reference(T, D, Fd, E, K, use_grouped_mm, activation):
     torch.manual_seed(T + E)
-    layer = MoELayer(D, Fd, E, K, activation, init_std=0.3, output_init_std=0.3, use_grouped_mm=use_grouped_mm)
+    layer = MoELayer.build(D, Fd, E, K, activation, init_std=0.3, output_init_std=0.3, use_grouped_mm=use_grouped_mm)
     check_against_reference(layer, T, D, activation)
 
 
@@ -111,7 +111,7 @@ def test_lore_layer_matches_per_token_reference(T, D, Fd, E, K, lore, activation
     """Gated: entangled and router-free LoREs add into both halves of the [N, 2F] up-projection (B is
     [R, 2F]), standalone ones after the down-projection as before."""
     torch.manual_seed(T)
-    layer = MoELayer(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3)
+    layer = MoELayer.build(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3)
     expected_B = D if lore.mode == "standalone" else (2 * Fd if activation != "gelu" else Fd)
     assert layer.lore.B.shape[-1] == expected_B
     with torch.no_grad():
@@ -130,8 +130,8 @@ SHARED_CASES = [(1, "gelu", None, None), (2, "swiglu", None, None), (2, "geglu",
 def test_shared_experts_add_a_dense_mlp_of_their_combined_width(T, D, Fd, E, K, shared, activation, lore,
                                                                  use_grouped_mm):
     torch.manual_seed(T + shared)
-    layer = MoELayer(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3,
-                     use_grouped_mm=use_grouped_mm, num_shared_experts=shared)
+    layer = MoELayer.build(D, Fd, E, K, activation, lore=lore, init_std=0.3, output_init_std=0.3,
+                           use_grouped_mm=use_grouped_mm, num_shared_experts=shared)
     up = (2 if activation != "gelu" else 1) * shared * Fd
     shared_mlp = layer.shared_experts
     assert shared_mlp.up.weight.shape == (up, D) and shared_mlp.down.weight.shape == (D, shared * Fd)
@@ -140,7 +140,7 @@ def test_shared_experts_add_a_dense_mlp_of_their_combined_width(T, D, Fd, E, K, 
 
 
 def test_layer_reports_loads_and_keeps_shape():
-    layer = MoELayer(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
+    layer = MoELayer.build(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
     y, aux = layer(torch.randn(3, 5, 16))
     assert y.shape == (3, 5, 16)
     assert float(aux.expert_load_E.sum()) == pytest.approx(1.0)
@@ -150,7 +150,7 @@ def test_layer_reports_loads_and_keeps_shape():
 
 def test_empty_experts_and_a_single_token():
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, 4, 1, lore=LoREConfig(4, 4, 1), init_std=0.3, output_init_std=0.3)
+    layer = MoELayer.build(16, 32, 4, 1, lore=LoREConfig(4, 4, 1), init_std=0.3, output_init_std=0.3)
     with torch.no_grad():
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[2, 0] = 5.0  # every token with x[0] > 0 goes to expert 2
@@ -164,7 +164,7 @@ def test_empty_experts_and_a_single_token():
 
 def test_dispatch_then_combine_with_identity_experts_gives_the_gate_sum():
     torch.manual_seed(0)
-    layer = MoELayer(8, 16, 4, 2)
+    layer = MoELayer.build(8, 16, 4, 2)
     x = torch.randn(13, 8)
     routing = layer.router(x)
     dispatcher = LocalDispatcher()
@@ -181,8 +181,8 @@ def test_normalized_entropy_and_routing_stats():
     assert normalized_entropy(torch.tensor([1.0, 0.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
     # two of four equally: entropy log 2 over log 4
     assert normalized_entropy(torch.tensor([0.5, 0.5, 0.0, 0.0])).item() == pytest.approx(0.5)
-    plain = MoELayer(16, 32, 4, 1)
-    struct = MoELayer(16, 32, 4, 1, lore=LoREConfig(4, 2, 1))
+    plain = MoELayer.build(16, 32, 4, 1)
+    struct = MoELayer.build(16, 32, 4, 1, lore=LoREConfig(4, 2, 1))
     _, aux0 = plain(torch.randn(40, 16))
     _, aux1 = struct(torch.randn(40, 16))
     stats = routing_stats([aux0, aux1])

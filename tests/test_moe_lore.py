@@ -17,8 +17,8 @@ def test_entangled_output_equals_materialised_eq1(top_l, renormalize, activation
     W_up and A B are [D, 2F], value columns then gate columns, and the expert is value * g(gate)."""
     torch.manual_seed(top_l)
     D, Fd, E, M, R, T = 16, 32, 2, 4, 4, 11
-    layer = MoELayer(D, Fd, E, 1, activation, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
-                     output_init_std=0.3)
+    layer = MoELayer.build(D, Fd, E, 1, activation, lore=LoREConfig(M, R, top_l, renormalize=renormalize), init_std=0.3,
+                           output_init_std=0.3)
     with torch.no_grad():
         layer.lore.B.normal_(std=0.3)  # make the LoRE term as large as the expert's, to test it properly
     x = torch.randn(T, D)
@@ -102,7 +102,7 @@ def test_lore_balancing_loss_is_the_sum_of_the_source_batches_losses():
 
 def test_gradients_reach_lores_and_both_routers():
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
+    layer = MoELayer.build(16, 32, 4, 2, lore=LoREConfig(4, 4, 1))
     y, aux = layer(torch.randn(20, 16))
     (y.square().mean() + aux.load_balancing_loss + aux.z_loss).backward()
     for name in ("lore.A", "lore.B", "lore.router.weight", "router.gate.weight", "experts.w_up_EDF"):
@@ -123,7 +123,7 @@ def test_lore_shapes_and_parameter_counts(mode, activation, shared):
     """Gated: the experts' up-projection is [D, 2F] and an entangled (or router-free) LoRE's B is [R, 2F]."""
     D, Fd, E, M, R = 16, 48, 4, 8, 4
     lore = LoREConfig(M, R, 1, mode)
-    layer = MoELayer(D, Fd, E, 1, activation, lore=lore, num_shared_experts=shared)
+    layer = MoELayer.build(D, Fd, E, 1, activation, lore=lore, num_shared_experts=shared)
     U = 2 * Fd if activation == "swiglu" else Fd
     expected_shapes = {
         "entangled": ((E, M, D, R), (E, M, R, U)),

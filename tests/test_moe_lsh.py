@@ -82,7 +82,7 @@ def test_one_row_per_bucket_equals_the_exact_layer_bit_for_bit(lore):
     layers = []
     for lsh in (None, FINE):
         torch.manual_seed(0)
-        layers.append(MoELayer(16, 24, 4, 2, lore=lore, lsh=lsh))
+        layers.append(MoELayer.build(16, 24, 4, 2, lore=lore, lsh=lsh))
     exact, compressed = layers
     x = torch.randn(40, 16, requires_grad=True)
     y_exact, _ = exact(x)
@@ -122,7 +122,7 @@ def reference_layer(layer: MoELayer, x: torch.Tensor, hasher: CrossPolytopeHash,
 def test_compressed_layer_and_its_gradients_match_a_hand_written_reference(compensate):
     config = LSHConfig(num_hashes=1, hash_dim=2, error_compensation=compensate)  # 4 buckets: many collisions
     torch.manual_seed(0)
-    layer = MoELayer(8, 12, 3, 2, lsh=config)
+    layer = MoELayer.build(8, 12, 3, 2, lsh=config)
     hasher = CrossPolytopeHash(8, config)
     x = torch.randn(30, 8, requires_grad=True)
     y, _ = layer(x)
@@ -143,7 +143,7 @@ def _compressed_on_ranks(rank: int, world: int) -> None:
     layers = []
     for ep in (None, ExpertParallel(world, rank, dist.group.WORLD)):
         torch.manual_seed(0)
-        layers.append(MoELayer(8, 12, 4, 2, lore=LoREConfig(3, 2, top_l=1), lsh=config, expert_parallel=ep))
+        layers.append(MoELayer.build(8, 12, 4, 2, lore=LoREConfig(3, 2, top_l=1), lsh=config, expert_parallel=ep))
     full, part = layers
     torch.manual_seed(1)
     x = torch.randn(2 * 16, 8)
@@ -164,7 +164,7 @@ def test_two_rank_compressed_exchange_equals_one_rank():
 def test_error_probe_measures_against_the_exact_layer():
     coarse = LSHConfig(num_hashes=1, hash_dim=2)
     torch.manual_seed(0)
-    layer = MoELayer(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=coarse)
+    layer = MoELayer.build(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=coarse)
     probe = CompressionErrorProbe(layer)
     x = torch.randn(40, 8)
     y_before, _ = layer(x)  # not armed: nothing measured
@@ -173,7 +173,7 @@ def test_error_probe_measures_against_the_exact_layer():
     y_armed, _ = layer(x)
     errors = probe.pop()
     assert torch.equal(y_armed, y_before)  # measuring leaves the training forward alone
-    exact_layer, plain_layer = (MoELayer(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=lsh)
+    exact_layer, plain_layer = (MoELayer.build(8, 12, 3, 1, lore=LoREConfig(4, 2), lsh=lsh)
                                 for lsh in (None, dataclasses.replace(coarse, error_compensation=False)))
     exact_layer.load_state_dict(layer.state_dict())
     plain_layer.load_state_dict(layer.state_dict())
@@ -189,7 +189,7 @@ def test_error_probe_measures_against_the_exact_layer():
 
 def test_error_probe_reads_zero_without_collisions():
     torch.manual_seed(0)
-    layer = MoELayer(16, 24, 4, 2, lsh=FINE)
+    layer = MoELayer.build(16, 24, 4, 2, lsh=FINE)
     probe = CompressionErrorProbe(layer)
     probe.arm()
     layer(torch.randn(40, 16))

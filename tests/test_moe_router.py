@@ -171,7 +171,7 @@ def test_sinkhorn_top_k_gates_are_the_full_softmax_not_renormalised():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_moe_layer_with_sinkhorn_matches_the_per_token_reference(top_k, activation):
     torch.manual_seed(3 + top_k)
-    layer = MoELayer(16, 32, 4, top_k, activation, init_std=0.3, output_init_std=0.3, router_type="sinkhorn")
+    layer = MoELayer.build(16, 32, 4, top_k, activation, init_std=0.3, output_init_std=0.3, router_type="sinkhorn")
     x = torch.randn(20, 16)
     logits = x @ layer.router.gate.weight.T
     scores = torch.sigmoid(logits) if top_k == 1 else F.softmax(logits, dim=-1)

@@ -16,9 +16,9 @@ import yaml
 
 from megatron.config import load_config
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT, GPTConfig, MoESettings
-from megatron.model.moe import LoREConfig, MoELayer
+from megatron.model.build import build_gpt
+from megatron.model.gpt import GPT, GPTConfig
+from megatron.model.moe import LoREConfig, MoEArchitecture, MoELayer
 from megatron.sizing.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def active_from_model(model: GPT) -> int:
 def test_parameter_counts_equal_the_built_model(variant):
     config, overrides = VARIANTS[variant]
     args = load_config([f"configs/{config}"], [*EVERY_LAYER, *overrides])
-    model = GPT(gpt_config_from_args(args, vocab_size_of(args)))
+    model = build_gpt(args, vocab_size_of(args))
     counts = count_parameters(args)
     assert counts.total == sum(p.numel() for p in model.parameters())
     shared = sum(p.numel() for n, p in model.named_parameters() if ".shared_experts." in n)
@@ -122,15 +122,15 @@ def test_shared_experts_are_not_expert_parameters():
     from megatron.parallel.data_parallel import expert_parameter_names
 
     args = load_config(["configs/tiny_structmoe.yml"], [*EVERY_LAYER, "--moe_num_shared_experts", "1"])
-    model = GPT(gpt_config_from_args(args, 384))
+    model = build_gpt(args, 384)
     names = expert_parameter_names(model)
     assert names and not any("shared_experts" in name for name in names)
     assert all(".experts." in name or ".lore." in name for name in names)
 
 
 def tiny_gpt(checkpointing: bool = False) -> GPT:
-    moe = MoESettings(num_experts=4, top_k=2, router_type="sinkhorn", num_shared_experts=1,
-                      lore=LoREConfig(4, 2, 1, "entangled"))
+    moe = MoEArchitecture(num_experts=4, top_k=2, router_type="sinkhorn", num_shared_experts=1,
+                          lore=LoREConfig(4, 2, 1, "entangled"))
     return GPT(GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
                          activation="swiglu", mlp_multiple_of=4, checkpoint_activations=checkpointing, moe=moe))
 

@@ -14,8 +14,7 @@ import yaml
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config import neox_keys as nk
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
+from megatron.model.build import build_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 NEOX = REPO / "tests" / "data" / "neox"
@@ -194,7 +193,7 @@ def count_params_json(argv: list[str]) -> dict:
 
 def built_total(args) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in GPT(gpt_config_from_args(args, vocab_size_of(args))).parameters())
+        return sum(p.numel() for p in build_gpt(args, vocab_size_of(args)).parameters())
 
 
 # Published totals: the Pythia model cards (total = the card's non-embedding count + 2 x vocab x width, untied;

@@ -10,8 +10,7 @@ import torch
 
 from megatron.config import load_config
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
+from megatron.model.build import build_gpt
 from megatron.sizing.params import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ def test_count_params_equals_the_instantiated_model(name):
     small = name.startswith("tiny")
     # Big configs are built on the meta device: real parameter shapes, no memory.
     with torch.device("cpu" if small else "meta"):
-        model = GPT(gpt_config_from_args(args, vocab_size_of(args)))
+        model = build_gpt(args, vocab_size_of(args))
     assert count_parameters(args).total == sum(p.numel() for p in model.parameters())
 
 

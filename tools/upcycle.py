@@ -25,8 +25,7 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError, load_config, parse_command_line  # noqa: E402
 from megatron.data.tokenizer import vocab_size_of  # noqa: E402
-from megatron.model.build import gpt_config_from_args  # noqa: E402
-from megatron.model.gpt import GPT  # noqa: E402
+from megatron.model.build import build_gpt  # noqa: E402
 from megatron.model.upcycle import check_exact, upcycle_weights  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 from megatron.training.seed_checkpoint import write_step0_checkpoint  # noqa: E402
@@ -63,7 +62,7 @@ def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std:
     check_exact(args)
     vocab = vocab_size_of(args)
     torch.manual_seed(seed)
-    dst = GPT(gpt_config_from_args(args, vocab))
+    dst = build_gpt(args, vocab)
     std = 0.1 * args.init_method_std if router_std is None else router_std
     fresh = upcycle_weights(src, dst, std, torch.Generator().manual_seed(seed))
     print(f"upcycled {path} -> {out}; initialised, not copied: {', '.join(fresh) or 'nothing'}")

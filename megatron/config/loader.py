@@ -350,11 +350,11 @@ def check_moe_settings(args: NeoXArgs) -> None:
 
 
 def moe_layer_indices(args: NeoXArgs) -> list[int]:
-    """The layers the model will build as MoE layers (the model's own rule, MoESettings.is_moe_layer)."""
-    from megatron.model.gpt import MoESettings
+    """The layers the model will build as MoE layers (the model's own rule, MoEArchitecture.is_moe_layer)."""
+    from megatron.model.moe.config import MoEArchitecture
 
-    settings = MoESettings(args.moe_num_experts, expert_interval=args.moe_expert_interval,
-                           first_layer=args.moe_first_layer)
+    settings = MoEArchitecture(args.moe_num_experts, expert_interval=args.moe_expert_interval,
+                               first_layer=args.moe_first_layer)
     return [i for i in range(args.num_layers) if settings.is_moe_layer(i)]
 
 

@@ -50,7 +50,7 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
     cfg = model.cfg
     # the first native family that computes exactly our model, else our own code (remote code)
     native = [("gpt_neox", neox_blockers(cfg), neox_config, ours_to_neox),
-              ("llama", llama_blockers(cfg), llama_config, ours_to_llama)]
+              ("llama", llama_blockers(cfg, model.moe_runtime), llama_config, ours_to_llama)]
     family = next((entry for entry in native if not entry[1]), None)
     blockers = native[0][1] if family is None else []  # why not GPT-NeoX, the plainest of them
     if family is None:

@@ -149,8 +149,9 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def llama_blockers(cfg: Any) -> list[str]:
-    """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one."""
+def llama_blockers(cfg: Any, moe_runtime: Any = None) -> list[str]:
+    """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one; `moe_runtime` is the
+    model's (GPT.moe_runtime), whose megablocks experts hold their weights in another layout."""
     reasons = []
     moe = cfg.moe
     if moe is not None:  # a top-k router over a softmax of all experts, no shared experts, no LoREs
@@ -163,7 +164,7 @@ def llama_blockers(cfg: Any) -> list[str]:
             wanted_moe |= {"expert_interval": 1, "first_layer": 0, "renormalize": True}
         reasons += [f"moe {key}: {getattr(moe, key)!r}" for key, value in wanted_moe.items()
                     if getattr(moe, key) != value]
-        if moe.impl == "megablocks":
+        if moe_runtime is not None and moe_runtime.impl == "megablocks":
             reasons.append("moe_impl: megablocks (another expert weight layout)")
     wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
               "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False}

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_megatron_gpt import MegatronGPTConfig
 from .megatron_modules import __name__ as _shipped  # noqa: F401  (makes transformers copy every module)
 from .model_gpt import GPT, Attention, Rotary
+from .model_moe_config import MoERuntime
 
 
 class CacheAdapter:
@@ -56,7 +57,7 @@ class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MegatronGPTConfig):
         super().__init__(config)
-        self.model = GPT(decode(config.gpt))
+        self.model = GPT(decode(config.gpt), MoERuntime(impl="native"))  # one process, torch's kernels
         self._reference: dict[str, torch.nn.Module] = {}
         self.post_init()
 

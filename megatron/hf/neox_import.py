@@ -21,8 +21,7 @@ from megatron.config import ConfigError, load_config
 from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
 from megatron.hf.llama import LLAMA_MODEL_TYPES, llama_keys, llama_to_ours
 from megatron.hf.neox import ACTIVATIONS, neox_to_ours, rotary_dims
-from megatron.model.build import gpt_config_from_args
-from megatron.model.gpt import GPT
+from megatron.model.build import build_gpt
 from megatron.runtime import optional_import
 from megatron.training.seed_checkpoint import write_step0_checkpoint
 
@@ -110,7 +109,7 @@ def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | 
     model_yml.write_text("# the model converted by tools/convert_from_hf.py; put data and optimizer keys in "
                          "another file\n" + yaml.safe_dump(keys, sort_keys=False))
     args = load_config([str(model_yml)], list(overrides))
-    model = GPT(gpt_config_from_args(args, hf.vocab_size))
+    model = build_gpt(args, hf.vocab_size)
     to_ours = llama_to_ours if hf.model_type in LLAMA_MODEL_TYPES else neox_to_ours
     model.load_state_dict(to_ours(read_weights(folder), model.cfg), strict=True)
     write_step0_checkpoint(args, model, out)

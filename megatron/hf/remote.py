@@ -119,13 +119,10 @@ def _replace_existing(obj: Any, **changes: Any) -> Any:
 
 
 def portable_config(cfg: Any) -> Any:
-    """The model's config for inference anywhere: one process (no expert parallelism, no LSH exchange),
-    torch's kernels, no activation checkpointing."""
-    cfg = _replace_existing(cfg, checkpoint_activations=False, attention_impl="sdpa")
-    if getattr(cfg, "moe", None) is not None:
-        cfg = dataclasses.replace(cfg, moe=_replace_existing(cfg.moe, expert_parallel=None, lsh=None,
-                                                             lsh_layers=None, impl="native"))
-    return cfg
+    """The model's config for inference anywhere: no activation checkpointing, torch's attention. The MoE
+    runtime (expert parallelism, LSH, kernels) is not part of a config: the remote model builds with its own
+    (modeling_megatron_gpt.py)."""
+    return _replace_existing(cfg, checkpoint_activations=False, attention_impl="sdpa")
 
 
 def write_remote_folder(out: Path, model: nn.Module, extra_config: dict[str, Any]) -> None:

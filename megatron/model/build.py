@@ -3,14 +3,20 @@ the DiT's builder is megatron/model/dit/config.py."""
 
 from __future__ import annotations
 
-from megatron.model.gpt import GPTConfig, Llama3RopeScaling, MoESettings
-from megatron.model.moe import Balancing, LoREConfig
+from megatron.model.gpt import GPT, GPTConfig, Llama3RopeScaling
+from megatron.model.moe import Balancing, LoREConfig, MoEArchitecture, MoERuntime
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
-def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) -> MoESettings | None:
+def build_gpt(args, padded_vocab_size: int, expert_parallel: ExpertParallel | None = None) -> GPT:
+    """The language model the config describes, built for this run (its MoE runtime: `expert_parallel`, the
+    experts' kernels for the run's device, LSH)."""
+    return GPT(gpt_config_from_args(args, padded_vocab_size), moe_runtime_from_args(args, expert_parallel))
+
+
+def moe_architecture_from_args(args) -> MoEArchitecture | None:
     if args.moe_num_experts <= 1:
         return None
     lore = None
@@ -23,7 +29,7 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
             renormalize=args.lore_renormalize_weights,
             balancing=Balancing(args.lore_router_enable_bias, args.lore_router_bias_update_rate, args.lore_lbl_scope),
         )
-    return MoESettings(
+    return MoEArchitecture(
         num_experts=args.moe_num_experts,
         top_k=args.moe_top_k,
         expert_interval=args.moe_expert_interval,
@@ -32,20 +38,27 @@ def moe_settings_from_args(args, expert_parallel: ExpertParallel | None = None) 
         jitter_eps=args.moe_jitter_eps,
         renormalize=args.moe_renormalize_weights,
         lbl_in_fp32=args.moe_lbl_in_fp32,
-        impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
         router_type=args.moe_router_type,
         num_shared_experts=args.moe_num_shared_experts,
         score_function=args.moe_router_score_function,
         balancing=Balancing(args.moe_router_enable_expert_bias, args.moe_router_bias_update_rate, args.moe_lbl_scope),
         lore=lore,
-        expert_parallel=expert_parallel,
-        lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed,
-                      args.lsh_rotation_refresh_interval) if args.lsh_compression else None,
-        lsh_layers=args.lsh_layers,
     )
 
 
-def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertParallel | None = None) -> GPTConfig:
+def moe_runtime_from_args(args, expert_parallel: ExpertParallel | None = None) -> MoERuntime:
+    if args.moe_num_experts <= 1:  # a dense model: no kernel to pick
+        return MoERuntime()
+    return MoERuntime(
+        expert_parallel=expert_parallel,
+        impl=resolve_moe_impl(args.moe_impl, getattr(args, "device", "auto")),  # for the device the run will use
+        lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed,
+                      args.lsh_rotation_refresh_interval) if args.lsh_compression else None,
+        lsh_layers=None if args.lsh_layers is None else tuple(args.lsh_layers),
+    )
+
+
+def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=padded_vocab_size,
         num_layers=args.num_layers,
@@ -77,6 +90,6 @@ def gpt_config_from_args(args, padded_vocab_size: int, expert_parallel: ExpertPa
         attention_dropout=args.attention_dropout,
         checkpoint_activations=args.checkpoint_activations,
         attention_impl=args.attention_impl,
-        moe=moe_settings_from_args(args, expert_parallel),
+        moe=moe_architecture_from_args(args),
     )
 

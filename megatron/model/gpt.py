@@ -12,7 +12,6 @@ a token, 0 for padding, over the cached and new tokens) lets rows of a batch be 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -23,42 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.loss import lm_loss
-from megatron.model.moe import Balancing, LoREConfig, MoEAux, MoELayer
-from megatron.model.moe.lsh import LSHConfig
-from megatron.parallel.expert_parallel import ExpertParallel
-
-
-@dataclass
-class MoESettings:
-    """What a block needs to build an MoE layer (a subset of the config, typed)."""
-
-    num_experts: int
-    top_k: int = 1
-    expert_interval: int = 1
-    first_layer: int = 0  # MoE layers: first_layer, first_layer + expert_interval, ... (GPT-NeoX: 0)
-    ffn_hidden_size: int | None = None
-    jitter_eps: float | None = None
-    renormalize: bool = False
-    lbl_in_fp32: bool = False
-    impl: str = "auto"  # experts backend: auto, native, grouped_gemm, megablocks (moe/kernels.py)
-    router_type: str = "topk"  # topk or sinkhorn (moe/router.py)
-    score_function: str = "softmax"  # topk router: softmax over experts, or sigmoid with normalised gates
-    balancing: Balancing = Balancing()  # topk router: loss-free bias, the load-balancing loss's scope
-    num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), one MLP that wide
-    lore: LoREConfig | None = None
-    expert_parallel: ExpertParallel | None = None  # this rank's EP group; None: every expert is local
-    lsh: LSHConfig | None = None  # LSH-MoE compression of the exchange; None: exact
-    lsh_layers: list[int] | None = None  # which (MoE) layers compress; None: all
-
-    def lsh_for_layer(self, layer_idx: int) -> LSHConfig | None:
-        """The layer's LSH settings, with a rotation of its own (seed + layer index), or None."""
-        if self.lsh is None or (self.lsh_layers is not None and layer_idx not in self.lsh_layers):
-            return None
-        return dataclasses.replace(self.lsh, seed=self.lsh.seed + layer_idx)
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        offset = layer_idx - self.first_layer
-        return self.num_experts > 1 and offset >= 0 and offset % self.expert_interval == 0
+from megatron.model.moe import MoEArchitecture, MoEAux, MoELayer, MoERuntime
 
 
 @dataclass(frozen=True)
@@ -112,7 +76,7 @@ class GPTConfig:
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False
     attention_impl: str = "sdpa"
-    moe: MoESettings | None = field(default=None)
+    moe: MoEArchitecture | None = field(default=None)  # how this run computes it is GPT's moe_runtime
 
     @property
     def ffn_size(self) -> int:
@@ -330,39 +294,23 @@ class MLP(nn.Module):
         return self.down(activate(self.activation, self.up(x))), None
 
 
-def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float) -> nn.Module:
+def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
+                     moe_runtime: MoERuntime | None = None) -> nn.Module:
     moe = cfg.moe
     if moe is None or not moe.is_moe_layer(layer_idx):
         return MLP(cfg)
-    return MoELayer(
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=moe.ffn_hidden_size or cfg.ffn_size,
-        num_experts=moe.num_experts,
-        top_k=moe.top_k,
-        activation=cfg.activation,
-        jitter_eps=moe.jitter_eps,
-        renormalize=moe.renormalize,
-        lbl_in_fp32=moe.lbl_in_fp32,
-        lore=moe.lore,
-        init_std=std,
-        output_init_std=out_std,
-        impl=moe.impl,
-        expert_parallel=moe.expert_parallel,
-        lsh=moe.lsh_for_layer(layer_idx),
-        router_type=moe.router_type,
-        num_shared_experts=moe.num_shared_experts,
-        score_function=moe.score_function,
-        balancing=moe.balancing,
-    )
+    runtime = (moe_runtime or MoERuntime()).for_layer(layer_idx)
+    return MoELayer(cfg.hidden_size, moe.ffn_hidden_size or cfg.ffn_size, cfg.activation, std, out_std, moe, runtime)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int, std: float, out_std: float):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
+                 moe_runtime: MoERuntime | None = None):
         super().__init__()
         self.input_norm = make_norm(cfg)
         self.attention = Attention(cfg, layer_idx)
         self.post_attention_norm = make_norm(cfg)
-        self.mlp = make_feedforward(cfg, layer_idx, std, out_std)
+        self.mlp = make_feedforward(cfg, layer_idx, std, out_std, moe_runtime)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.parallel_residual = cfg.gpt_j_residual
 
@@ -378,9 +326,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, moe_runtime: MoERuntime | None = None):
+        """`moe_runtime`: how this run computes the MoE layers (expert parallelism, kernels, LSH); kept apart
+        from `cfg`, which is what the model computes and all that is written with it. None: MoERuntime()."""
         super().__init__()
         self.cfg = cfg
+        self.moe_runtime = moe_runtime or MoERuntime()
         std = init_std(cfg.init_method, cfg.init_method_std, cfg.hidden_size, cfg.num_layers)
         out_std = init_std(cfg.output_layer_init_method, cfg.init_method_std, cfg.hidden_size, cfg.num_layers)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -388,7 +339,7 @@ class GPT(nn.Module):
             nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.pos_emb == "learned" else None
         )
         self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, std, out_std) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, std, out_std, self.moe_runtime) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._init_weights(std, out_std)

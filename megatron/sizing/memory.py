@@ -34,7 +34,6 @@ Activations (`activation_bytes`) are a rough estimate; see its docstring for wha
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,8 +41,9 @@ import torch
 
 from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
-from megatron.model.build import gpt_config_from_args, moe_settings_from_args
+from megatron.model.build import gpt_config_from_args, moe_architecture_from_args
 from megatron.model.gpt import GPT, mlp_width
+from megatron.model.moe import MoERuntime
 from megatron.parallel.data_parallel import expert_parameter_names, expert_shard_dim
 from megatron.parallel.expert_parallel import check_ep_layout, experts_per_rank
 from megatron.sizing.params import count_parameters
@@ -87,12 +87,10 @@ def model_parameters(args) -> tuple[ParamShape, ...]:
     same element counts; only the dim FSDP2 splits differs, D instead of D or F).
     """
     cfg = gpt_config_from_args(args, vocab_size_of(args))
-    if cfg.moe is not None:
-        cfg.moe = dataclasses.replace(cfg.moe, impl="native")
     key = repr(cfg)
     if key not in _SHAPES:
         with torch.device("meta"):
-            model = GPT(cfg)
+            model = GPT(cfg, MoERuntime(impl="native"))
         experts = expert_parameter_names(model)
         shapes = []
         for name, param in model.named_parameters():
@@ -240,7 +238,7 @@ def block_activation_bytes(args) -> list[int]:
     attention = FP32 * d + stats + a * (d + (d + 2 * kv) + (d + kv if rotary else 0) + 2 * d) + FP32 * heads
     masks = 2 * d if args.hidden_dropout > 0 else 0
     dense_width = mlp_width(args.activation, args.intermediate_size, d, args.mlp_multiple_of)
-    moe = moe_settings_from_args(args)
+    moe = moe_architecture_from_args(args)
     per_layer = []
     for layer in range(args.num_layers):
         if moe is None or not moe.is_moe_layer(layer):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
-from megatron.model.build import moe_settings_from_args
+from megatron.model.build import moe_architecture_from_args
 from megatron.model.gpt import mlp_width
 from megatron.model.moe import moe_param_counts
 
@@ -58,7 +58,7 @@ def count_parameters(args) -> ParamCounts:
     norm_size = d if args.norm == "rmsnorm" else (2 * d if args.use_bias_in_norms else d)
     head_dim = d // args.num_attention_heads
     counts.norms = (2 * layers + 1) * norm_size + (2 * head_dim * layers if args.qk_norm else 0)
-    moe = moe_settings_from_args(args)
+    moe = moe_architecture_from_args(args)
     ffn = args.intermediate_size or 4 * d
     for layer in range(layers):
         counts.attention += attention

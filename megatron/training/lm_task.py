@@ -19,9 +19,8 @@ from megatron.config import ConfigError
 from megatron.data.bundled import ensure_bundled_dataset
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.tokenizer import padded_vocab_size, tokenizer_of
-from megatron.model.build import gpt_config_from_args
+from megatron.model.build import build_gpt
 from megatron.model.compile import compile_regions, compile_wanted
-from megatron.model.gpt import GPT
 from megatron.model.moe import MoEAux
 from megatron.model.moe.lsh_probes import CompressionErrorProbe, hashers_of
 from megatron.model.moe.stats import routing_stats
@@ -111,7 +110,7 @@ class LMTask:
                               f"{args.make_vocab_size_divisible_by}); remove vocab_size or make it match")
         self.vocab_size = vocab
         self._flops_per_token: float | None = None  # of the whole model (every expert: EP ranks hold a share)
-        self.model: nn.Module = GPT(gpt_config_from_args(args, vocab, expert_parallel))
+        self.model: nn.Module = build_gpt(args, vocab, expert_parallel)
         if compile_wanted(args.torch_compile, dist_info.device):
             regions = compile_regions(self.model)
             log.info("torch_compile: %d regions compiled (attention, norms, dense MLPs, routers)", len(regions))

@@ -9,9 +9,8 @@ import torch.nn as nn
 from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import read_yaml
 from megatron.data.tokenizer import vocab_size_of
-from megatron.model.build import gpt_config_from_args
+from megatron.model.build import build_gpt
 from megatron.model.dit import DiT, dit_config_from_args
-from megatron.model.gpt import GPT
 from megatron.training import checkpoint as ckpt
 
 
@@ -36,6 +35,6 @@ def load_pretrained(load: str | Path, overrides: list[str] | tuple[str, ...] = (
     if args.model_type == "dit":
         model: nn.Module = DiT(dit_config_from_args(args))
     else:
-        model = GPT(gpt_config_from_args(args, vocab_size_of(args)))
+        model = build_gpt(args, vocab_size_of(args))
     ckpt.load_model_weights(path, model)
     return args, model.eval(), path

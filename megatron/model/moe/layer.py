@@ -8,19 +8,19 @@ are separate modules; the layer only wires them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron.model.moe.config import MoEArchitecture, MoERuntime
 from megatron.model.moe.dispatcher import build_dispatcher
 from megatron.model.moe.experts import GroupedExperts, SharedExperts
 from megatron.model.moe.kernels import require_gmm, resolve_moe_impl
 from megatron.model.moe.lore import LoREBank, LoREConfig
-from megatron.model.moe.lsh import LSHConfig
-from megatron.model.moe.router import Balancing, build_router
-from megatron.parallel.expert_parallel import ExpertParallel
+from megatron.model.moe.router import build_router
 
 
 @dataclass
@@ -72,35 +72,28 @@ class MoELayer(nn.Module):
         self,
         hidden_size: int,
         ffn_hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        activation: str = "gelu",
-        jitter_eps: float | None = None,
-        renormalize: bool = False,
-        lbl_in_fp32: bool = False,
-        lore: LoREConfig | None = None,
-        init_std: float = 0.02,
-        output_init_std: float = 0.02,
-        impl: str = "auto",
-        use_grouped_mm: bool | None = None,
-        expert_parallel: ExpertParallel | None = None,
-        lsh: LSHConfig | None = None,
-        router_type: str = "topk",
-        num_shared_experts: int = 0,
-        score_function: str = "softmax",
-        balancing: Balancing | None = None,
+        activation: str,
+        init_std: float,
+        output_init_std: float,
+        arch: MoEArchitecture,
+        runtime: MoERuntime | None = None,
     ):
-        """With `expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
+        """`ffn_hidden_size` is the experts' width F, resolved (arch.ffn_hidden_size or the dense MLP's);
+        `runtime` is this layer's own (MoERuntime.for_layer), None: one process, the kernels "auto" picks.
+        With `runtime.expert_parallel`, this rank builds only its share of the experts (and their LoREs) and
         exchanges rows with the other EP ranks; the router and the shared experts stay whole (every rank
         routes its own tokens, and every token goes through the shared experts where it is)."""
         super().__init__()
+        runtime = runtime or MoERuntime()
+        num_experts = arch.num_experts
+        expert_parallel = runtime.expert_parallel
         self.num_experts = num_experts
         self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
-        self.router = build_router(router_type, hidden_size, num_experts, top_k, jitter_eps, renormalize,
-                                   lbl_in_fp32, init_std, score_function, balancing)
+        self.router = build_router(arch.router_type, hidden_size, num_experts, arch.top_k, arch.jitter_eps,
+                                   arch.renormalize, arch.lbl_in_fp32, init_std, arch.score_function, arch.balancing)
         # "auto" resolves here against this process's default device; a run passes the impl resolved for
         # its own device (build.py). An unknown name is a ValueError.
-        impl = resolve_moe_impl(impl)
+        impl = resolve_moe_impl(runtime.impl)
         if impl == "megablocks":
             from megatron.model.moe.megablocks import MegablocksExperts
 
@@ -108,16 +101,26 @@ class MoELayer(nn.Module):
                                              output_init_std, self.local_experts)
         else:  # native: torch's grouped_mm; grouped_gemm: the same experts on grouped_gemm's gmm
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                          output_init_std, use_grouped_mm, self.local_experts,
+                                          output_init_std, runtime.use_grouped_mm, self.local_experts,
                                           gmm=require_gmm() if impl == "grouped_gemm" else None)
         self.lore = (  # the LoRE B term runs on the experts' grouped kernel
-            LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, lore, init_std, self.local_experts,
+            LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, arch.lore, init_std, self.local_experts,
                                  gmm=self.experts.gmm, activation=activation)
-            if lore else None
+            if arch.lore else None
         )
-        self.shared_experts = (SharedExperts(num_shared_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                             output_init_std) if num_shared_experts else None)
-        self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, lsh)
+        self.shared_experts = (SharedExperts(arch.num_shared_experts, hidden_size, ffn_hidden_size, activation,
+                                             init_std, output_init_std) if arch.num_shared_experts else None)
+        self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, runtime.lsh)
+
+    @classmethod
+    def build(cls, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, activation: str = "gelu",
+              init_std: float = 0.02, output_init_std: float = 0.02, **settings) -> MoELayer:
+        """Tests' and benchmarks' shorthand: `settings` are MoEArchitecture's and MoERuntime's fields by name.
+        The model builds its layers with the constructor (gpt.py)."""
+        runtime_names = {f.name for f in dataclasses.fields(MoERuntime)}
+        runtime = MoERuntime(**{k: v for k, v in settings.items() if k in runtime_names})
+        arch = MoEArchitecture(num_experts, top_k, **{k: v for k, v in settings.items() if k not in runtime_names})
+        return cls(hidden_size, ffn_hidden_size, activation, init_std, output_init_std, arch, runtime)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
