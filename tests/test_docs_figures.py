@@ -36,7 +36,7 @@ def test_lsh_calibration_table_is_the_json():
     assert f"**{rate:.3f}**" in quoted
     lowered = sum(r["error_with_compensation"] < r["error_without_compensation"] for r in report["results"])
     assert f"lowered the layer-output error in {lowered} and raised it in {len(report['results']) - lowered}" in quoted
-    assert f"The default 2x16 keeps {rate:.3f} of the rows" in " ".join(read("README.md").split())
+    assert f"The default 2x16 keeps {rate:.3f} of the rows" in " ".join(read("docs/lsh.md").split())
 
 
 
@@ -82,7 +82,7 @@ def test_neox_key_counts_are_the_code():
     assert current + legacy == len(neox_keys.NEOX_KEYS)
     assert f"{current} keys, plus {legacy} MoE keys" in " ".join(doc.split())
     assert f"all {current + legacy} keys" in " ".join(doc.split())
-    assert f"({current} keys of commit `ea7aefd8` and {legacy} MoE keys" in " ".join(read("README.md").split())
+    assert f"({current} keys of commit `ea7aefd8` and {legacy} MoE keys" in " ".join(read("docs/training.md").split())
 
 
 def test_structmoe_study_tables_are_the_generated_ones():
@@ -118,7 +118,7 @@ def test_loss_memory_figures_are_the_json():
     assert (f"{full:,.0f} MiB with full logits and {chunked:,.0f} MiB in chunks of {result['chunk']}, "
             f"**{chunked / full:.2f}x**") in doc
     assert result["full"]["loss"] == result["chunked"]["loss"]  # "with the same loss"
-    assert f"{chunked / full:.2f}x the loss's peak memory" in " ".join(read("README.md").split())
+    assert f"{chunked / full:.2f}x the loss's peak memory" in " ".join(read("docs/training.md").split())
 
 def table_rows(text: str, header_start: str) -> dict[str, list[str]]:
     """First cell -> the other cells, for the Markdown table whose header line starts with header_start."""
@@ -254,10 +254,11 @@ def test_moe_layer_benchmark_block_and_ratios_are_the_json():
     doc = read("docs/moe.md")
     block = generated_block(doc, "python benchmarks/moe_layer.py --repeats 7 --json docs/results/moe_layer.json")
     assert block == f"```\n{moe_layer.format_report(result)}\n```"
-    # independently of format_report: the memory ratio the prose and the README quote, and the recorded load
+    # independently of format_report: the memory ratio docs/moe.md and docs/performance.md quote, and the recorded load
     saved = {v["name"]: v["saved_bytes"] for v in result["variants"]}
     ratio = saved["StructMoE (M=32, r=64, l=1)"] / saved["plain MoE, 8 experts"]
     assert f"StructMoE saves {ratio:.2f}x the plain layer's" in " ".join(doc.split())
-    assert f"the StructMoE layer saves {ratio:.2f}x the plain 8-expert layer's" in " ".join(read("README.md").split())
+    assert f"the StructMoE layer saves {ratio:.2f}x the plain 8-expert layer's" in " ".join(
+        read("docs/performance.md").split())
     start, end = result["load_average"]
     assert f"load average of {start:.1f} at the start and {end:.1f} at the end" in " ".join(doc.split())
