@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -114,7 +115,7 @@ class MoELayer(nn.Module):
 
     @classmethod
     def build(cls, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, activation: str = "gelu",
-              init_std: float = 0.02, output_init_std: float = 0.02, **settings) -> MoELayer:
+              init_std: float = 0.02, output_init_std: float = 0.02, **settings: Any) -> MoELayer:
         """Tests' and benchmarks' shorthand: `settings` are MoEArchitecture's and MoERuntime's fields by name.
         The model builds its layers with the constructor (gpt.py)."""
         runtime_names = {f.name for f in dataclasses.fields(MoERuntime)}
