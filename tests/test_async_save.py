@@ -3,7 +3,7 @@
 import shutil
 
 import torch
-from runs import read_metrics, train_losses, write_config
+from helpers.runs import read_metrics, train_losses, write_config
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
@@ -53,7 +53,7 @@ def test_async_save_of_a_sharded_moe_on_two_ranks(tmp_path, data_prefix):
     """The background save's collectives run on their own group: on the default one they interleaved with
     FSDP2's all-gathers and gloo aborted ("Received data size doesn't match expected size"). And the expert
     blocks are handed over as copies: as views of one storage, DCP's stager failed ("invalid python storage")."""
-    from distributed import torchrun
+    from helpers.distributed import torchrun
 
     config = write_config(tmp_path, data_prefix, async_save=True, zero_stage=3, train_iters=4, checkpoint_factor=2,
                           eval_interval=0, moe_num_experts=4, moe_top_k=1)

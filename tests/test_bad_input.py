@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import write_config
+from helpers.runs import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import assert_one_line, run_main, write_config
+from helpers.runs import assert_one_line, run_main, write_config
 
 # (name, config overrides or a YAML text, extra command-line arguments, pattern the error line must match)
 CONFIG_CASES = [

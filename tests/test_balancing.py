@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_moe_layer import reference_moe
+from helpers.reference import reference_moe
 
 from megatron.model.moe import MoELayer
 from megatron.model.moe.lore import LoREBank, LoREConfig, lore_aux
@@ -190,7 +190,7 @@ BUFFERS = ("expert_bias_E", "lore_bias_EM")
 
 
 def saved_state(config) -> dict[str, torch.Tensor]:
-    from test_parallel_training import final_parameters
+    from helpers.layouts import final_parameters
 
     return final_parameters(config)
 
@@ -198,7 +198,7 @@ def saved_state(config) -> dict[str, torch.Tensor]:
 def test_balancing_state_resumes_exactly(tmp_path, data_prefix):
     """4 steps straight == 2 steps, exit, 2 more: losses, biases and parameters, with gradient accumulation (the
     global-batch loss's running counts) and every remedy on."""
-    from runs import read_metrics, write_config
+    from helpers.runs import read_metrics, write_config
 
     import train
 
@@ -225,9 +225,9 @@ def test_expert_parallel_with_balancing_equals_one_rank(tmp_path, data_prefix):
     micro-batch): losses, the aux losses, the gradient norm, parameters and biases. The global-batch counts sum
     over ranks, the biases move by the global loads, and the LoRE biases are saved per expert (the 2-rank
     checkpoint loads into one rank)."""
-    from distributed import torchrun
-    from runs import read_metrics, train_losses, write_config
-    from test_parallel_training import assert_same_parameters
+    from helpers.distributed import torchrun
+    from helpers.layouts import assert_same_parameters
+    from helpers.runs import read_metrics, train_losses, write_config
 
     import train
 
@@ -247,7 +247,7 @@ def test_expert_parallel_with_balancing_equals_one_rank(tmp_path, data_prefix):
 def test_a_recomputed_forward_sees_the_counts_the_first_one_saw(tmp_path, data_prefix):
     """Activation checkpointing runs each block's forward again in backward; the global-batch loss's running
     counts must not have moved in between, or the recomputed gradient differs from the one without recompute."""
-    from runs import write_config
+    from helpers.runs import write_config
 
     import train
 

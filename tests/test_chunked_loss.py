@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from runs import read_metrics, train_losses, write_config
+from helpers.runs import read_metrics, train_losses, write_config
 
 import train
 from megatron.model.gpt import GPT, GPTConfig

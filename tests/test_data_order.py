@@ -1,7 +1,7 @@
 """Across any number of restarts, every training sample is read exactly once, in the order of an uninterrupted run
 (checked with sample ids, not losses)."""
 
-from runs import write_config
+from helpers.runs import write_config
 
 import train
 from megatron.config import load_config

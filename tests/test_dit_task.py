@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import read_metrics, train_losses
+from helpers.runs import read_metrics, train_losses
 
 from megatron.config import ConfigError, load_config
 from megatron.model.dit import expert_of_timestep, timestep_interval

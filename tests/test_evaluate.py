@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import REPO, saved_model
+from helpers.hf_models import REPO, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 import evaluate  # noqa: E402

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import write_config
+from helpers.runs import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

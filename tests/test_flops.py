@@ -4,6 +4,7 @@ experts and with the Sinkhorn router."""
 
 import pytest
 import torch
+from helpers.flops import COUNTED
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -13,19 +14,6 @@ from megatron.sizing.flops import data_sheet_peak, flops_per_token
 
 CONFIGS = ["tiny.yml", "tiny_moe.yml", "tiny_structmoe.yml", "tiny_structmoe_router_free.yml",
            "tiny_structmoe_standalone.yml"]
-
-
-def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """[N, K] rows against [G, K, O] weights, each row with its group's: 2 N K O."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
-
-
-def addmm_flops(out_shape_in, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """out += a @ b, in place (the CPU LoRE accumulation loop), which FlopCounterMode does not count itself."""
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-COUNTED = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: addmm_flops}
 
 
 # every layer MoE: the gated dense MLP is not this test's business
@@ -79,7 +67,7 @@ def test_dense_closed_form_by_hand():
 
 
 def test_training_logs_tflops_and_mfu(tmp_path, data_prefix):
-    from runs import read_metrics, write_config
+    from helpers.runs import read_metrics, write_config
 
     import train
 

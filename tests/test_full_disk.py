@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from runs import read_metrics, write_config
+from helpers.runs import read_metrics, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import write_config
+from helpers.runs import write_config
 
 from megatron.model.generation import filter_logits, generate, next_token, pad_batch
 from megatron.model.gpt import GPT, GPTConfig, KVCache

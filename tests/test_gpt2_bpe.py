@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import read_metrics, train_losses, write_config
+from helpers.runs import read_metrics, train_losses, write_config
 
 import train
 from megatron.data.indexed_dataset import MMapIndexedDataset

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from hf_models import REPO, VOCAB_FILE, saved_model
+from helpers.hf_models import REPO, VOCAB_FILE, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_to_hf  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import yaml
-from hf_models import REPO, save_random, saved_model
+from helpers.hf_models import REPO, save_random, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from hf_models import REPO, save_random, saved_model
+from helpers.hf_models import REPO, save_random, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_from_hf  # noqa: E402

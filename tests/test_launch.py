@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from distributed import REPO, free_port
-from runs import read_metrics, train_losses, write_config
+from helpers.distributed import REPO, free_port
+from helpers.runs import read_metrics, train_losses, write_config
 
 from megatron.config import load_config, parse_command_line
 from megatron.parallel.distributed import ranks_from_env

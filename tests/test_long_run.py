@@ -1,7 +1,7 @@
 """Long CPU runs: resident memory stays flat after warm-up (slow: thousands of steps; CI runs the short check)."""
 
 import pytest
-from runs import read_metrics, write_config
+from helpers.runs import read_metrics, write_config
 
 import train
 

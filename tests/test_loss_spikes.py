@@ -1,7 +1,7 @@
 """The loss spike detector: logged-interval losses above factor x the recent median are flagged, once each."""
 
 import pytest
-from runs import read_metrics, write_config
+from helpers.runs import read_metrics, write_config
 
 import train
 from megatron.training.lm_task import LMTask

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 from torch.distributed.tensor import DTensor
 
 from megatron.config import load_config

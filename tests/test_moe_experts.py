@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import per_group_reference
+from helpers.reference import per_group_reference
 
 from megatron.model.moe.experts import GroupedExperts
 from megatron.model.moe.kernels import accumulate_grouped_matmul, grouped_matmul

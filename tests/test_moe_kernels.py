@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from reference import per_group_reference
+from helpers.reference import per_group_reference
 
 from megatron.model.moe import LoREConfig, MoELayer, kernels
 from megatron.model.moe.kernels import (

@@ -3,7 +3,7 @@ gated), with LoREs in every mode and shared experts."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.reference import reference_moe
 
 from megatron.model.moe import LocalDispatcher, LoREConfig, MoELayer
 from megatron.model.moe.stats import normalized_entropy, routing_stats
@@ -11,57 +11,6 @@ from megatron.model.moe.stats import normalized_entropy, routing_stats
 # (tokens, hidden, ffn, experts, top_k)
 SHAPES = [(1, 8, 16, 2, 1), (7, 16, 32, 4, 2), (33, 16, 48, 8, 1), (64, 32, 64, 8, 2), (5, 16, 32, 8, 1)]
 ACTIVATIONS = ["gelu", "swiglu", "geglu"]
-GATE_FNS = {"swiglu": F.silu, "geglu": F.gelu}  # value * fn(gate), the value being the first half
-
-
-def reference_act(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name in GATE_FNS:
-        width = h.shape[-1] // 2
-        return h[..., :width] * GATE_FNS[name](h[..., width:])
-    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[name](h)
-
-
-def reference_moe(layer: MoELayer, x_TD: torch.Tensor, activation: str = "gelu", routing=None) -> torch.Tensor:
-    """Token by token: route, run each chosen expert's MLP, add its LoRE term, weight, sum; add the shared
-    experts' MLP. `routing`: (weights [T, K], expert ids [T, K]) when not the softmax top-k."""
-    if routing is None:
-        probs = F.softmax(x_TD @ layer.router.gate.weight.T, dim=-1)
-        routing = torch.topk(probs, layer.router.top_k, dim=-1)
-    weights, ids = routing
-    w_up, w_down = layer.experts.w_up_EDF, layer.experts.w_down_EFD
-    assert w_up.shape[-1] == (2 if activation in GATE_FNS else 1) * w_down.shape[1]
-    lore = layer.lore
-    out = []
-    for t in range(x_TD.shape[0]):
-        x = x_TD[t]
-        y = torch.zeros_like(x)
-        for k in range(ids.shape[1]):
-            e = int(ids[t, k])
-            h = x @ w_up[e]
-            extra_out = 0
-            if lore is not None:
-                if lore.routed:
-                    M = lore.lores_per_expert
-                    lore_logits = x @ lore.router.weight[e * M:(e + 1) * M].T
-                    pi = F.softmax(lore_logits, dim=-1)
-                    pis, chosen = torch.topk(pi, lore.config.top_l)
-                    if lore.config.renormalize:
-                        pis = pis / pis.sum()
-                    term = sum(pis[j] * (x @ lore.A[e, int(i)]) @ lore.B[e, int(i)] for j, i in enumerate(chosen))
-                else:
-                    term = (x @ lore.A[e, 0]) @ lore.B[e, 0]
-                if lore.entangled:
-                    h = h + term
-                else:
-                    extra_out = term
-            y = y + weights[t, k] * (reference_act(activation, h) @ w_down[e] + extra_out)
-        shared = layer.shared_experts
-        if shared is not None:
-            y = y + reference_act(activation, x @ shared.up.weight.T) @ shared.down.weight.T
-        out.append(y)
-    return torch.stack(out)
-
-
 def check_against_reference(layer: MoELayer, T: int, D: int, activation: str = "gelu"):
     x = torch.randn(T, D, requires_grad=True)
     y, _ = layer(x)

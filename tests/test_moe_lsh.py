@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import assert_grads_match_one_rank, run_on_ranks
+from helpers.distributed import assert_grads_match_one_rank, run_on_ranks
 
 from megatron.model.moe import LoREConfig, MoELayer
 from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig, compress, decompress

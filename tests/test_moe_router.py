@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_moe_layer import reference_moe
+from helpers.reference import reference_moe
 
 from megatron.model.moe import MoELayer
 from megatron.model.moe.router import SinkhornRouter, TopKRouter, build_router, load_balancing_loss, sinkhorn, z_loss

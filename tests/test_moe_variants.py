@@ -100,9 +100,9 @@ def test_match_baseline_keeps_the_shared_experts(tmp_path):
 def test_gated_shared_sinkhorn_structmoe_on_two_ranks_ep2_equals_one_rank(tmp_path, data_prefix, zero_stage):
     """EP=2 with DDP or ZeRO-3 (shared experts reduced / sharded with the non-expert parameters, gated experts
     and LoREs per expert) == one rank with the same global batch; the EP checkpoint loads into one rank."""
-    from distributed import torchrun
-    from runs import read_metrics, train_losses, write_config
-    from test_parallel_training import STEPS, STRUCT_L1, assert_same_parameters, final_parameters
+    from helpers.distributed import torchrun
+    from helpers.layouts import STEPS, STRUCT_L1, assert_same_parameters, final_parameters
+    from helpers.runs import read_metrics, train_losses, write_config
 
     import train
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import read_metrics, write_config
+from helpers.runs import read_metrics, write_config
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train

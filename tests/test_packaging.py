@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import assert_one_line, run_main
+from helpers.runs import assert_one_line, run_main
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 

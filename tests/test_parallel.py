@@ -53,7 +53,7 @@ def _block_input_dtypes_under_fsdp2_bf16(rank: int, world: int, out: str) -> Non
 def test_fsdp2_bf16_params_keep_the_residual_stream_fp32(tmp_path):
     """FSDP2 computes in bf16 weights, but hands each block the fp32 residual stream as DDP under autocast
     does (its default cast_forward_inputs would round it to bf16 at every block)."""
-    from distributed import run_on_ranks
+    from helpers.distributed import run_on_ranks
 
     run_on_ranks(_block_input_dtypes_under_fsdp2_bf16, 2, str(tmp_path / "dtypes"))
     assert (tmp_path / "dtypes").read_text() == ",".join(["torch.float32"] * 3)

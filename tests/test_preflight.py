@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from distributed import run_on_ranks
-from runs import assert_one_line, read_metrics, run_main, write_config
+from helpers.distributed import run_on_ranks
+from helpers.runs import assert_one_line, read_metrics, run_main, write_config
 
 from megatron.config import ConfigError, load_config
 from megatron.training import preflight

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import write_config
+from helpers.runs import write_config
 
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel import DistInfo

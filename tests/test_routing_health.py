@@ -3,7 +3,7 @@
 import logging
 
 import pytest
-from runs import read_metrics, write_config
+from helpers.runs import read_metrics, write_config
 
 import train
 from megatron.training.routing_health import RoutingHealth

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from hf_models import REPO, saved_model
+from helpers.hf_models import REPO, saved_model
 
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))

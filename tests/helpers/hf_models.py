@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from runs import write_config
+from helpers.runs import write_config
 
 from megatron.config import load_config
 from megatron.data.tokenizer import vocab_size_of
@@ -14,7 +14,7 @@ from megatron.model.build import build_gpt
 from megatron.model.gpt import GPT
 from megatron.training.seed_checkpoint import write_step0_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB_FILE = str(REPO / "megatron/data/bundled/shakespeare_tokenizer.json")
 TOKENIZER = {"tokenizer_type": "HFTokenizer", "vocab_file": VOCAB_FILE, "make_vocab_size_divisible_by": 64}
 
