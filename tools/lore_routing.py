@@ -12,8 +12,9 @@ the same few LoREs, whatever its content. Per MoE layer (mean over experts with 
 - mean share: ||mu_e||^2 / mean ||x||^2, the rows' energy along their common mean;
 - offset / content: the spread over LoREs of W_e mu_e against the typical spread over LoREs of W_e (x - mu_e)
   (standard deviations over the M logits; above 1 the shared offset dominates the choice);
-- LoRE load entropy (normalised, 1 = balanced) of the top-1 choice as trained, and with the router's input
-  centred per expert (x - mu_e), i.e. what removing the common direction would do to this trained router.
+- LoRE load entropy (normalised, 1 = balanced) of the top-1 choice as trained (with its loss-free bias, if it
+  has one), and with the router's input centred per expert (x - mu_e, no bias), i.e. what removing the common
+  direction would do to this trained router.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def analyse_layer(lore, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -
         offset_M = w_EMD[e] @ mu
         content_RM = (rows - mu) @ w_EMD[e].T
         ratios.append(float(offset_M.std() / content_RM.std(dim=1).mean().clamp_min(1e-12)))
-        trained_loads.append(torch.bincount((rows @ w_EMD[e].T).argmax(dim=1), minlength=M).float())
+        scores_RM = rows @ w_EMD[e].T
+        if hasattr(lore, "lore_bias_EM"):  # loss-free balancing: the bias joins the scores for choosing
+            scores_RM = scores_RM.softmax(dim=1) + lore.lore_bias_EM[e].float()
+        trained_loads.append(torch.bincount(scores_RM.argmax(dim=1), minlength=M).float())
         centred_loads.append(torch.bincount(content_RM.argmax(dim=1), minlength=M).float())
     if not ratios:
         return {}

@@ -223,7 +223,9 @@ def plot_loads(curves: dict[str, dict[str, list[list]]], output: Path) -> dict[s
         ax.set_xlabel("step")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    ax_lore.legend(fontsize=7)
+    for ax in (ax_lore, ax_expert):
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)
