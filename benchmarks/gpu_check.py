@@ -486,7 +486,7 @@ def start_cuda_tests(ctx: Context) -> subprocess.Popen:
     add a second -q, which drops pytest's summary line)."""
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     if ctx.sizes.toy:  # collecting the whole suite takes 20 s on 2 cores: only the files that mark tests cuda
-        command += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+        command += sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
                           if "mark.cuda" in p.read_text())
     report = ctx.out / "cuda_tests.xml"
     report.unlink(missing_ok=True)

@@ -7,7 +7,7 @@
 #   bash tests/oldest_torch.sh [VENV_DIR]        # default VENV_DIR: /tmp/megatron-oldest-torch (reused if there)
 #
 # Long (a multi-GB download the first time, then ~5 minutes of tests): run by hand or as `pytest -m slow
-# tests/test_torch_range.py`, not in CI.
+# tests/integration/test_torch_range.py`, not in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-/tmp/megatron-oldest-torch}"
@@ -24,6 +24,8 @@ grep -v '^torch==' requirements.txt > "$VENV/requirements-without-torch.txt"
 echo "torch $("$PY" -c 'import torch; print(torch.__version__)') in $VENV"
 # the repo's own package on the path (no install: pyproject's torch range must not pull another torch)
 PYTHONPATH="$PWD" "$PY" -m pytest -p no:cacheprovider -p no:warnings \
-    tests/test_expert_parallel.py tests/test_moe_kernels.py tests/test_moe_layer.py tests/test_host_syncs.py \
-    tests/test_parallel.py tests/test_parallel_training.py tests/test_async_save.py tests/test_checkpoint.py \
-    tests/test_trainer.py tests/test_chunked_loss.py tests/test_compile.py "${@:2}"
+    tests/unit/test_moe_kernels.py tests/unit/test_moe_layer.py tests/unit/test_host_syncs.py \
+    tests/unit/test_checkpoint.py tests/unit/test_compile.py \
+    tests/integration/test_expert_parallel.py tests/integration/test_parallel.py \
+    tests/integration/test_parallel_training.py tests/integration/test_async_save.py \
+    tests/integration/test_trainer.py tests/integration/test_chunked_loss.py "${@:2}"

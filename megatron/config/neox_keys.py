@@ -224,7 +224,7 @@ NEOX_KEYS: dict[str, NeoXKey] = {**SUPPORTED_KEYS, **TRANSLATED_KEYS, **IGNORED_
                                  **LEGACY_MOE_KEYS}
 
 # Where our default differs from NeoX's on purpose (every other SUPPORTED key has NeoX's default;
-# tests/test_neox_keys.py checks both). docs/neox_compat.md explains each.
+# tests/unit/test_neox_keys.py checks both). docs/neox_compat.md explains each.
 DEFAULT_EXCEPTIONS = {
     "num_layers": "NeoX has none (required); ours: a tiny model for quick runs",
     "hidden_size": "NeoX has none (required); ours: a tiny model for quick runs",

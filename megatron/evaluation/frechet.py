@@ -56,7 +56,7 @@ def _one_thread() -> Iterator[None]:
     """Runs the classifier on one intra-op thread, then restores the caller's setting.
 
     Its convolutions are too small to gain from threads, and on a busy 2-core machine two contending threads
-    made training 10-40x slower (0.4 s against 15-28 s for tests/test_frechet.py's classifier). One thread
+    made training 10-40x slower (0.4 s against 15-28 s for tests/unit/test_frechet.py's classifier). One thread
     also fixes the order of every reduction, so the classifier and the FD do not depend on the caller's
     thread count.
     """

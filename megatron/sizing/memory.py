@@ -225,7 +225,7 @@ def block_activation_bytes(args) -> list[int]:
       token (2aSF or 4aSF), and under autocast their own half-precision copy of the input (aD);
     - dropout masks (1 byte each, 2D per layer) when hidden_dropout > 0.
     Not counted: the expert-parallel exchange buffers, routing imbalance, autocast's half-precision copies
-    of rows gathered in fp32. tests/test_memory.py checks these sums against the tensors autograd saves.
+    of rows gathered in fp32. tests/integration/test_memory.py checks these sums against the tensors autograd saves.
     """
     tokens = args.train_micro_batch_size_per_gpu * args.seq_length
     d, heads = args.hidden_size, args.num_attention_heads

@@ -21,7 +21,7 @@ the run will use; nothing here queries CUDA in forward):
 Host syncs left in the MoE layer on a GPU (each stalls the host until the device has done the queued
 work), and why each is there. Counts use `router.count_ids` (a scatter-add of known size), never
 `torch.bincount` (which reads its input's maximum on the host), and every `repeat_interleave` is given its
-`output_size`; tests/test_host_syncs.py runs the layer's GPU path on the CPU and finds no other sync:
+`output_size`; tests/unit/test_host_syncs.py runs the layer's GPU path on the CPU and finds no other sync:
 - `AllToAllDispatcher.exchange` (dispatcher.py, expert parallelism only): one `.tolist()` of the send and
   receive split sizes, because `all_to_all_single` takes Python ints (the received row count that sizes
   the regrouping index comes from those, not from another sync).
