@@ -85,6 +85,29 @@ def test_neox_key_counts_are_the_code():
     assert f"({current} keys of commit `ea7aefd8` and {legacy} MoE keys" in " ".join(read("docs/training.md").split())
 
 
+def test_routing_study_tables_and_readings_are_the_json():
+    """docs/routing.md quotes the study tool's tables verbatim; the prose's and the README's figures come from
+    its JSON."""
+    tables = read("docs/results/routing_study.md").strip().split("\n\n")
+    doc = read("docs/routing.md")
+    for number, table in enumerate(tables, start=1):
+        assert generated_block(doc, f"docs/results/routing_study.md table {number}") == table
+    study = json.loads(read("docs/results/routing_study.json"))
+    assert all(p["ci_low"] < 0 < p["ci_high"] for p in study["pairs"])  # "every paired interval contains 0"
+    largest = max(study["pairs"], key=lambda p: abs(p["mean"]))
+    prose, readme = " ".join(doc.split()), " ".join(read("README.md").split())
+    assert f"the largest mean difference is {largest['mean']:+.3f}" in prose
+    loads = study["final_loads"]
+    in_use = [f"{loads[arm]['lores_in_use']:.1f}" for arm in
+              ("tiny_structmoe", "tiny_structmoe_lorebal", "tiny_structmoe_lore_loss_free")]
+    assert (f"without LoRE balancing {in_use[0]} of 32 LoREs stay in use, the LoRE loss keeps {in_use[1]}" in readme
+            and f"at rate 0.001 reaches {in_use[2]}" in readme)
+    assert f"the LoRE loss keeps {loads['tiny_structmoe_lorebal']['lore']:.2f} ({in_use[1]} LoREs)" in prose
+    diagnosis = study["routing_diagnosis"]
+    assert f"(ratio {diagnosis['tiny_structmoe_lorebal']['offset_over_content']:.2f} vs " \
+           f"{diagnosis['tiny_structmoe']['offset_over_content']:.2f})" in prose
+
+
 def test_structmoe_study_tables_are_the_generated_ones():
     tables = read("docs/results/structmoe_study.md").strip().split("\n\n")
     doc = read("docs/results.md")
