@@ -108,6 +108,25 @@ def test_routing_study_tables_and_readings_are_the_json():
            f"{diagnosis['tiny_structmoe']['offset_over_content']:.2f})" in prose
 
 
+def test_routing_study_at_600_steps_is_its_json():
+    tables = read("docs/results/routing_study_600.md").strip().split("\n\n")
+    doc = read("docs/routing.md")
+    for number, table in enumerate(tables, start=1):
+        assert generated_block(doc, f"docs/results/routing_study_600.md table {number}") == table
+    study = json.loads(read("docs/results/routing_study_600.json"))
+    pairs = {(p["method"], p["baseline"]): p for p in study["pairs"]}
+    prose = " ".join(doc.split())
+    lorebal = pairs[("tiny_structmoe_lorebal", "tiny_structmoe")]
+    assert lorebal["ci_high"] < 0 and f"({lorebal['mean']:+.3f}, interval excluding 0)" in prose
+    bias = pairs[("tiny_structmoe_lore_loss_free", "tiny_structmoe")]
+    against_loss = pairs[("tiny_structmoe_lore_loss_free", "tiny_structmoe_lorebal")]
+    assert bias["ci_low"] > 0 and against_loss["ci_low"] > 0
+    assert f"{bias['mean']:+.3f} against none, {against_loss['mean']:+.3f} against the loss" in prose
+    loads = study["final_loads"]
+    assert f"(LoRE load entropy {loads['tiny_structmoe_lore_loss_free']['lore']:.2f}, " \
+           f"{loads['tiny_structmoe_lore_loss_free']['lores_in_use']:.1f} of 32" in prose
+
+
 def test_structmoe_study_tables_are_the_generated_ones():
     tables = read("docs/results/structmoe_study.md").strip().split("\n\n")
     doc = read("docs/results.md")
