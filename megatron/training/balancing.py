@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from megatron.model.moe import MoEAux, MoELayer
+from megatron.model.moe import LoREBank, MoEAux, MoELayer
 
 
 class BalanceTracker:
@@ -68,27 +67,25 @@ class BalanceTracker:
                 layer.router.counts_before_E.zero_()
             if layer.lore is not None and hasattr(layer.lore, "slots_before_EM"):
                 layer.lore.slots_before_EM.zero_()
-        tables = []  # (bank or router, global count table's slice of `flat`)
+        tables = []  # (router or LoRE bank, its count table: for LoREs padded to every expert, so a rank adds
+        # only its own experts' rows)
         for layer, experts, lores in zip(self.layers, self.expert_slots, self.lore_slots):
             if experts is not None:
-                tables.append((layer.router, experts, None))
-            if lores is not None:  # padded to every expert: a rank adds its own experts' rows only
-                bank = layer.lore
-                before = bank.first_expert
-                after = bank.total_experts - before - bank.num_experts
-                tables.append((bank, F.pad(lores, (0, 0, before, after)), (before, before + bank.num_experts)))
+                tables.append((layer.router, experts))
+            if lores is not None:
+                tables.append((layer.lore, layer.lore.to_all_experts(lores)))
         self.expert_slots = [None] * len(self.layers)
         self.lore_slots = [None] * len(self.layers)
         if not tables:
             return
-        flat = torch.cat([counts.flatten() for _, counts, _ in tables])
+        flat = torch.cat([counts.flatten() for _, counts in tables])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
         offset = 0
-        for module, counts, rows in tables:
+        for module, counts in tables:
             global_counts = flat[offset:offset + counts.numel()].view_as(counts)
             offset += counts.numel()
-            module.update_bias(global_counts if rows is None else global_counts[rows[0]:rows[1]])
+            module.update_bias(module.own_rows(global_counts) if isinstance(module, LoREBank) else global_counts)
 
 
 def has_bias(module: nn.Module) -> bool:

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatron.model.moe.config import MoEArchitecture, MoERuntime
 from megatron.model.moe.dispatcher import build_dispatcher
@@ -157,8 +156,5 @@ class MoELayer(nn.Module):
         return [part for part in (self.experts, self.lore) if part is not None]
 
     def _all_experts(self, load_LM: torch.Tensor | None) -> torch.Tensor | None:
-        """A per-local-expert statistic placed in an [E, ...] table (zero rows for other ranks' experts)."""
-        if load_LM is None or len(self.local_experts) == self.num_experts:
-            return load_LM
-        before, after = self.local_experts.start, self.num_experts - self.local_experts.stop
-        return F.pad(load_LM, (0, 0, before, after))
+        """The LoRE load of this rank's experts placed in an [E, M] table (zero rows for other ranks' experts)."""
+        return None if load_LM is None else self.lore.to_all_experts(load_LM)

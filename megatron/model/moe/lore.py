@@ -152,12 +152,20 @@ class LoREBank(nn.Module):
         """One loss-free balancing step per local expert, from its rows' LoRE choices over the global batch."""
         self.lore_bias_EM.copy_(bias_step(self.lore_bias_EM, global_slots_EM, self.balancing.bias_update_rate))
 
+    def to_all_experts(self, table_LM: torch.Tensor) -> torch.Tensor:
+        """A per-local-expert table placed in the layer's [E, ...] table (zero rows for other ranks' experts)."""
+        before = self.first_expert
+        return F.pad(table_LM, (0, 0, before, self.total_experts - before - self.num_experts))
+
+    def own_rows(self, table_EM: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' rows of an [E, ...] table (the inverse of `to_all_experts`)."""
+        return table_EM[self.first_expert:self.first_expert + self.num_experts]
+
     def global_fraction(self, slots_EM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(F [E, M]: each local expert's LoRE shares over every rank's rows of the step so far, this
         micro-batch's global slots [E, M]). The count table is padded to all experts before the sum, so a
         rank adds only the experts it holds; every row is counted once, on the rank that ran it."""
-        before, after = self.first_expert, self.total_experts - self.first_expert - self.num_experts
-        global_EM = sum_over_ranks(F.pad(slots_EM, (0, 0, before, after)))[before:before + self.num_experts]
+        global_EM = self.own_rows(sum_over_ranks(self.to_all_experts(slots_EM)))
         seen_EM = self.slots_before_EM + global_EM
         return seen_EM.float() / seen_EM.sum(dim=-1, keepdim=True).clamp_min(1).float(), global_EM
 
