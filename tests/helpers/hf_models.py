@@ -51,3 +51,19 @@ def save_random(model, folder: Path, near_one=lambda name: "norm" in name):
     model.save_pretrained(folder)
     shutil.copyfile(VOCAB_FILE, Path(folder) / "tokenizer.json")
     return model.eval()
+
+
+def train_converted(tmp_path: Path, data_prefix: str):
+    """train.py continues 3 steps from the step-0 checkpoint tools/convert_from_hf.py wrote to TMP/ours (its
+    model.yml, our corpus at sequence 16) into TMP/continued; returns the TrainResult."""
+    import yaml
+
+    import train
+
+    run = {"data_path": data_prefix, "split": "90,10,0", "train_micro_batch_size_per_gpu": 2,
+           "gradient_accumulation_steps": 1, "train_iters": 3, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+           "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "checkpoint_factor": 100,
+           "log_dir": str(tmp_path / "logs"), "seed": 3}
+    (tmp_path / "run.yml").write_text(yaml.safe_dump(run))
+    return train.run([str(tmp_path / "ours/model.yml"), str(tmp_path / "run.yml"), "--load", str(tmp_path / "ours"),
+                      "--save", str(tmp_path / "continued"), "--seq_length", "16"])

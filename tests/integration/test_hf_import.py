@@ -5,15 +5,13 @@ import sys
 
 import pytest
 import torch
-import yaml
-from helpers.hf_models import REPO, save_random, saved_model
+from helpers.hf_models import REPO, save_random, saved_model, train_converted
 
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 import convert_from_hf  # noqa: E402
 import convert_to_hf  # noqa: E402
 
-import train  # noqa: E402
 from megatron.parallel import DistInfo  # noqa: E402
 from megatron.training.lm_task import LMTask  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
@@ -59,13 +57,7 @@ def test_ours_to_hf_to_ours_is_exact(tmp_path, data_prefix):
 def test_training_continues_from_the_converted_model(tmp_path, data_prefix):
     pythia_like(tmp_path / "hf")
     convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
-    run = {"data_path": data_prefix, "split": "90,10,0", "train_micro_batch_size_per_gpu": 2,
-           "gradient_accumulation_steps": 1, "train_iters": 3, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-           "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "checkpoint_factor": 100,
-           "log_dir": str(tmp_path / "logs"), "seed": 3}
-    (tmp_path / "run.yml").write_text(yaml.safe_dump(run))
-    result = train.run([str(tmp_path / "ours/model.yml"), str(tmp_path / "run.yml"), "--load", str(tmp_path / "ours"),
-                        "--save", str(tmp_path / "continued"), "--seq_length", "16"])
+    result = train_converted(tmp_path, data_prefix)
     assert result.final_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     run_args, _, _ = load_pretrained(tmp_path / "continued")  # the run's data and batch settings
     _, model, _ = load_pretrained(tmp_path / "ours")  # the converted weights

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers.hf_models import REPO, save_random, saved_model
+from helpers.hf_models import REPO, save_random, saved_model, train_converted
 
 sys.path.insert(0, str(REPO / "tools"))
 import convert_from_hf  # noqa: E402
@@ -98,13 +98,7 @@ def test_mistral_sliding_window_converts_with_equal_logits(tmp_path):
 def test_training_continues_from_a_converted_llama(tmp_path, data_prefix):
     llama_folder(tmp_path / "hf", **LLAMA3)
     convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
-    run = {"data_path": data_prefix, "split": "90,10,0", "train_micro_batch_size_per_gpu": 2,
-           "gradient_accumulation_steps": 1, "train_iters": 3, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-           "eval_interval": 100, "eval_iters": 1, "log_interval": 1, "checkpoint_factor": 100,
-           "log_dir": str(tmp_path / "logs"), "seed": 3}
-    (tmp_path / "run.yml").write_text(yaml.safe_dump(run))
-    result = train.run([str(tmp_path / "ours/model.yml"), str(tmp_path / "run.yml"), "--load", str(tmp_path / "ours"),
-                        "--save", str(tmp_path / "continued"), "--seq_length", "16"])
+    result = train_converted(tmp_path, data_prefix)
     assert result.final_step == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
