@@ -20,9 +20,10 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError, load_config  # noqa: E402
 from megatron.config.loader import read_yaml  # noqa: E402
+from megatron.config.schema import MoEArgs  # noqa: E402
 from megatron.sizing.params import count_parameters  # noqa: E402
 
-LORE_KEYS = ("lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_loss_coeff", "lore_renormalize_weights")
+LORE_KEYS = tuple(key for key in MoEArgs.model_fields if key.startswith("lore_"))  # every one: none acts without LoREs
 
 
 def matched_expert_count(args) -> tuple[int, int, int]:

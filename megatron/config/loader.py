@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from megatron.config.needs import options_that_cannot_act
 from megatron.config.neox_keys import NEOX_KEYS, REJECTED, SUPPORTED, TRANSLATED
 from megatron.config.schema import NeoXArgs
 from megatron.model.moe.lore import LoREConfig
@@ -289,10 +290,6 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
                           f"{args.num_kv_heads}")
     if args.max_position_embeddings < args.seq_length:
         raise ConfigError(f"max_position_embeddings {args.max_position_embeddings} < seq_length {args.seq_length}")
-    if args.lore_num_experts > 0 and not args.is_moe:
-        raise ConfigError("lore_num_experts needs an MoE model (moe_num_experts > 1)")
-    if args.lsh_compression and not args.is_moe:
-        raise ConfigError("lsh_compression needs an MoE model (moe_num_experts > 1)")
     check_moe_settings(args)
     if args.min_lr > args.lr:
         raise ConfigError(f"min_lr {args.min_lr} > optimizer.params.lr {args.lr}")
@@ -394,6 +391,11 @@ def load_config(paths: list[str], overrides: list[str] | tuple[str, ...] = (), d
         args = NeoXArgs.model_validate(values)
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, origin)) from None
+    unusable = options_that_cannot_act(args)
+    if unusable:  # the first, as for every other error: one line
+        key, needs = unusable[0]
+        raise ConfigError(f"{origin.get(key, COMMAND_LINE)}: {key}: {getattr(args, key)!r} cannot act in this "
+                          f"model: it needs {needs}")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     args.intermediate_size = args.intermediate_size or 4 * args.hidden_size
     args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.intermediate_size

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_BIAS_UPDATE_RATE = 0.1  # the loss-free balancing bias's step, against router scores in [0, 1]
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
@@ -120,6 +122,17 @@ class MoEArgs(Strict):
     lore_router_enable_bias: bool = False
     lore_router_bias_update_rate: float = Field(1e-3, ge=0)
     lore_lbl_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    @field_validator("moe_router_bias_update_rate", "lore_router_bias_update_rate")
+    @classmethod
+    def bias_rate_below_the_scores(cls, value: float) -> float:
+        """Scores lie in [0, 1] and the bias moves by the rate every step, so past MAX_BIAS_UPDATE_RATE the bias
+        alone decides routing within a few steps: the router's scores stop mattering."""
+        if value > MAX_BIAS_UPDATE_RATE:
+            raise ValueError(f"expected at most {MAX_BIAS_UPDATE_RATE} (the bias moves this much per step against "
+                             f"scores in [0, 1], so a larger rate lets it alone decide routing within a few steps; "
+                             f"DeepSeek-V3 uses 0.001), got {value}")
+        return value
+
     moe_impl: Literal["auto", "native", "grouped_gemm", "megablocks"] = "auto"  # auto: by GPU (moe/kernels.py)
     moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
     moe_ffn_hidden_size: int | None = Field(None, ge=1)

@@ -76,7 +76,8 @@ def test_impossible_combinations():
         load_config([], ["--hidden_size", "770", "--num_attention_heads", "12"])
     with pytest.raises(ConfigError, match="moe_top_k 3 must be between 1 and moe_num_experts 2"):
         load_config([], ["--moe_num_experts", "2", "--moe_top_k", "3"])
-    with pytest.raises(ConfigError, match="lore_num_experts needs an MoE model"):
+    with pytest.raises(ConfigError, match=r"command line: lore_num_experts: 4 cannot act in this model: it needs an "
+                       r"MoE model \(moe_num_experts > 1\)"):
         load_config([], ["--lore_num_experts", "4", "--lore_rank", "2"])
 
 
@@ -100,7 +101,7 @@ def test_real_neox_config_loads_with_ignored_keys_reported(caplog):
     ("moe_expert_parallel_size: 2\n", 2, "needs an MoE model"),
     ("zero_optimization: {stage: 4}\n", 1, "zero_stage: input should be less than or equal to 3"),
     ("zero_optimization: {stage: 1}\nzero_stage: 3\n", 1, "zero_optimization.stage contradicts zero_stage"),
-    ("lsh_compression: true\n", 1, "lsh_compression needs an MoE model"),
+    ("lsh_compression: true\n", 1, "lsh_compression: True cannot act in this model: it needs an MoE model"),
     ("moe_num_experts: 4\nlsh_compression: true\nlsh_num_hashes: 9\n", 1, "do not fit a 40-bit key"),
     ("moe_num_experts: 4\nmoe_expert_interval: 2\nlsh_compression: true\nlsh_layers: [1]\n", 1,
      r"lsh_layers: 1 is not an MoE layer \(MoE layers: \[0\]\)"),

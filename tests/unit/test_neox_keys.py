@@ -126,7 +126,7 @@ def test_the_rejection_says_how_to_fix_it(tmp_path):
     ("peak_theoretical_tflops: 312\n", {"peak_tflops": 312.0}),
     ("deepspeed_extra_args: {bf16: {enabled: true}, comms_logger: {enabled: true}}\n", {"precision": "bfloat16"}),
     ("moe_num_experts: 4\nexpert_interval: 2\n", {"moe_expert_interval": 2}),
-    ("num_kv_heads: 2\nrotary_emb_base: 500000\n", {"num_kv_heads": 2, "rotary_emb_base": 500000}),
+    ("num_kv_heads: 2\npos_emb: rotary\nrotary_emb_base: 500000\n", {"num_kv_heads": 2, "rotary_emb_base": 500000}),
 ])
 def test_translated_and_supported_keys_set_ours(tmp_path, text, expected):
     args = load_config([write(tmp_path, text)])

@@ -1,0 +1,76 @@
+"""Options that act only in some models: one rule refuses a setting the configured model cannot use.
+
+A key set away from its default, in a model where it cannot act (an expert bias on a dense model, a LoRE loss
+without LoREs, a LoRE bias on the router-free ablation that has no LoRE router), would train with exit 0 and
+no word, and the user would believe the run used it. Each entry of `NEEDS` says which keys need what; the
+check walks the table in order, so the most basic missing piece is the one named (an MoE model before a
+top-k router before LoREs). A key left at its default, or set to it, is never refused: it asks for nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from megatron.config.schema import DiffusionArgs, MoEArgs, NeoXArgs
+
+
+@dataclass(frozen=True)
+class Needs:
+    keys: tuple[str, ...]
+    holds: Callable[[NeoXArgs], bool]
+    what: str  # what the keys need, as the error line says it
+
+
+# moe_router_type picks the router MoE layers get; it asks for nothing by itself (its options below are checked),
+# so a base config may set it for runs that add experts by an override (configs/tiny.yml does)
+MOE_KEYS = tuple(k for k in MoEArgs.model_fields if k not in ("moe_num_experts", "moe_router_type"))
+LORE_KEYS = tuple(k for k in MoEArgs.model_fields if k.startswith("lore_") and k != "lore_num_experts")
+LORE_ROUTER_KEYS = ("lore_top_k", "lore_loss_coeff", "lore_renormalize_weights", "lore_router_enable_bias",
+                    "lore_router_bias_update_rate", "lore_lbl_scope")
+LSH_KEYS = tuple(k for k in MoEArgs.model_fields if k.startswith("lsh_") and k != "lsh_compression")
+REMIX_KEYS = tuple(k for k in DiffusionArgs.model_fields if k.startswith("remix_") and k != "remix_num_basis")
+
+NEEDS: tuple[Needs, ...] = (
+    Needs(tuple(DiffusionArgs.model_fields), lambda a: a.model_type == "dit", "model_type: dit"),
+    Needs(MOE_KEYS, lambda a: a.is_moe, "an MoE model (moe_num_experts > 1)"),
+    Needs(("moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+           "moe_lbl_scope", "moe_loss_coeff", "moe_lbl_in_fp32"), lambda a: a.moe_router_type == "topk",
+          "moe_router_type: topk (Sinkhorn balances by itself, with no balancing loss, and scores by softmax)"),
+    Needs(("moe_renormalize_weights",), lambda a: a.moe_router_score_function == "softmax",
+          "moe_router_score_function: softmax (sigmoid gates are always normalised over the chosen k)"),
+    Needs(("moe_router_bias_update_rate",), lambda a: a.moe_router_enable_expert_bias,
+          "moe_router_enable_expert_bias: true"),
+    Needs(LORE_KEYS, lambda a: a.lore_num_experts > 0, "LoREs (lore_num_experts > 0)"),
+    Needs(LORE_ROUTER_KEYS, lambda a: a.lore_mode != "router_free",
+          "a LoRE router (lore_mode entangled or standalone; router_free has none)"),
+    Needs(("lore_router_bias_update_rate",), lambda a: a.lore_router_enable_bias, "lore_router_enable_bias: true"),
+    Needs(LSH_KEYS, lambda a: a.lsh_compression, "lsh_compression: true"),
+    Needs(("rotary_pct", "rotary_emb_base", "rope_scaling"), lambda a: a.pos_emb == "rotary", "pos_emb: rotary"),
+    Needs(REMIX_KEYS, lambda a: a.remix_num_basis > 0, "Remix-DiT (remix_num_basis > 0)"),
+)
+
+# Keys whose default is derived from others when unset: the derived value asks for nothing either (a resolved
+# config, as a checkpoint stores it, holds it).
+DERIVED_DEFAULTS: dict[str, Callable[[NeoXArgs], Any]] = {
+    "moe_ffn_hidden_size": lambda a: a.intermediate_size or 4 * a.hidden_size,
+}
+
+
+def asks_for_something(args: NeoXArgs, key: str) -> bool:
+    value = getattr(args, key)
+    if value == NeoXArgs.model_fields[key].default:
+        return False
+    return key not in DERIVED_DEFAULTS or value != DERIVED_DEFAULTS[key](args)
+
+
+def options_that_cannot_act(args: NeoXArgs) -> list[tuple[str, str]]:
+    """(key, what it needs) for each key set away from its default in a model where it cannot act, in table
+    order."""
+    found = []
+    for needs in NEEDS:
+        if not needs.holds(args):
+            found += [(key, needs.what) for key in needs.keys
+                      if asks_for_something(args, key) and key not in dict(found)]
+    return found
