@@ -27,6 +27,7 @@ from megatron.config import ConfigError, load_config, parse_command_line  # noqa
 from megatron.data.tokenizer import vocab_size_of  # noqa: E402
 from megatron.model.build import build_gpt  # noqa: E402
 from megatron.model.upcycle import check_exact, upcycle_weights  # noqa: E402
+from megatron.outputs import check_output_folder, new_output_folder  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 from megatron.training.seed_checkpoint import write_step0_checkpoint  # noqa: E402
 
@@ -43,9 +44,7 @@ def yaml_overrides(paths: list[str]) -> list[str]:
 def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std: float | None = None,
             seed: int = 0) -> Path:
     src_args, src, path = load_pretrained(source)
-    out = Path(out).resolve()
-    if (out / "latest").exists():
-        raise FileExistsError(f"{out}: already holds a checkpoint (latest); choose an empty folder")
+    out = check_output_folder(Path(out).resolve())  # before any work: a folder in use is refused at once
     saved = yaml.safe_load((path / "config.yml").read_text())
     per_rank = saved["train_micro_batch_size_per_gpu"] * saved["gradient_accumulation_steps"]
     world = saved["train_batch_size"] // per_rank  # the source run's data-parallel size, for the batch check
@@ -66,7 +65,9 @@ def upcycle(source: str | Path, out: str | Path, changes: list[str], router_std:
     std = 0.1 * args.init_method_std if router_std is None else router_std
     fresh = upcycle_weights(src, dst, std, torch.Generator().manual_seed(seed))
     print(f"upcycled {path} -> {out}; initialised, not copied: {', '.join(fresh) or 'nothing'}")
-    return write_step0_checkpoint(args, dst, out)
+    with new_output_folder(out) as staging:  # all or nothing: a failure leaves no half-written OUTPUT
+        written = write_step0_checkpoint(args, dst, staging)
+    return out / written.name
 
 
 def main(argv: list[str]) -> Path:

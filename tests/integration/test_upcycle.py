@@ -1,6 +1,10 @@
 """tools/upcycle.py: dense -> MoE -> StructMoE with the source's logits at step 0, and training moves B first."""
 
+import re
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +93,51 @@ def test_llama_to_mixtral_to_structmoe_keeps_the_logits(tmp_path, data_prefix):
     upcycle.main([str(tmp_path / "moe"), str(tmp_path / "struct"), STRUCT_OVERLAY, "--lore_rank", "2"])
     _, struct, _ = load_pretrained(tmp_path / "struct")
     torch.testing.assert_close(logits(struct), logits(dense), atol=1e-5, rtol=0)
+
+
+def documented_commands(path: Path, tool: str) -> list[list[str]]:
+    """The `python ...` lines of a page's bash blocks that run `tool`, as written (continuations joined)."""
+    text = path.read_text().replace("\\\n", " ")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("python ") and tool in line.split()[1]]
+
+
+def run_as_written(command: list[str], cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    assert command[0] == "python"
+    result = subprocess.run([sys.executable, *command[1:], *extra], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_the_documented_upcycling_commands_run_as_written(tmp_path):
+    """README's and docs/huggingface.md's upcycling lines, run word for word from a folder laid out as the repo
+    (after `python train.py configs/tiny.yml` made runs/tiny, here shortened to 3 steps), keep the logits."""
+    for name in ("configs", "megatron", "tools", "train.py"):
+        (tmp_path / name).symlink_to(REPO / name)
+    run_as_written(["python", "train.py", "configs/tiny.yml"], tmp_path, "--train_iters", "3", "--eval_interval", "0")
+    readme = documented_commands(REPO / "README.md", "tools/upcycle.py")
+    assert [c[2:] for c in readme] == [["runs/tiny", "runs/tiny_moe_up", "configs/upcycle/tiny_moe.yml"]]
+    run_as_written(readme[0], tmp_path)
+    _, dense, _ = load_pretrained(tmp_path / "runs/tiny")
+    _, moe, _ = load_pretrained(tmp_path / "runs/tiny_moe_up")
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(tokens)[0], dense(tokens)[0], atol=1e-5, rtol=0)
+
+    # docs/huggingface.md's upcycling section: the same upcycle (the output exists now: refused, untouched), the
+    # continued training (2 steps here), and the step into StructMoE
+    docs = documented_commands(REPO / "docs/huggingface.md", "tools/upcycle.py")
+    trains = [c for c in documented_commands(REPO / "docs/huggingface.md", "train.py")
+              if "configs/upcycle/tiny_moe.yml" in c]
+    assert readme[0] in docs and len(trains) == 1
+    again = subprocess.run([sys.executable, *readme[0][1:]], cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode != 0 and "runs/tiny_moe_up: not empty" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and (tmp_path / "runs/tiny_moe_up/latest").exists()
+    run_as_written(trains[0], tmp_path, "--train_iters", "2", "--eval_interval", "0")
+    for command in docs:
+        if command[2] == "runs/tiny_moe_up":
+            run_as_written(command, tmp_path)
+            _, struct, _ = load_pretrained(tmp_path / command[3])
+            assert struct.blocks[0].mlp.lore is not None or struct.blocks[1].mlp.lore is not None
