@@ -53,7 +53,27 @@ def find_metrics(run_dir: Path) -> Path:
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """One JSON object per line. A run killed in the middle of a long record leaves a damaged line, which the
+    resumed run's records follow: such lines are skipped with one warning naming them, never silently."""
+    records, damaged = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            damaged.append(number)
+    if damaged and not records:
+        raise ValueError(f"{path}: no JSON records (line {damaged[0]} is not one); expected one JSON object per "
+                         "line, as train.py writes metrics.jsonl")
+    if damaged:
+        print(f"warning: {path}: skipped {len(damaged)} damaged line(s), the first at line {damaged[0]} (a run killed "
+              "while writing a record)", file=sys.stderr)
+    return records
 
 
 def find_config(run_dir: Path) -> Path | None:

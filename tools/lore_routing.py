@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sequences", type=int, default=64, help="held-out sequences to route")
     parser.add_argument("--output", default=None, help="also write the figures as JSON here")
     opts = parser.parse_args(argv)
+    from megatron.config import ConfigError
     from megatron.training.pretrained import load_pretrained
 
-    args, model, path = load_pretrained(opts.run)
+    try:
+        args, model, path = load_pretrained(opts.run)
+    except (ConfigError, OSError, ValueError) as err:  # bad input: one line naming it, no traceback
+        sys.exit(f"lore_routing: {err}")
     inputs = lore_inputs(model, validation_tokens(args, opts.sequences))
     if not inputs:
         sys.exit(f"lore_routing: {path}: no routed LoREs (lore_num_experts {args.lore_num_experts}, "

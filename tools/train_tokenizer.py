@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True)
     opts = parser.parse_args(argv)
     texts = (doc[opts.jsonl_key] for path in opts.input.split(",") for doc in read_documents(path, [opts.jsonl_key]))
-    print(f"wrote {train_bpe_tokenizer(texts, opts.vocab_size, opts.output)}")
+    try:
+        print(f"wrote {train_bpe_tokenizer(texts, opts.vocab_size, opts.output)}")
+    except (ValueError, OSError) as err:  # bad input (pyarrow's errors are ValueErrors): one line, no traceback
+        sys.exit(f"train_tokenizer: error: {err}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ def setup_console_logging(rank: int) -> None:
                         stream=sys.stdout, force=True)
 
 
+def ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -53,7 +59,10 @@ class MetricsLogger:
             return
         if log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", buffering=1)
+            path = Path(log_dir) / "metrics.jsonl"
+            self.jsonl = open(path, "a", buffering=1)
+            if path.stat().st_size and not ends_with_newline(path):  # a record cut by a kill stays on its own line
+                self.jsonl.write("\n")
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
