@@ -2,8 +2,11 @@
 
     python tools/convert_to_hf.py runs/tiny hf/tiny          # SAVE folder (its latest) or a global_stepN folder
 
-A dense model GPT-NeoX computes exactly becomes a plain GPTNeoXForCausalLM folder; anything else (MoE,
-StructMoE, RMSNorm, gated MLPs, ...) ships this project's model code, loaded with trust_remote_code=True.
+A model that GPT-NeoX or a Llama-family class (Llama, Mistral, Qwen3, Mixtral, Qwen3-MoE) computes exactly, by
+every field of its config, becomes a plain folder of that class; anything else (StructMoE, sigmoid routers, an
+expert bias, ...) ships this project's model code, loaded with trust_remote_code=True. Prints a JSON report:
+`format` (native or remote_code), `class` (the transformers class written) and `because` (why not native).
+A failed export leaves no folder behind; OUT must be new or empty.
 """
 
 from __future__ import annotations

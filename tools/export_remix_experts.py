@@ -2,10 +2,10 @@
 
     python tools/export_remix_experts.py runs/remix_study/remix_digits_4x20_s1234 --output exported/remix_4x20
 
-RUN_DIR is a save folder (its `latest` is read) or one global_stepN folder. The output folder gets one file per
-expert, `expert{n:02d}.safetensors` (or `.pt`, a plain torch.save'd state dict, when safetensors is not
-installed), each a plain DiT state dict with the official names and shapes (facebookresearch/DiT's models.py
-loads it with load_state_dict), and `experts.json`:
+RUN_DIR is a save folder (its `latest` is read) or one global_stepN folder. The output folder (new or empty; a
+failed export leaves none) gets one file per expert, `expert{n:02d}.safetensors` (or `.pt`, a plain torch.save'd
+state dict, when safetensors is not installed), each a plain DiT state dict with the official names and shapes
+(facebookresearch/DiT's models.py loads it with load_state_dict), and `experts.json`:
 
     {"format": "remix-dit-experts", "version": 1, "dit_config": {image_size, in_channels, patch_size, depth,
      hidden_size, num_heads, mlp_ratio, num_classes, class_dropout_prob, learn_sigma},
@@ -40,6 +40,7 @@ from megatron.model.dit import (  # noqa: E402
     mixed_state_dict,
     timestep_interval,
 )
+from megatron.outputs import check_output_folder, new_output_folder  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
 FORMAT, VERSION = "remix-dit-experts", 1
@@ -73,8 +74,8 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def export_experts(run_dir: str | Path, output: str | Path, file_format: str = "auto") -> Path:
-    """Writes every expert of the Remix-DiT run at `run_dir` into `output` (created) and returns experts.json's path.
-    The manifest is written last, so a folder holding it is complete."""
+    """Writes every expert of the Remix-DiT run at `run_dir` into `output` (new or empty) and returns experts.json's
+    path. The folder appears whole or not at all (megatron/outputs.py): a failure half-way leaves nothing."""
     run_dir, output = Path(run_dir), Path(output)
     if file_format not in FORMATS:
         raise ValueError(f"--format {file_format!r}: expected one of {', '.join(FORMATS)}")
@@ -83,18 +84,14 @@ def export_experts(run_dir: str | Path, output: str | Path, file_format: str = "
     suffix = ".safetensors" if file_format == "safetensors" or (file_format == "auto" and has_safetensors()) else ".pt"
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such folder (expected a run's save folder or one global_stepN)")
+    check_output_folder(output)  # refused before the checkpoint is read
     args, model, checkpoint = load_pretrained(run_dir)
     if args.model_type != "dit" or not args.remix_num_basis:
         raise ConfigError(f"{run_dir}: not a Remix-DiT run (model_type {args.model_type}, remix_num_basis "
                           f"{getattr(args, 'remix_num_basis', None)}); there are no experts to export")
     remix = model.config.remix
     intervals = [timestep_interval(n, remix) for n in range(remix.num_experts)]
-    output.mkdir(parents=True, exist_ok=True)
-    files = []
-    for n, (lo, hi) in enumerate(intervals):
-        name = f"expert{n:02d}{suffix}"
-        save_state(mixed_state_dict(model, n), output / name, {"expert": str(n), "interval": f"[{lo}, {hi})"})
-        files.append(name)
+    files = [f"expert{n:02d}{suffix}" for n in range(remix.num_experts)]
     plain = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "remix"}
     manifest = {
         "format": FORMAT, "version": VERSION, "dit_config": plain,
@@ -104,9 +101,11 @@ def export_experts(run_dir: str | Path, output: str | Path, file_format: str = "
         "source": {"checkpoint": str(checkpoint), "num_basis": remix.num_basis, "mixer": remix.mixer,
                    "scope": remix.scope},
     }
-    path = output / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    with new_output_folder(output) as staging:
+        for n, (name, (lo, hi)) in enumerate(zip(files, intervals, strict=True)):
+            save_state(mixed_state_dict(model, n), staging / name, {"expert": str(n), "interval": f"[{lo}, {hi})"})
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return output / MANIFEST
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -156,7 +155,7 @@ def main(argv: list[str]) -> Path:
     options = parser.parse_args(argv)
     try:
         path = export_experts(options.run_dir, options.output, options.file_format)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # OSError: a non-empty output folder, a full disk
         sys.exit(f"export_remix_experts: {err}")
     manifest = json.loads(path.read_text())
     print(f"export_remix_experts: {manifest['num_experts']} experts of {manifest['source']['checkpoint']} -> "

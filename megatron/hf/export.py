@@ -1,18 +1,25 @@
-"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, or a Llama-family model (Llama, Qwen3,
-Mixtral, Qwen3-MoE), when one of them computes exactly our model, else our own code as remote code. Tokenizer
-files come from the run's tokenizer."""
+"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, or a Llama-family model (Llama, Mistral,
+Qwen3, Mixtral, Qwen3-MoE), when one of them computes exactly our model (every field of its config, by the rule
+of fields.py), else our own code as remote code. Tokenizer files come from the run's tokenizer."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from megatron.config import ConfigError
 from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
 from megatron.hf.llama import llama_blockers, llama_config, ours_to_llama
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
 from megatron.hf.remote import write_remote_folder
+from megatron.model.gpt import GPT
+from megatron.outputs import check_output_folder, new_output_folder
 from megatron.runtime import optional_import
 from megatron.training.pretrained import load_pretrained
 
@@ -36,30 +43,56 @@ def write_tokenizer_files(tokenizer: Tokenizer, vocab_file: str | None, out: Pat
     return sorted(p.name for p in out.iterdir() if p.name.startswith("tokenizer"))
 
 
+@dataclass(frozen=True)
+class NativeFormat:
+    """A transformers family that computes some of our models exactly, loaded with no code of ours."""
+
+    name: str
+    blockers: Callable[[GPT], list[str]]  # why it cannot hold this model; [] when it computes exactly it
+    config: Callable[[Any], dict[str, Any]]  # config.json (its `architectures` names the class)
+    weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+
+
+NATIVE_FORMATS = (
+    NativeFormat("GPT-NeoX", lambda model: neox_blockers(model.cfg), neox_config, ours_to_neox),
+    NativeFormat("Llama family", lambda model: llama_blockers(model.cfg, model.moe_runtime), llama_config,
+                 ours_to_llama),
+)
+
+
+def choose_format(model: GPT) -> tuple[NativeFormat | None, list[str]]:
+    """The first native format that computes exactly our model, or None (remote code) and every format's
+    reasons, each prefixed with its name."""
+    because = []
+    for native in NATIVE_FORMATS:
+        reasons = native.blockers(model)
+        if not reasons:
+            return native, []
+        because += [f"{native.name}: {reason}" for reason in reasons]
+    return None, because
+
+
 def convert_to_hf(load: str | Path, out: str | Path) -> dict:
-    """Writes the folder; returns what was written: the format and, for remote code, why."""
+    """Writes the folder, whole or not at all (megatron/outputs.py); returns what was written: the format
+    (native or remote_code), the transformers class, and for remote code why no native format holds the model."""
+    out = check_output_folder(out)  # refused before the checkpoint is read
     args, model, path = load_pretrained(load)
     if args.model_type != "gpt":
         raise ConfigError(f"{path}: model_type {args.model_type}: only GPT language models convert to Hugging Face")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: not empty (files of an earlier export could be mistaken for this one's)")
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_of(args)
     ids = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}
     cfg = model.cfg
-    # the first native family that computes exactly our model, else our own code (remote code)
-    native = [("gpt_neox", neox_blockers(cfg), neox_config, ours_to_neox),
-              ("llama", llama_blockers(cfg, model.moe_runtime), llama_config, ours_to_llama)]
-    family = next((entry for entry in native if not entry[1]), None)
-    blockers = native[0][1] if family is None else []  # why not GPT-NeoX, the plainest of them
-    if family is None:
-        write_remote_folder(out, model, ids)
-    else:
-        save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
-        _, _, config_of, weights_of = family
-        (out / "config.json").write_text(json.dumps({**config_of(cfg), **ids}, indent=2) + "\n")
-        save_file(weights_of(model.state_dict(), cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
-    files = write_tokenizer_files(tokenizer, args.vocab_file, out, cfg.max_position_embeddings)
-    return {"checkpoint": str(path), "format": "remote_code" if family is None else family[0], "because": blockers,
+    native, because = choose_format(model)
+    with new_output_folder(out) as staging:
+        if native is None:
+            config = write_remote_folder(staging, model, ids)
+        else:
+            save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
+            config = {**native.config(cfg), **ids}
+            weights = native.weights(model.state_dict(), cfg)
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        files = write_tokenizer_files(tokenizer, args.vocab_file, staging, cfg.max_position_embeddings)
+    return {"checkpoint": str(path), "format": "remote_code" if native is None else "native",
+            "class": config["architectures"][0], "model_type": config["model_type"], "because": because,
             "tokenizer_files": files}

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from megatron.config import ConfigError
+from megatron.hf.fields import ANY, unrepresented
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe")
 # each MoE family's names in its files: (the MoE module, expert e's gate, up and down projections)
@@ -149,26 +150,44 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
+# The GPTConfig fields the Llama family holds and their values (ANY: every value); every other field must be off
+# (fields.py): a field added later, an expert bias or sigmoid scores make the model remote code. Which class
+# holds which combination (Mixtral's MoE layers, Qwen3-MoE's) is checked in llama_blockers.
+LLAMA_FIELDS = {
+    "vocab_size": ANY, "num_layers": ANY, "hidden_size": ANY, "num_attention_heads": ANY, "num_kv_heads": ANY,
+    "sliding_window_width": ANY,  # Mistral's and Mixtral's sliding_window
+    "qk_norm": ANY,  # Qwen3 and Qwen3-MoE
+    "intermediate_size": ANY, "mlp_multiple_of": ANY,  # written as the width F they give
+    "use_bias_in_mlp": (False,), "use_bias_in_attn_linear": (False,),
+    "use_bias_in_norms": ANY,  # unused: RMSNorm has no bias
+    "max_position_embeddings": ANY, "pos_emb": ("rotary",), "rotary_pct": (1.0,), "rotary_emb_base": ANY,
+    "rope_scaling": ANY, "rope_scaling.factor": ANY, "rope_scaling.low_freq_factor": ANY,
+    "rope_scaling.high_freq_factor": ANY, "rope_scaling.original_max_position_embeddings": ANY,
+    "norm": ("rmsnorm",), "norm_eps": ANY, "activation": ("swiglu",), "gpt_j_residual": (False,),
+    "tie_embeddings": ANY,
+    # Mixtral and Qwen3-MoE: the top-k of a softmax over the experts' gate logits, no bias, no shared experts, no
+    # LoREs (moe.balancing and moe.lore are left undeclared: off)
+    "moe": ANY, "moe.num_experts": ANY, "moe.top_k": ANY, "moe.expert_interval": ANY, "moe.first_layer": ANY,
+    "moe.ffn_hidden_size": ANY, "moe.renormalize": ANY, "moe.router_type": ("topk",),
+    "moe.score_function": ("softmax",),
+}
+
+
 def llama_blockers(cfg: Any, moe_runtime: Any = None) -> list[str]:
-    """Why this GPTConfig is not a LlamaForCausalLM, or [] when it computes exactly one; `moe_runtime` is the
+    """Why this GPTConfig is not a Llama-family model, or [] when it computes exactly one; `moe_runtime` is the
     model's (GPT.moe_runtime), whose megablocks experts hold their weights in another layout."""
-    reasons = []
+    reasons = unrepresented(cfg, LLAMA_FIELDS)
     moe = cfg.moe
-    if moe is not None:  # a top-k router over a softmax of all experts, no shared experts, no LoREs
-        wanted_moe = {"router_type": "topk", "num_shared_experts": 0, "lore": None}
-        if cfg.qk_norm:  # Qwen3-MoE: layers step - 1, 2 step - 1, ...; renormalised or not (norm_topk_prob)
-            if moe.first_layer != moe.expert_interval - 1:
-                reasons.append(f"moe_first_layer {moe.first_layer} with interval {moe.expert_interval} (Qwen3-MoE's "
-                               "MoE layers are interval - 1, 2 interval - 1, ...)")
-        else:  # Mixtral: every layer, gates renormalised
-            wanted_moe |= {"expert_interval": 1, "first_layer": 0, "renormalize": True}
-        reasons += [f"moe {key}: {getattr(moe, key)!r}" for key, value in wanted_moe.items()
+    if moe is not None and cfg.qk_norm:  # Qwen3-MoE: layers step - 1, 2 step - 1, ...; renormalised or not
+        if moe.first_layer != moe.expert_interval - 1:
+            reasons.append(f"moe.first_layer: {moe.first_layer} with moe.expert_interval {moe.expert_interval} "
+                           "(expected interval - 1: Qwen3-MoE's MoE layers are interval - 1, 2 interval - 1, ...)")
+    elif moe is not None:  # Mixtral: every layer MoE, gates renormalised
+        wanted = {"expert_interval": 1, "first_layer": 0, "renormalize": True}
+        reasons += [f"moe.{key}: {getattr(moe, key)!r} (expected {value!r}: Mixtral)" for key, value in wanted.items()
                     if getattr(moe, key) != value]
-        if moe_runtime is not None and moe_runtime.impl == "megablocks":
-            reasons.append("moe_impl: megablocks (another expert weight layout)")
-    wanted = {"norm": "rmsnorm", "activation": "swiglu", "pos_emb": "rotary", "rotary_pct": 1.0,
-              "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "gpt_j_residual": False}
-    reasons += [f"{key}: {getattr(cfg, key)!r}" for key, value in wanted.items() if getattr(cfg, key) != value]
+    if moe is not None and moe_runtime is not None and moe_runtime.impl == "megablocks":
+        reasons.append("moe_impl: megablocks (another expert weight layout)")
     if cfg.sliding_window_width is not None and cfg.qk_norm:
         reasons.append("sliding_window_width with qk_norm (Qwen3 windows only some layers)")
     if cfg.hidden_size % cfg.num_attention_heads:

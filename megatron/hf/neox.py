@@ -5,25 +5,28 @@ Shape legend: D hidden, H heads, Dh head dim, J the three of q/k/v.
 The fused qkv differs only in row order: ours splits its 3D output rows as [J, H, Dh] (q of every head,
 then k, then v), GPT-NeoX's as [H, J, Dh] (each head's q, k, v together). GPT-NeoX always has norm,
 attention and MLP biases: ours that are absent are written as zeros, which computes the same function.
-Anything else GPT-NeoX cannot express (MoE, RMSNorm, gated MLPs, learned positions, an odd rotary width,
-any config field this file does not know) makes `neox_blockers` non-empty, and the caller ships our
-own code instead (remote.py).
+Anything else GPT-NeoX cannot express (MoE, RMSNorm, gated MLPs, learned positions, any config field
+NEOX_FIELDS does not declare, by the rule of fields.py) makes `neox_blockers` non-empty, and the caller ships
+our own code instead (remote.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 
+from megatron.hf.fields import ANY, unrepresented
+
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}  # ours -> transformers' ACT2FN (exact forms)
-# GPTConfig fields that are free for GPT-NeoX: they change neither the weights' meaning nor the function
-FREE = {"vocab_size", "num_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-        "max_position_embeddings", "rotary_pct", "rotary_emb_base", "norm_eps", "use_bias_in_norms",
-        "use_bias_in_attn_linear", "use_bias_in_mlp", "gpt_j_residual", "tie_embeddings", "init_method",
-        "output_layer_init_method", "init_method_std", "hidden_dropout", "attention_dropout",
-        "checkpoint_activations", "attention_impl", "activation", "pos_emb", "norm", "moe"}
+# The GPTConfig fields GPT-NeoX holds and their values (ANY: every value); every other field must be off
+# (fields.py). Absent biases are written as zeros, so the bias switches are free.
+NEOX_FIELDS = {
+    "vocab_size": ANY, "num_layers": ANY, "hidden_size": ANY, "num_attention_heads": ANY, "intermediate_size": ANY,
+    "max_position_embeddings": ANY, "pos_emb": ("rotary",), "rotary_pct": ANY, "rotary_emb_base": ANY,
+    "norm": ("layernorm",), "norm_eps": ANY, "use_bias_in_norms": ANY, "use_bias_in_attn_linear": ANY,
+    "use_bias_in_mlp": ANY, "activation": tuple(ACTIVATIONS), "gpt_j_residual": ANY, "tie_embeddings": ANY,
+}
 
 
 def rotary_dims(head_dim: int, rotary_pct: float) -> int:
@@ -39,21 +42,9 @@ def partial_rotary_factor(head_dim: int, dims: int) -> float:
 
 def neox_blockers(cfg: Any) -> list[str]:
     """Why this GPTConfig is not a GPTNeoXForCausalLM, or [] when it is exactly one."""
-    reasons = []
-    if cfg.moe is not None:
-        reasons.append("MoE layers (moe_num_experts > 1)")
-    if cfg.norm != "layernorm":
-        reasons.append(f"norm: {cfg.norm}")
-    if cfg.pos_emb != "rotary":
-        reasons.append(f"pos_emb: {cfg.pos_emb}")
-    if cfg.activation not in ACTIVATIONS:
-        reasons.append(f"activation: {cfg.activation}")
+    reasons = unrepresented(cfg, NEOX_FIELDS)
     if cfg.hidden_size % cfg.num_attention_heads:
         reasons.append("hidden_size not a multiple of num_attention_heads")
-    defaults = type(cfg)(vocab_size=cfg.vocab_size)
-    for field in dataclasses.fields(cfg):
-        if field.name not in FREE and getattr(cfg, field.name) != getattr(defaults, field.name):
-            reasons.append(f"{field.name}: {getattr(cfg, field.name)!r}")  # a feature added since (GQA, ...)
     return reasons
 
 

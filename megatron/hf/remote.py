@@ -125,9 +125,11 @@ def portable_config(cfg: Any) -> Any:
     return _replace_existing(cfg, checkpoint_activations=False, attention_impl="sdpa")
 
 
-def write_remote_folder(out: Path, model: nn.Module, extra_config: dict[str, Any]) -> None:
+def write_remote_folder(out: Path, model: nn.Module, extra_config: dict[str, Any]) -> dict[str, Any]:
     """config.json, model.safetensors and the modules: `AutoModelForCausalLM.from_pretrained(out,
-    trust_remote_code=True)` builds our GPT with these weights."""
+    trust_remote_code=True)` builds our GPT with these weights. The weights are the whole state dict, buffers
+    included (the loss-free balancing biases `expert_bias_E`, `lore_bias_EM`), so routing is ours too.
+    Returns config.json's contents."""
     save_file = optional_import("safetensors.torch", "hf", "convert_to_hf").save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -150,3 +152,4 @@ def write_remote_folder(out: Path, model: nn.Module, extra_config: dict[str, Any
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {f"model.{k}": v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return config

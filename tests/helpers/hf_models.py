@@ -27,13 +27,17 @@ def build(folder: Path, data_prefix: str, **overrides):
 
 def saved_model(folder: Path, data_prefix: str, scramble: bool = True, zero: tuple[str, ...] = (),
                 **overrides) -> tuple[Path, GPT]:
-    """A model saved as SAVE/global_step0; `scramble`: every parameter random (biases and norms too), so a
-    wrong mapping of any tensor shows in the logits, except those whose names contain a `zero` string."""
+    """A model saved as SAVE/global_step0; `scramble`: every tensor it saves random (parameters, biases and norms
+    too, and saved buffers such as the routers' loss-free balancing biases), so a wrong mapping of any tensor
+    shows in the logits, except those whose names contain a `zero` string."""
     args, model = build(folder, data_prefix, **overrides)
     if scramble:
         gen = torch.Generator().manual_seed(1)
+        saved = set(model.state_dict())
+        tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers()
+                                                  if n in saved and b.is_floating_point())]
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in tensors:
                 base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=gen))
                 if any(z in name for z in zero):

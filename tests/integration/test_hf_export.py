@@ -5,9 +5,11 @@ continuations against an argmax loop), with every parameter scrambled so no tens
 """
 
 import ast
+import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,10 @@ transformers = pytest.importorskip("transformers")
 TOKENS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))
 MOE = {"moe_num_experts": 4, "moe_top_k": 2}
 STRUCTMOE = {**MOE, "lore_num_experts": 4, "lore_rank": 2, "lore_top_k": 1}
+# Mixtral's block (test_hf_llama.py exports it as MixtralForCausalLM): one setting more and it is remote code
+MIXTRAL_SHAPED = {"norm": "rmsnorm", "activation": "swiglu", "use_bias_in_attn_linear": False, "use_bias_in_mlp": False,
+                  "use_bias_in_norms": False, "intermediate_size": 96, "num_kv_heads": 2, "no_weight_tying": True,
+                  **MOE, "moe_ffn_hidden_size": 16, "moe_renormalize_weights": True}
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +62,8 @@ def ours(model, tokens_BS):
 def test_dense_model_is_a_plain_gpt_neox(tmp_path, data_prefix, overrides):
     save, model = saved_model(tmp_path / "run", data_prefix, **overrides)
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "gpt_neox" and not list((tmp_path / "hf").glob("*.py"))
+    assert report["format"] == "native" and report["class"] == "GPTNeoXForCausalLM" and report["because"] == []
+    assert not list((tmp_path / "hf").glob("*.py"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # no custom code
     assert type(hf).__name__ == "GPTNeoXForCausalLM"
     with torch.no_grad():
@@ -85,7 +92,7 @@ def test_tokenizer_files_encode_as_the_run_did(tmp_path, data_prefix):
 def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
     save, model = saved_model(tmp_path / "run", data_prefix, **overrides)
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "remote_code" and report["because"]
+    assert report["format"] == "remote_code" and report["class"] == "MegatronGPTForCausalLM" and report["because"]
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     moe = config["gpt"]["moe"]  # what the model computes: no expert-parallel group, LSH exchange or kernel choice
@@ -110,6 +117,64 @@ def test_moe_models_load_as_remote_code(tmp_path, data_prefix, overrides):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.split(".")[0] == "megatron" for n in names), path.name
+
+
+def assert_remote_code_export(tmp_path, save, model, reason: str):
+    """SAVE exported as remote code, `reason` among the reasons, with our logits to 1e-5."""
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == "remote_code" and report["class"] == "MegatronGPTForCausalLM"
+    assert any(reason in line for line in report["because"]), report["because"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    assert type(hf).__name__ == "MegatronGPTForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(TOKENS).logits, ours(model, TOKENS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [{}, {"qk_norm": True}], ids=["mixtral", "qwen3_moe"])
+def test_a_sigmoid_router_is_remote_code(tmp_path, data_prefix, shape):
+    """Mixtral's and Qwen3-MoE's blocks with sigmoid scores: their softmax routers would compute another model
+    (Qwen3-MoE's gates need no renormalising, so nothing else stops it)."""
+    save, model = saved_model(tmp_path / "run", data_prefix, **{
+        **MIXTRAL_SHAPED, **shape, "moe_router_score_function": "sigmoid", "moe_renormalize_weights": False})
+    assert_remote_code_export(tmp_path, save, model, "Llama family: moe.score_function: 'sigmoid'")
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({**MIXTRAL_SHAPED, "moe_router_enable_expert_bias": True}, "Llama family: moe.balancing.bias: True"),
+    ({**STRUCTMOE, "moe_router_enable_expert_bias": True, "lore_router_enable_bias": True}, "moe.lore"),
+], ids=["expert_bias", "expert_and_lore_bias"])
+def test_loss_free_balancing_biases_travel_with_remote_code(tmp_path, data_prefix, overrides, reason):
+    """The routers' biases (buffers, random here) choose other experts and LoREs: they are written and loaded."""
+    save, model = saved_model(tmp_path / "run", data_prefix, **overrides)
+    biases = {k: v for k, v in model.state_dict().items() if k.endswith(("expert_bias_E", "lore_bias_EM"))}
+    assert len(biases) == 2 * (1 + ("lore_router_enable_bias" in overrides)) and all(b.abs().min() > 0
+                                                                                     for b in biases.values())
+    unbiased = copy.deepcopy(model)
+    unbiased.load_state_dict({k: torch.zeros_like(v) for k, v in biases.items()}, strict=False)
+    assert (ours(unbiased, TOKENS) - ours(model, TOKENS)).abs().max() > 1e-2  # the biases change the choices
+    assert_remote_code_export(tmp_path, save, model, reason)
+
+
+@pytest.mark.parametrize("overrides", [{}, MOE], ids=["native", "remote_code"])
+def test_a_failed_export_leaves_no_folder(tmp_path, data_prefix, monkeypatch, overrides):
+    """The weights writer fails half-way (a full disk): no folder is left, and the same command then succeeds."""
+    import safetensors.torch
+
+    save, _ = saved_model(tmp_path / "run", data_prefix, scramble=False, **overrides)
+    write = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SystemExit, match="convert_to_hf: .*No space left on device"):
+        convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert [p.name for p in tmp_path.iterdir() if p.name != "hf_modules"] == ["run"]  # no folder, no staging one
+    monkeypatch.setattr(safetensors.torch, "save_file", write)
+    report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
+    assert report["format"] == ("remote_code" if overrides else "native")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~15 s

@@ -111,7 +111,8 @@ def assert_native_export(tmp_path, save, model, class_name: str):
     """SAVE exported without remote code: transformers' own `class_name` with our logits (1e-5), and converted
     back, our parameters bit for bit. Returns the transformers model."""
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "llama" and not list((tmp_path / "hf").glob("*.py"))
+    assert report["format"] == "native" and report["class"] == class_name and report["because"] == []
+    assert not list((tmp_path / "hf").glob("*.py"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == class_name
     tokens = TOKENS % model.cfg.vocab_size
@@ -183,7 +184,8 @@ def test_structmoe_stays_remote_code(tmp_path, data_prefix):
                              "original_max_position_embeddings": 16}}  # carried into the remote code's config
     save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **struct, **rope)
     report = convert_to_hf.main([str(save), str(tmp_path / "hf")])
-    assert report["format"] == "remote_code"
+    assert report["format"] == "remote_code" and report["class"] == "MegatronGPTForCausalLM"
+    assert "Llama family: moe.lore: LoREConfig(...) (expected None)" in report["because"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     tokens = TOKENS % model.cfg.vocab_size
     with torch.no_grad():
@@ -243,9 +245,10 @@ def test_each_family_round_trips_through_training(tmp_path, data_prefix, family)
     _, trained, path = load_pretrained(tmp_path / "trained")
     assert path.name == "global_step2"
     report = convert_to_hf.main([str(tmp_path / "trained"), str(tmp_path / "out")])
-    assert report["format"] == "llama"
+    class_name = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
+    assert report["format"] == "native" and report["class"] == class_name and report["model_type"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                                 "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
+    assert type(hf).__name__ == class_name
     with torch.no_grad():
         torch.testing.assert_close(hf(TOKENS).logits, trained(TOKENS)[0], atol=1e-5, rtol=0)

@@ -176,6 +176,28 @@ def test_rows_of_different_experts_in_one_batch(runs):
         torch.testing.assert_close(switch.forward_with_cfg(x2, t2, y2, 3.0), guided, atol=1e-5, rtol=0)
 
 
+def test_a_failed_export_leaves_no_folder_and_a_full_one_is_refused(runs, tmp_path, monkeypatch):
+    """The third expert's file fails (a full disk): no folder is left and the same command then succeeds;
+    an output folder holding files is refused before any work."""
+    write, written = export_remix_experts.save_state, []
+
+    def full_disk(state, path, metadata):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        written.append(path)
+        write(state, path, metadata)
+
+    monkeypatch.setattr(export_remix_experts, "save_state", full_disk)
+    with pytest.raises(SystemExit, match="export_remix_experts: .*No space left on device"):
+        export_remix_experts.main([str(runs.remix_dir), "--output", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its hidden staging copy
+    monkeypatch.setattr(export_remix_experts, "save_state", write)
+    export_remix_experts.main([str(runs.remix_dir), "--output", str(tmp_path / "out")])
+    assert export_remix_experts.read_manifest(tmp_path / "out") == json.loads(runs.manifest.read_text())
+    with pytest.raises(SystemExit, match=r"export_remix_experts: .*out: not empty"):
+        export_remix_experts.main([str(runs.remix_dir), "--output", str(tmp_path / "out")])
+
+
 def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     with pytest.raises(ConfigError, match="not a Remix-DiT run") as err:
         export_remix_experts.export_experts(runs.plain_dir, tmp_path / "out")
