@@ -39,6 +39,8 @@ def tiny_dit_config(folder: Path, **overrides) -> Path:
         "save": str(folder / "ckpt"), "load": str(folder / "ckpt"), "log_dir": str(folder / "logs"),
     }
     config.update(overrides)
+    if not config["remix_num_basis"]:  # a plain DiT: the Remix keys would be refused as unable to act
+        config = {key: value for key, value in config.items() if not key.startswith("remix_")}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     return folder / "config.yml"
