@@ -1,10 +1,12 @@
-"""A Hugging Face GPT-NeoX (Pythia-style) folder as our checkpoint, to continue pretraining or upcycle.
+"""A Hugging Face GPT-NeoX (Pythia), Llama, Mistral, Mixtral, Qwen3 or Qwen3-MoE folder as our checkpoint, to
+continue pretraining or upcycle.
 
     python tools/convert_from_hf.py pythia-160m ckpt/pythia-160m [--key value ...]
     python train.py ckpt/pythia-160m/model.yml my_data.yml --load ckpt/pythia-160m --save runs/pythia
 
 Writes OUTPUT/global_step0 + latest (with config.yml), OUTPUT/model.yml (the model's keys) and the
-tokenizer. `--key value` pairs override config keys (the tokenizer, when the folder has no tokenizer.json).
+tokenizer; OUTPUT must be new or empty. `--key value` pairs set keys config.json does not give (the tokenizer,
+when the folder has no tokenizer.json: --tokenizer_type, --vocab_file, --merge_file) and are kept in model.yml.
 """
 
 from __future__ import annotations

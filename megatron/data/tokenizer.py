@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -50,12 +51,52 @@ class HFTokenizer(Tokenizer):
         return self.tokenizer.decode(list(ids))
 
 
+class TokenizerFileError(ValueError):
+    """A tokenizer file that our own checks found wrong; the message names the file and what was expected."""
+
+
+def check_gpt2_merges(vocab_file: str, merge_file: str) -> None:
+    """GPT-2's merges.txt as `tokenizers` reads it (lines starting `#version` skipped, then one `a b` pair a line;
+    a, b and ab must be in vocab.json), with its errors naming the merges file and its line: `tokenizers` blames
+    the vocab file and numbers lines without the header. A file with no merges is refused too: the text would be
+    split into single bytes, about three times as many tokens, without a word."""
+    try:
+        vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerFileError(f"vocab_file: {vocab_file} is not a GPT-2 vocab.json ({err})") from None
+    if not isinstance(vocab, dict):
+        raise TokenizerFileError(f"vocab_file: {vocab_file} is not a GPT-2 vocab.json (expected a JSON object "
+                                 "of token -> id)")
+    try:
+        lines = Path(merge_file).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise TokenizerFileError(f"merge_file: {merge_file} is not UTF-8 text (byte {err.start})") from None
+    merges = 0
+    for number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if line.startswith("#version") or (number == len(lines) and not line):  # the header, the final newline
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise TokenizerFileError(f"merge_file: {merge_file} line {number}: {line!r} is not a pair 'a b' "
+                                     "(one space between two tokens)")
+        missing = next((token for token in (*pair, "".join(pair)) if token not in vocab), None)
+        if missing is not None:
+            raise TokenizerFileError(f"merge_file: {merge_file} line {number}: the pair {line!r} needs {missing!r}, "
+                                     f"which is not in vocab_file {vocab_file}")
+        merges += 1
+    if merges == 0:
+        raise TokenizerFileError(f"merge_file: {merge_file} holds no merges (expected GPT-2's merges.txt: a "
+                                 "#version line, then one 'a b' pair a line)")
+
+
 class GPT2BPETokenizer(HFTokenizer):
     """GPT-2's vocab.json + merges.txt, as GPT-NeoX's default tokenizer reads them."""
 
     def __init__(self, vocab_file: str, merge_file: str):
         from tokenizers import ByteLevelBPETokenizer
 
+        check_gpt2_merges(vocab_file, merge_file)
         self.name = "GPT2BPETokenizer"
         self.tokenizer = ByteLevelBPETokenizer(vocab_file, merge_file)
         self.vocab_size = self.tokenizer.get_vocab_size()
@@ -120,6 +161,8 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str | None, merge_file: str
         if tokenizer_type == "SPMTokenizer":
             return SPMTokenizer(vocab_file)
         return GPT2BPETokenizer(vocab_file, merge_file)
+    except TokenizerFileError:  # already names the file, the line and the value
+        raise
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"vocab_file: {vocab_file} is not {expected} ({tokenizer_type}): {reason}") from None

@@ -15,6 +15,7 @@ from helpers.runs import read_metrics, train_losses, write_config
 
 import train
 from megatron.data.indexed_dataset import MMapIndexedDataset
+from megatron.data.preprocess import preprocess
 from megatron.data.tokenizer import GPT2BPETokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,3 +69,14 @@ def test_preprocess_train_generate_and_export_with_gpt2_files(gpt2_files, tmp_pa
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tokenizer(TEXT)["input_ids"] == tokenizer.encode(TEXT)
     assert hf_tokenizer.eos_token_id == tokenizer.eod_id
+
+
+@pytest.mark.parametrize("merges", ["", "#version: 0.2\n"], ids=["empty", "header_only"])
+def test_preprocessing_refuses_a_merges_file_without_merges(gpt2_files, tmp_path, merges):
+    """It used to write every byte as a token, three times as many, without a word."""
+    vocab, _, jsonl = gpt2_files
+    (tmp_path / "merges.txt").write_text(merges)
+    with pytest.raises(ValueError, match=f"merge_file: {tmp_path / 'merges.txt'} holds no merges"):
+        preprocess([str(jsonl)], ["text"], "GPT2BPETokenizer", str(vocab), str(tmp_path / "data"),
+                   merge_file=str(tmp_path / "merges.txt"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt"]  # no dataset written

@@ -99,3 +99,37 @@ def test_bad_arguments(tmp_path: Path) -> None:
         build_tokenizer("SPMTokenizer", None)
     with pytest.raises(ValueError, match="divisible_by=0"):
         padded_vocab_size(100, 0)
+
+
+def _gpt2_files(tmp_path: Path, merges: str) -> tuple[str, str]:
+    """A tiny GPT-2 vocab.json (h, e, he, l) and a merges.txt holding `merges`."""
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"h": 0, "e": 1, "he": 2, "l": 3, "<|endoftext|>": 4}))
+    (tmp_path / "merges.txt").write_text(merges)
+    return str(vocab), str(tmp_path / "merges.txt")
+
+
+def test_gpt2_merges_are_read_as_tokenizers_reads_them(tmp_path: Path) -> None:
+    tok = build_tokenizer("GPT2BPETokenizer", *_gpt2_files(tmp_path, "#version: 0.2\r\nh e\r\n"))
+    assert tok.encode("hel") == [2, 3]
+
+
+@pytest.mark.parametrize("merges", ["", "#version: 0.2\n"], ids=["empty", "header_only"])
+def test_gpt2_merges_without_merges_are_refused(tmp_path: Path, merges: str) -> None:
+    """Without merges every byte is a token: about three times as many tokens, which nothing else would report."""
+    with pytest.raises(ValueError, match=r"^merge_file: .*merges\.txt holds no merges") as err:
+        build_tokenizer("GPT2BPETokenizer", *_gpt2_files(tmp_path, merges))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("merges, message", [
+    ("#version: 0.2\nh e\nl l\n", r"merges\.txt line 3: the pair 'l l' needs 'll', which is not in vocab_file "),
+    ("#version: 0.2\nx e\n", r"merges\.txt line 2: the pair 'x e' needs 'x'"),
+    ("h e\nh e l\n", r"merges\.txt line 2: 'h e l' is not a pair 'a b'"),
+], ids=["merged_token", "first_token", "three_tokens"])
+def test_a_bad_gpt2_merge_names_the_merges_file_line_and_pair(tmp_path: Path, merges: str, message: str) -> None:
+    """tokenizers itself blames the vocab file ("Token `ll` out of vocabulary") and numbers lines without the
+    header."""
+    with pytest.raises(ValueError, match=r"^merge_file: .*" + message) as err:
+        build_tokenizer("GPT2BPETokenizer", *_gpt2_files(tmp_path, merges))
+    assert "\n" not in str(err.value)
