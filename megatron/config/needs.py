@@ -29,12 +29,16 @@ MOE_KEYS = tuple(k for k in MoEArgs.model_fields if k not in ("moe_num_experts",
 LORE_KEYS = tuple(k for k in MoEArgs.model_fields if k.startswith("lore_") and k != "lore_num_experts")
 LORE_ROUTER_KEYS = ("lore_top_k", "lore_loss_coeff", "lore_renormalize_weights", "lore_router_enable_bias",
                     "lore_router_bias_update_rate", "lore_lbl_scope")
+CAPACITY_KEYS = ("moe_train_capacity_factor", "moe_eval_capacity_factor", "moe_min_capacity", "moe_token_drop_policy")
 LSH_KEYS = tuple(k for k in MoEArgs.model_fields if k.startswith("lsh_") and k != "lsh_compression")
 REMIX_KEYS = tuple(k for k in DiffusionArgs.model_fields if k.startswith("remix_") and k != "remix_num_basis")
 
 NEEDS: tuple[Needs, ...] = (
     Needs(tuple(DiffusionArgs.model_fields), lambda a: a.model_type == "dit", "model_type: dit"),
     Needs(MOE_KEYS, lambda a: a.is_moe, "an MoE model (moe_num_experts > 1)"),
+    Needs(CAPACITY_KEYS, lambda a: a.moe_token_dropping, "moe_token_dropping: true"),
+    Needs(("moe_receive_warning_factor",), lambda a: a.moe_expert_parallel_size > 1,
+          "expert parallelism (moe_expert_parallel_size > 1)"),
     Needs(("moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
            "moe_lbl_scope", "moe_loss_coeff", "moe_lbl_in_fp32"), lambda a: a.moe_router_type == "topk",
           "moe_router_type: topk (Sinkhorn balances by itself, with no balancing loss, and scores by softmax)"),

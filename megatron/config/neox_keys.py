@@ -207,17 +207,17 @@ LEGACY_MOE_KEYS = {
     "expert_interval": NeoXKey(TRANSLATED, "the old name of moe_expert_interval (its old default was 2: set it)"),
     "moe_expert_parallel_size": NeoXKey(SUPPORTED, "same name and meaning in our schema"),
     "moe_loss_coeff": NeoXKey(SUPPORTED, "same meaning in our schema (the old NeoX default was 0.1, ours 0.01)"),
-    "moe_type": _rejected("megablocks", "only dropless (MegaBlocks-style) experts; DeepSpeed MoE is not built"),
+    "moe_type": _rejected("megablocks", "only MegaBlocks-style grouped experts (dropless, or bounded by "
+                                        "moe_token_dropping); DeepSpeed MoE is not built"),
     "moe_glu": _rejected(False, "NeoX documented it as gated experts but never passed it to MegaBlocks, whose "
                                 "experts stayed ungated; set activation (e.g. swiglu) for gated experts"),
-    "moe_token_dropping": _rejected(False, "experts are dropless (no capacity, no dropped tokens)"),
+    **_group(SUPPORTED, "same name and meaning in our schema (DeepSpeed MoE's capacity rule; moe/capacity.py)", """
+        moe_token_dropping moe_train_capacity_factor moe_eval_capacity_factor moe_min_capacity
+    """),
     "use_tutel": NeoXKey(IGNORED, _FUSED),
     "create_moe_param_group": NeoXKey(IGNORED, "optimizer parameter-group bookkeeping for DeepSpeed MoE"),
     "enable_expert_tensor_parallelism": NeoXKey(IGNORED, _INERT.format("model_parallel_size > 1")),
     "moe_use_residual": NeoXKey(IGNORED, _INERT.format("moe_type: deepspeed")),
-    **_group(IGNORED, _INERT.format("moe_token_dropping is true"), """
-        moe_train_capacity_factor moe_eval_capacity_factor moe_min_capacity
-    """),
 }
 
 NEOX_KEYS: dict[str, NeoXKey] = {**SUPPORTED_KEYS, **TRANSLATED_KEYS, **IGNORED_KEYS, **REJECTED_KEYS,

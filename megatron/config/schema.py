@@ -135,6 +135,15 @@ class MoEArgs(Strict):
 
     moe_impl: Literal["auto", "native", "grouped_gemm", "megablocks"] = "auto"  # auto: by GPU (moe/kernels.py)
     moe_expert_parallel_size: int = Field(1, ge=1)  # GPT-NeoX/DeepSpeed name: ranks the experts are split over
+    # bounded experts (pre-MegaBlocks GPT-NeoX / DeepSpeed names; moe/capacity.py): off, every routed slot is served.
+    # On: each expert serves at most max(ceil(tokens x top_k x factor / experts), moe_min_capacity) slots per
+    # micro-batch and rank, the train or eval factor by mode; ours: which slots past it are dropped
+    moe_token_dropping: bool = False
+    moe_train_capacity_factor: float = Field(1.0, gt=0)
+    moe_eval_capacity_factor: float = Field(1.0, gt=0)
+    moe_min_capacity: int = Field(4, ge=0)
+    moe_token_drop_policy: Literal["position", "probs"] = "position"  # ours: first come first served, or by gate
+    moe_receive_warning_factor: float = Field(4.0, ge=0)  # ours: warn when an EP rank receives > this x the mean rows
     moe_ffn_hidden_size: int | None = Field(None, ge=1)
     lore_num_experts: int = Field(0, ge=0)
     lore_rank: int = Field(0, ge=0)

@@ -4,7 +4,7 @@ the DiT's builder is megatron/model/dit/config.py."""
 from __future__ import annotations
 
 from megatron.model.gpt import GPT, GPTConfig, Llama3RopeScaling
-from megatron.model.moe import Balancing, LoREConfig, MoEArchitecture, MoERuntime
+from megatron.model.moe import Balancing, Capacity, LoREConfig, MoEArchitecture, MoERuntime
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
 from megatron.parallel.expert_parallel import ExpertParallel
@@ -12,7 +12,7 @@ from megatron.parallel.expert_parallel import ExpertParallel
 
 def build_gpt(args, padded_vocab_size: int, expert_parallel: ExpertParallel | None = None) -> GPT:
     """The language model the config describes, built for this run (its MoE runtime: `expert_parallel`, the
-    experts' kernels for the run's device, LSH)."""
+    experts' kernels for the run's device, LSH, token dropping)."""
     return GPT(gpt_config_from_args(args, padded_vocab_size), moe_runtime_from_args(args, expert_parallel))
 
 
@@ -55,6 +55,8 @@ def moe_runtime_from_args(args, expert_parallel: ExpertParallel | None = None) -
         lsh=LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation, args.seed,
                       args.lsh_rotation_refresh_interval) if args.lsh_compression else None,
         lsh_layers=None if args.lsh_layers is None else tuple(args.lsh_layers),
+        capacity=Capacity(args.moe_train_capacity_factor, args.moe_eval_capacity_factor, args.moe_min_capacity,
+                          args.moe_token_drop_policy) if args.moe_token_dropping else None,
     )
 
 

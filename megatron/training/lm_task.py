@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -23,7 +24,7 @@ from megatron.model.build import build_gpt
 from megatron.model.compile import compile_regions, compile_wanted
 from megatron.model.moe import MoEAux
 from megatron.model.moe.lsh_probes import CompressionErrorProbe, hashers_of
-from megatron.model.moe.stats import routing_stats
+from megatron.model.moe.stats import PEAK_STATS, routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
 from megatron.sizing.flops import flops_per_token
@@ -47,8 +48,17 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(values, means.tolist()))
 
 
+def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not values or not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    peaks = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return dict(zip(values, peaks.tolist()))
+
+
 class RoutingAccumulator:
-    """Averages each MoE layer's expert (and LoRE) load over a log interval."""
+    """Averages each MoE layer's expert (and LoRE) load over a log interval; the exchange's statistics too, except
+    the peaks (moe/stats.py's PEAK_STATS), whose maximum over the interval and the ranks is kept."""
 
     def __init__(self) -> None:
         self.last: list[MoEAux] = []
@@ -69,7 +79,8 @@ class RoutingAccumulator:
             self.balance = [{} for _ in aux_list]
         for i, aux in enumerate(aux_list):
             for key, value in aux.dispatch_stats.items():
-                self.dispatch[i][key] += value
+                sums = self.dispatch[i]
+                sums[key] = max(sums[key], value) if key in PEAK_STATS else sums[key] + value
             for key, value in (aux.balance.stats if aux.balance is not None else {}).items():
                 self.balance[i][key] = self.balance[i].get(key, 0.0) + value  # tensors: no host sync per step
             self.expert_load[i] += aux.expert_load_E.detach()
@@ -85,8 +96,9 @@ class RoutingAccumulator:
                 aux,
                 expert_load_E=all_reduce_mean(load / self.count),
                 lore_load_EM=None if lore is None else share_per_expert(all_reduce_mean(lore)),
-                dispatch_stats=mean_over_ranks({k: float(v) / self.count for k, v in (sums | balance).items()},
-                                               load.device),
+                dispatch_stats=mean_over_ranks({k: float(v) / self.count for k, v in (sums | balance).items()
+                                                if k not in PEAK_STATS}, load.device)
+                | max_over_ranks({k: float(v) for k, v in sums.items() if k in PEAK_STATS}, load.device),
             )
             for aux, load, lore, sums, balance in zip(self.last, self.expert_load, self.lore_load, self.dispatch,
                                                       self.balance)
@@ -141,7 +153,8 @@ class LMTask:
             raise ValueError(f"data: no validation documents in {', '.join(corpora)} (split {args.split!r}) but "
                              f"eval_interval is {args.eval_interval}: give validation a share, or set eval_interval 0")
         self.routing = RoutingAccumulator()
-        self.health = RoutingHealth(args.moe_health_min_share, args.moe_health_patience, args.moe_health_min_entropy)
+        self.health = RoutingHealth(args.moe_health_min_share, args.moe_health_patience, args.moe_health_min_entropy,
+                                    args.moe_receive_warning_factor)
         self.steps_seen = 0  # the step being trained, for the health warnings
         self.error_interval = args.lsh_error_interval if args.lsh_compression else 0
         self.error_probe = CompressionErrorProbe(self.model) if self.error_interval else None

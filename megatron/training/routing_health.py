@@ -7,6 +7,10 @@ A dead expert is one whose share of the token assignments stays below `min_share
 layer is one whose normalised load entropy (1: balanced, 0: one expert takes all) is below `min_entropy`. Each
 condition is logged once when it starts and once when it ends, so a healthy run prints nothing; the counts go to
 the metrics every interval (`moe/dead_experts`, `moe/dead_lores`, `moe/collapsed_layers`).
+
+With expert parallelism, a layer whose busiest EP rank received more than `receive_factor` x its group's mean
+rows at some step of the interval (`moe/layer{i}/max_rank_rows_over_mean`) is warned about once per interval
+while it lasts: it is not a state that ends by itself, and a dropless layer's memory on that rank grows with it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from typing import Any
 
 log = logging.getLogger("megatron.routing")
 LAYER_KEY = re.compile(r"^moe/layer(\d+)/(expert_load|lore_load|expert_load_entropy)$")
+RECEIVED_KEY = re.compile(r"^moe/layer(\d+)/max_rank_rows_over_mean$")
 
 
 class RoutingHealth:
-    def __init__(self, min_share: float = 0.1, patience: int = 3, min_entropy: float = 0.5):
+    def __init__(self, min_share: float = 0.1, patience: int = 3, min_entropy: float = 0.5,
+                 receive_factor: float = 0.0):
+        """`receive_factor`: warn when an EP rank received more than this x the mean rows; 0: never."""
         self.min_share, self.patience, self.min_entropy = min_share, patience, min_entropy
+        self.receive_factor = receive_factor
         self.low_streak: dict[tuple, int] = defaultdict(int)  # (layer, expert[, lore]) -> intervals below
         self.dead: set[tuple] = set()
         self.collapsed: set[int] = set()
@@ -31,6 +39,7 @@ class RoutingHealth:
         """Reads one interval's routing statistics (moe/stats.py's keys); returns the health metrics."""
         if not routing or not any(LAYER_KEY.match(key) for key in routing):
             return {}
+        self._crowded_ranks(step, routing)
         seen: set[tuple] = set()
         for key, value in routing.items():
             match = LAYER_KEY.match(key)
@@ -68,6 +77,15 @@ class RoutingHealth:
                 log.warning("step %d: %s is dead: %.4f of the tokens, below %.2f x its fair share %.4f for %d log "
                             "intervals", step, describe(unit), share, self.min_share, fair, self.low_streak[unit])
         return low
+
+    def _crowded_ranks(self, step: int, routing: dict[str, Any]) -> None:
+        for key, value in routing.items():
+            match = RECEIVED_KEY.match(key)
+            if match and self.receive_factor > 0 and value > self.receive_factor:
+                log.warning("step %d: MoE layer %s: an expert-parallel rank received %.1f x the mean rows of its EP "
+                            "group (above moe_receive_warning_factor %g): routing piles tokens onto its experts, and "
+                            "their activation memory grows with it (moe_token_dropping bounds it)",
+                            step, match[1], value, self.receive_factor)
 
     def _collapse(self, step: int, layer: int, entropy: float) -> None:
         if entropy < self.min_entropy and layer not in self.collapsed:

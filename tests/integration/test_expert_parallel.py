@@ -1,9 +1,12 @@
 """Expert parallelism: placement, the row regrouping, and the MoE layer on 2 gloo ranks against 1 rank; the
-gradient reduction and global norm of the data-parallel wrapper (DDP and EP) against 1 rank.
+gradient reduction and global norm of the data-parallel wrapper (DDP and EP) against 1 rank; a router that sends
+every token to one rank's expert, with token dropping (the rows it receives stay bounded) and without (warned).
 
 Shape suffixes: T tokens, D hidden width."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from helpers.distributed import assert_grads_match_one_rank, run_on_ranks
 
-from megatron.model.moe import LoREConfig, MoELayer
+from megatron.model.moe import Capacity, LoREConfig, MoELayer
 from megatron.parallel import DistInfo
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.expert_parallel import (
@@ -22,6 +25,8 @@ from megatron.parallel.expert_parallel import (
     source_to_expert_major,
 )
 from megatron.parallel.mesh import build_parallel_dims
+from megatron.training.lm_task import RoutingAccumulator
+from megatron.training.routing_health import RoutingHealth
 
 
 @pytest.mark.parametrize("experts, ranks, expected", [
@@ -73,6 +78,10 @@ LAYER_CASES = {
     "swiglu_entangled_shared": dict(num_experts=5, top_k=2, activation="swiglu", num_shared_experts=2,
                                     lore=LoREConfig(4, 3, top_l=1)),
     "sinkhorn_geglu": dict(num_experts=4, top_k=1, activation="geglu", router_type="sinkhorn"),  # per-rank balance
+    # token dropping: the capacity is per source rank, so each rank's outputs are the one-rank layer's on its batch
+    "capacity_all_rows_to_rank0": dict(num_experts=4, top_k=2, starve=[2, 3], capacity=Capacity(0.75, 0.75, 0)),
+    "capacity_probs_entangled_uneven": dict(num_experts=5, top_k=2, lore=LoREConfig(4, 3, top_l=1),
+                                            capacity=Capacity(0.5, 0.5, 1, "probs")),
 }
 
 
@@ -177,10 +186,16 @@ def _compare_every_layer(rank: int, world: int) -> None:
             _compare_wrapped_model(rank, world, ep_size)
         except AssertionError as err:
             raise AssertionError(f"wrapped model, moe_expert_parallel_size {ep_size}: {err}") from err
+    try:
+        _every_token_to_expert_0(rank, world)
+    except AssertionError as err:
+        raise AssertionError(f"every token to expert 0: {err}") from err
 
 
 def test_moe_layer_on_two_ranks_equals_one_rank():
-    """The layer's outputs and gradients, and the wrapper's gradient reduction and norm, on 2 ranks."""
+    """The layer's outputs and gradients (dropless and with token dropping), and the wrapper's gradient reduction
+    and norm, on 2 ranks; then a router that sends every token to one rank (`_every_token_to_expert_0`, here to
+    share the processes, whose start is most of a case's time)."""
     run_on_ranks(_compare_every_layer, 2)
 
 
@@ -204,3 +219,58 @@ def _exchange_under_bf16_autocast(rank: int, world: int) -> None:
 
 def test_rows_cross_the_exchange_in_the_autocast_dtype():
     run_on_ranks(_exchange_under_bf16_autocast, 2)
+
+
+def _every_token_to_expert_0(rank: int, world: int) -> None:
+    """A deliberately skewed router: every token of both ranks goes to expert 0, held by rank 0. With token
+    dropping, rank 0 receives each source's capacity, within (sources x local experts x capacity); without, every
+    row, and the routing health warns (once for the interval) that one rank received 2x the mean."""
+    ep = ExpertParallel(world, rank, dist.group.WORLD)
+    T = 12
+    x = torch.rand(T, 16) + 0.1  # positive inputs: the +1 gate row always wins
+    received = {}
+    for capacity in (None, Capacity(1.0, 1.0, 0)):
+        torch.manual_seed(0)
+        layer = MoELayer.build(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=1, expert_parallel=ep,
+                               capacity=capacity)
+        with torch.no_grad():
+            layer.router.gate.weight.copy_(torch.tensor([1.0, -1.0, -1.0, -1.0]).unsqueeze(1).expand(4, 16))
+        rows = []
+        layer.experts.register_forward_pre_hook(lambda module, args, rows=rows: rows.append(args[0].shape[0]))
+        accumulator = RoutingAccumulator()
+        for _ in range(3):  # a log interval of three steps
+            y, aux = layer(x)
+            y.sum().backward()
+            accumulator.add([aux])
+        received[capacity is not None] = rows[-1]
+        assert aux.dispatch_stats["max_rank_rows_over_mean"] == 2.0  # rank 0 gets all rows: 2x the mean of 2 ranks
+
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("megatron.routing").addHandler(handler)
+        try:
+            metrics = accumulator.pop()
+            RoutingHealth(receive_factor=1.5).update(3, metrics)
+            RoutingHealth(receive_factor=2.5).update(3, metrics)  # 2x is below this factor: quiet
+        finally:
+            logging.getLogger("megatron.routing").removeHandler(handler)
+        crowded = [r for r in records if "expert-parallel rank" in r.getMessage()]  # not the collapse warning
+        assert len(crowded) == 1 and crowded[0].levelno == logging.WARNING
+        assert "MoE layer 0: an expert-parallel rank received 2.0 x the mean rows" in crowded[0].getMessage()
+        assert metrics["moe/layer0/max_rank_rows_over_mean"] == 2.0
+
+    # each rank's tokens to an expert of its own: every rank sends all its rows to one rank, yet receives its share
+    layer = MoELayer.build(hidden_size=16, ffn_hidden_size=24, num_experts=4, top_k=1, expert_parallel=ep)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([1.0, 0.0, -1.0, 0.0]).unsqueeze(1).expand(4, 16))
+    _, aux_own = layer(x if rank == 0 else -x)  # positive inputs pick expert 0 (rank 0), negative expert 2 (rank 1)
+    assert aux_own.dispatch_stats["max_rank_rows_over_mean"] == 1.0
+
+    capacity = 3  # ceil(12 tokens x top-1 x 1.0 / 4 experts), from each source rank
+    bound = world * len(ep.local_experts(4)) * capacity  # sources x local experts x capacity
+    if rank == 0:
+        assert received == {False: world * T, True: world * capacity} and received[True] <= bound
+    else:
+        assert received == {False: 0, True: 0}
+    assert metrics["moe/layer0/dropped_fraction"] == pytest.approx(1 - capacity / T)

@@ -47,6 +47,19 @@ def test_lores_within_an_expert_and_collapsed_layers(caplog):
     assert health.update(6, stats([0.4, 0.3, 0.3], entropy=0.9))["moe/collapsed_layers"] == 0
 
 
+def test_a_crowded_expert_parallel_rank_is_warned_about_once_per_layer_and_interval(caplog):
+    health = RoutingHealth(receive_factor=4.0)
+    crowded = {**stats([0.25] * 4), "moe/layer0/max_rank_rows_over_mean": 5.5, **stats([0.25] * 4, layer=1),
+               "moe/layer1/max_rank_rows_over_mean": 3.9}
+    with caplog.at_level(logging.WARNING, logger="megatron.routing"):
+        for step in (10, 20):
+            health.update(step, crowded)
+        RoutingHealth(receive_factor=0.0).update(30, crowded)  # 0: never
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("MoE layer 0: an expert-parallel rank received 5.5 x" in m for m in messages)
+    assert messages[0].startswith("step 10") and messages[1].startswith("step 20")  # each interval it lasts
+
+
 @pytest.mark.parametrize("min_share, expected", [(0.0, 0.0), (1.0, None)])
 def test_an_moe_run_logs_health_metrics(tmp_path, data_prefix, min_share, expected):
     moe = {"moe_num_experts": 4, "moe_top_k": 1, "moe_router_type": "topk", "pos_emb": "rotary"}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron.model.moe import Balancing, LoREConfig, MoELayer, lore, router
+from megatron.model.moe import Balancing, Capacity, LoREConfig, MoELayer, lore, router
 from megatron.model.moe.kernels import accumulate_grouped_matmul
 from megatron.model.moe.lsh import CrossPolytopeHash, LSHConfig
 
@@ -81,6 +81,18 @@ def test_moe_layer_forward_and_backward_make_no_host_sync(name, record_syncs):
         y, aux = layer(x)
         (y.square().sum() + aux.load_balancing_loss + aux.lore_balancing_loss).backward()
     assert record_syncs.syncs == []
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+def test_token_dropping_adds_one_host_sync_the_kept_row_count(policy, record_syncs):
+    torch.manual_seed(0)
+    layer = MoELayer.build(32, 64, num_experts=8, top_k=2, impl="native", lore=LoREConfig(8, 8, top_l=1),
+                           capacity=Capacity(0.5, 0.5, 0, policy))
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    with record_syncs:
+        y, aux = layer(x)
+        (y.square().sum() + aux.load_balancing_loss + aux.lore_balancing_loss).backward()
+    assert record_syncs.syncs == ["aten::_local_scalar_dense"] and aux.dispatch_stats["dropped_fraction"] > 0
 
 
 def test_the_recorder_sees_the_syncs_it_looks_for(record_syncs):

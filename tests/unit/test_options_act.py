@@ -63,6 +63,8 @@ def test_a_resolved_dense_config_reloads(tmp_path):
 SETTINGS = {
     "model_type: dit": ([], ["--model_type", "dit"]),
     "an MoE model (moe_num_experts > 1)": ([], MOE),
+    "moe_token_dropping: true": (MOE, [*MOE, "--moe_token_dropping", "true"]),
+    "expert parallelism (moe_expert_parallel_size > 1)": (MOE, [*MOE, "--moe_expert_parallel_size", "2"]),
     "moe_router_type: topk (Sinkhorn balances by itself, with no balancing loss, and scores by softmax)":
         (["--moe_num_experts", "4", "--moe_top_k", "2"], MOE),
     "moe_router_score_function: softmax (sigmoid gates are always normalised over the chosen k)":
@@ -126,5 +128,7 @@ def test_every_key_of_the_rule_is_refused_where_it_cannot_act(what, key):
 def test_every_key_of_the_rule_is_accepted_where_it_can_act(key):
     """Under the settings of the last need that names it (each need's settings satisfy the needs before it)."""
     _, holds = SETTINGS[[needs.what for needs in NEEDS if key in needs.keys][-1]]
-    args = load_config([], [*holds, *ACCEPTED_WITH.get(key, []), f"--{key}", other_value(key)])
+    ranks = 2 if "--moe_expert_parallel_size" in holds else 1  # an EP group of 2 needs 2 ranks
+    args = load_config([], [*holds, *ACCEPTED_WITH.get(key, []), f"--{key}", other_value(key)],
+                       data_parallel_size=ranks)
     assert getattr(args, key) != NeoXArgs.model_fields[key].default

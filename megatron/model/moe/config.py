@@ -1,12 +1,15 @@
 """An MoE model's settings, in two parts: what the model computes (`MoEArchitecture`, which a checkpoint or a
 Hugging Face export carries) and how this run computes it (`MoERuntime`: the expert-parallel group, the
-experts' kernels, the LSH-compressed exchange), which belongs to the run and is never written with the model."""
+experts' kernels, the LSH-compressed exchange, token dropping), which belongs to the run and is never written
+with the model. Token dropping is the run's because it is a remedy a run turns on or off (a run that ran out of
+memory resumes with it); an export, or a model built without the run's settings, is dropless."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
+from megatron.model.moe.capacity import Capacity
 from megatron.model.moe.lore import LoREConfig
 from megatron.model.moe.lsh import LSHConfig
 from megatron.model.moe.router import Balancing
@@ -47,6 +50,7 @@ class MoERuntime:
     use_grouped_mm: bool | None = None  # None: torch's grouped_mm where available, False: a per-expert loop
     lsh: LSHConfig | None = None  # LSH-MoE compression of the exchange; None: exact
     lsh_layers: tuple[int, ...] | None = None  # which (MoE) layers compress; None: all
+    capacity: Capacity | None = None  # token dropping: each expert's capacity and what it drops; None: dropless
 
     def for_layer(self, layer_idx: int) -> MoERuntime:
         """Layer `layer_idx`'s runtime: its LSH settings with a rotation of its own (seed + layer index), or none."""

@@ -8,6 +8,9 @@ stable argsort, so rows of one expert are contiguous and keep token order) and a
 rows to the rank that owns their expert). The local dispatcher's exchange is the identity; expert-parallel
 (all-to-all) and LSH-compressed dispatchers override only the exchange, so the layer's forward holds no
 parallelism code.
+
+With token dropping (capacity.py) the permutation leaves out the slots past their expert's capacity: they get
+no row, so they are neither exchanged nor computed, and contribute nothing in `combine`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from megatron.model.moe.capacity import Kept
 from megatron.model.moe.kernels import compute_dtype
 from megatron.model.moe.lsh import Compression, CrossPolytopeHash, LSHConfig, compress, decompress
 from megatron.model.moe.router import Routing
@@ -66,10 +70,17 @@ class DispatchContext:
     stats: dict[str, float] = field(default_factory=dict)  # the exchange's, per layer (e.g. compression rate)
 
 
-def sort_by_expert(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> DispatchContext:
-    """The permutation step: the token of each expert-sorted row, and its gate."""
+def sort_by_expert(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, kept: Kept | None = None
+                   ) -> DispatchContext:
+    """The permutation step: the token of each expert-sorted row, and its gate. With `kept`, the dropped slots
+    sort after every expert's (they keep token order within an expert either way) and are cut off."""
     top_k = expert_ids_TK.shape[1]
-    order_N = torch.argsort(expert_ids_TK.flatten(), stable=True)
+    ids_N = expert_ids_TK.flatten()
+    if kept is not None:
+        ids_N = ids_N.masked_fill(~kept.slots_TK.flatten(), torch.iinfo(ids_N.dtype).max)
+    order_N = torch.argsort(ids_N, stable=True)
+    if kept is not None:
+        order_N = order_N[:kept.count]
     return DispatchContext(order_N // top_k, weights_TK.flatten()[order_N], expert_ids_TK.shape[0])
 
 
@@ -77,12 +88,13 @@ class TokenDispatcher:
     """Base: permute locally, then exchange. Subclasses change the exchange, never the experts."""
 
     def dispatch(
-        self, x_TD: torch.Tensor, routing: Routing
+        self, x_TD: torch.Tensor, routing: Routing, kept: Kept | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchContext]:
-        """Returns the rows of this rank's experts grouped by expert, their counts [L], and the context."""
-        ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK)
+        """Returns the rows of this rank's experts grouped by expert, their counts [L], and the context.
+        `kept`: the slots within capacity (token dropping); None: dropless, every routed slot gets a row."""
+        ctx = sort_by_expert(routing.expert_ids_TK, routing.weights_TK, kept)
         x_ND = x_TD.index_select(0, ctx.token_of_row_N)
-        exchanged = self.exchange(x_ND, routing.tokens_per_expert_E)
+        exchanged = self.exchange(x_ND, routing.tokens_per_expert_E if kept is None else kept.per_expert_E)
         ctx.exchange, ctx.sources, ctx.stats = exchanged.state, exchanged.sources, exchanged.stats
         return exchanged.rows_ND, exchanged.tokens_per_expert_L, ctx
 
@@ -130,7 +142,12 @@ class AllToAllDispatcher(TokenDispatcher):
     First the per-expert row counts are exchanged (one all-gather of E integers per rank), then the rows
     with one `all_to_all_single` of uneven splits, differentiable (its backward is the reverse exchange).
     Received rows arrive grouped by source rank and are regrouped by local expert, so the experts see
-    exactly what the local dispatcher would give them. Dropless: every row is sent, none is dropped.
+    exactly what the local dispatcher would give them. Every row the permutation made is sent (with token
+    dropping, the slots past capacity were left out before: they never travel).
+
+    Every rank gets every rank's counts, so each also reports how unevenly its EP group's ranks receive rows
+    (`max_rank_rows_over_mean`: the most rows one rank received over the group's mean), which a dropless
+    layer's memory follows; the routing health warns above `moe_receive_warning_factor`.
 
     Host syncs (on GPUs): the split sizes go to the host once per dispatch (`.tolist()`), because
     `all_to_all_single` takes its split sizes as Python integers; the counts for the experts stay on the device.
@@ -147,16 +164,23 @@ class AllToAllDispatcher(TokenDispatcher):
         x_ND = in_compute_dtype(x_ND)
         counts_SE = self.all_gather_counts(tokens_per_expert_E, self.group)
         counts_SL = counts_SE[:, self.local_experts.start:self.local_experts.stop]
-        rows_per_rank_P = torch.stack([chunk.sum() for chunk in tokens_per_expert_E.split(self.experts_per_rank)])
-        splits = torch.cat([rows_per_rank_P, counts_SL.sum(dim=1)]).tolist()  # the one host sync
-        send_splits, recv_splits = splits[:len(rows_per_rank_P)], splits[len(rows_per_rank_P):]
+        rows_per_rank_P = self.per_rank(tokens_per_expert_E)
+        received_by_rank_P = self.per_rank(counts_SE.sum(dim=0))  # what every rank of the group receives
+        splits = torch.cat([rows_per_rank_P, counts_SL.sum(dim=1), received_by_rank_P]).tolist()  # the one host sync
+        ranks = len(rows_per_rank_P)
+        send_splits, recv_splits, received_by_rank = splits[:ranks], splits[ranks:2 * ranks], splits[2 * ranks:]
         received_ND = self.all_to_all(x_ND, recv_splits, send_splits, self.group)
         order = source_to_expert_major(counts_SL, total=sum(recv_splits))
         state = _AllToAllState(send_splits, recv_splits, order)
         sources = RowSources(counts_SL, counts_SE.sum(dim=1))
         crossing = sum(send_splits) - send_splits[self.ep_rank]
-        stats = {"exchange_bytes_sent": float(crossing * x_ND.shape[1] * x_ND.element_size())}  # each way
+        stats = {"exchange_bytes_sent": float(crossing * x_ND.shape[1] * x_ND.element_size()),  # each way
+                 "max_rank_rows_over_mean": max(received_by_rank) * ranks / max(sum(received_by_rank), 1)}
         return Exchanged(received_ND.index_select(0, order), counts_SL.sum(dim=0), sources, state, stats)
+
+    def per_rank(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """Per-expert counts summed over each EP rank's experts: [P]."""
+        return torch.stack([chunk.sum() for chunk in counts_E.split(self.experts_per_rank)])
 
     def exchange_back(self, y_ND: torch.Tensor, state: _AllToAllState) -> torch.Tensor:
         received_order_ND = torch.empty_like(y_ND).index_copy(0, state.expert_major_order, y_ND)

@@ -35,6 +35,8 @@ work), and why each is there. Counts use `router.count_ids` (a scatter-add of kn
 - the per-group loops: `grouped_matmul` where no grouped kernel takes the dtype/shape (fp16, or widths
   that are not multiples of 16 bytes) and `accumulate_grouped_matmul` on CPU: `rows_per_group.tolist()`.
 - `LSHDispatcher` (LSH-MoE only): `torch.unique` of the bucket keys sizes the centroids on the host.
+- token dropping only (`capacity.keep_within_capacity`): the number of slots kept, read once per layer call,
+  because it sizes the rows the dispatcher gathers.
 - `SinkhornRouter` in training: one `.item()`-like test per Sinkhorn iteration, as GPT-NeoX has it.
 The LoRE B term on CUDA in bf16 (`accumulate_grouped_matmul`) is one grouped call on device offsets: on
 sm90/sm100 it has no host sync (fp32 keeps the in-place loop and its one `.tolist()`).

@@ -3,7 +3,8 @@
 Shape legend: B batch, S sequence, T tokens, D hidden, F expert FFN width, E experts, M LoREs per expert.
 
 Router (router.py), dispatcher (dispatcher.py), experts and shared experts (experts.py) and LoREs (lore.py)
-are separate modules; the layer only wires them.
+are separate modules; the layer only wires them. With token dropping (capacity.py) the slots past their
+expert's capacity are marked between routing and dispatch, and get no row.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ class MoEAux:
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
     lore_balancing_loss: torch.Tensor
-    expert_load_E: torch.Tensor  # share of token-assignments per expert (detached)
+    expert_load_E: torch.Tensor  # share of token-assignments per expert, as routed (dropped ones too; detached)
     lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached); all-zero rows
     # for experts that got no rows here (with expert parallelism, every expert held on another rank)
-    dispatch_stats: dict[str, float] = field(default_factory=dict)  # the exchange's (bytes, compression)
+    dispatch_stats: dict[str, float] = field(default_factory=dict)  # the exchange's (bytes, compression,
+    # rows per EP rank) and, with token dropping, the share of slots dropped
     balance: BalanceCounts | None = None  # what the trainer's balancing bookkeeping reads (training only)
 
 
@@ -111,6 +113,7 @@ class MoELayer(nn.Module):
         self.shared_experts = (SharedExperts(arch.num_shared_experts, hidden_size, ffn_hidden_size, activation,
                                              init_std, output_init_std) if arch.num_shared_experts else None)
         self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, runtime.lsh)
+        self.capacity = runtime.capacity
 
     @classmethod
     def build(cls, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, activation: str = "gelu",
@@ -125,7 +128,9 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1)
-        x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing)
+        kept = None if self.capacity is None else self.capacity.keep(
+            routing.expert_ids_TK, routing.weights_TK, self.num_experts, self.training)
+        x_ND, tokens_per_local_expert_L, ctx = self.dispatcher.dispatch(x_TD, routing, kept)
         y_ND, lore_aux = self.experts(x_ND, tokens_per_local_expert_L, self.lore, ctx.sources)
         y_TD = self.dispatcher.combine(y_ND, ctx)
         y_TD = y_TD if self.shared_experts is None else y_TD + self.shared_experts(x_TD)
@@ -136,7 +141,7 @@ class MoELayer(nn.Module):
             lore_balancing_loss=lore_aux["lore_balancing_loss"] if lore_aux else zero,
             expert_load_E=(routing.tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
             lore_load_EM=self._all_experts(lore_aux["lore_load_EM"]) if lore_aux else None,
-            dispatch_stats=ctx.stats,
+            dispatch_stats=ctx.stats if kept is None else {**ctx.stats, "dropped_fraction": kept.dropped_fraction},
             balance=self._balance_counts(routing, lore_aux) if self.training else None,
         )
         return y_TD.view_as(x), aux

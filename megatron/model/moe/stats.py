@@ -10,6 +10,10 @@ from typing import Any
 
 import torch
 
+# exchange statistics a log interval reports as their maximum over its steps and the ranks, not their mean:
+# a rank that received 4x its share at one step needed the memory at that step
+PEAK_STATS = frozenset({"max_rank_rows_over_mean"})
+
 
 def normalized_entropy(load: torch.Tensor) -> torch.Tensor:
     """Entropy of a load distribution over its last dim divided by log(n): 1 is perfectly balanced."""
@@ -30,7 +34,7 @@ def routing_stats(aux_list: list) -> dict[str, Any]:
         expert_load_E = aux.expert_load_E.detach().cpu()
         stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(expert_load_E))
         stats[f"moe/layer{i}/expert_load"] = [round(v, 5) for v in expert_load_E.tolist()]
-        for key, value in aux.dispatch_stats.items():  # e.g. exchange_bytes_sent, lsh_compression_rate
+        for key, value in aux.dispatch_stats.items():  # e.g. exchange_bytes_sent, dropped_fraction
             stats[f"moe/layer{i}/{key}"] = float(value)
         if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
             lore_load_EM = aux.lore_load_EM.detach().cpu()
