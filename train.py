@@ -22,11 +22,12 @@ from megatron.training.checkpoint import CheckpointSaveError
 from megatron.training.lm_task import LMTask
 from megatron.training.metrics import MetricsLogger, setup_console_logging
 from megatron.training.preflight import preflight
+from megatron.training.signals import ctrl_c_exits
 from megatron.training.task import Task
 from megatron.training.trainer import NonFiniteTraining, Trainer, TrainResult, rank_seed, seed_everything
 
 log = logging.getLogger("megatron")
-# A run stopped early by SIGTERM/SIGUSR1 (saved, exit 0) writes its step to the file this variable names, so a
+# A run stopped early by SIGTERM/SIGUSR1/SIGINT (saved, exit 0) writes its step to the file this variable names, so a
 # launcher (launch/slurm.sbatch) can tell "pre-empted: requeue" from "finished".
 STOPPED_FILE_VARIABLE = "MEGATRON_STOPPED_FILE"
 
@@ -100,7 +101,8 @@ def main() -> None:
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
     try:
-        run(argv)
+        with ctrl_c_exits():  # Ctrl-C before the first step or after the last: one line, exit 130
+            run(argv)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

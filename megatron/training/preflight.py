@@ -6,20 +6,23 @@ Three checks, each one generic mechanism rather than a case per value:
 - **the output folders can be written**: `save`, `log_dir` and `tensorboard_dir` are created and written to
   once, so a path that is a file, read-only or on a full disk is found now, not at the first save;
 - **no run damages checkpoints it did not write**: a fresh run refuses a save folder that holds another run's
-  checkpoints (unless `overwrite_save: true`), and a lock file in the save folder keeps a second run from
-  writing the same folder at once (a lock left by a killed run on this host is taken over).
+  checkpoints (unless `overwrite_save: true`), and a lock file in the save folder, taken atomically, keeps a
+  second run from writing the same folder at once (a lock left by a killed run on this host is taken over; an
+  unreadable one is held).
 
 Rank 0 looks at the file system and tells the others what it found, so every rank fails with the same line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,52 +103,130 @@ def check_not_overwriting(save: str | None, load: str | None, overwrite: bool) -
 
 @dataclass
 class SaveLock:
-    """`SAVE/.lock`, held by one run at a time: created exclusively, removed when the run ends."""
+    """`SAVE/.lock`, held by one run at a time, removed when the run ends.
+
+    Taken atomically: the whole lock (host, pid, start time, a token of this run) is written to a temporary file of
+    this process's own, then hard-linked to `.lock`; `os.link` fails when the name exists, so of two runs starting
+    at the same instant exactly one gets the lock, and no run ever reads a half-written one. A file rather than an
+    OS lock (flock) alone, because the lock must be seen by runs on other hosts sharing the folder, where flock may
+    be local to one host (Lustre's `localflock`) or unsupported, and because it names its owner for the refusal.
+
+    A lock whose process is gone (known on its own host only) is taken over under an flock on the lock file's
+    inode, so two takers cannot both win (see `remove_if_unchanged`); both contend on the dead run's host, where
+    flock works, and the kernel drops an flock when its process dies, so a taker killed midway leaves nothing
+    stale. An unreadable lock is treated as held: its owner cannot be known, so the line asks for a look."""
 
     path: Path
+    token: str
 
     @classmethod
     def acquire(cls, folder: str) -> SaveLock:
         path = Path(folder) / LOCK_NAME
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):  # a second try after removing a stale lock
+        token = uuid.uuid4().hex
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "token": token}
+        for _ in range(10):  # each try ends with the lock, a refusal, or a lock that changed hands meanwhile
+            if create_exclusively(path, json.dumps(me), token):
+                return cls(path, token)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = read_lock(path)
-                if is_stale(holder):
-                    log.warning("save: taking over %s, left by process %s on %s, which is no longer running",
-                                path, holder.get("pid"), holder.get("host"))
-                    path.unlink(missing_ok=True)
-                    continue
+                text = path.read_text()
+            except FileNotFoundError:
+                continue  # released or removed meanwhile: try again
+            except (OSError, UnicodeDecodeError) as err:
+                raise unreadable_lock(path, folder, type(err).__name__) from None
+            holder = parse_lock(text)
+            if holder is None:
+                raise unreadable_lock(path, folder, f"contents {text[:60]!r}, not the JSON host and pid a run writes")
+            if not is_stale(holder):
                 raise ConfigError(
-                    f"save: {folder} is in use by another run (process {holder.get('pid')} on {holder.get('host')} "
-                    f"since {holder.get('since')}, lock {path}); if that run is dead, delete the lock file") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return cls(path)
-        raise ConfigError(f"save: could not take the lock {path}")
+                    f"save: {folder} is in use by another run (process {holder['pid']} on {holder['host']} "
+                    f"since {holder.get('since')}, lock {path}); if that run is dead, delete the lock file")
+            try:
+                removed = remove_if_unchanged(path, text)
+            except OSError as err:
+                raise ConfigError(f"save: the lock {path} of process {holder['pid']}, which is no longer running, "
+                                  f"could not be taken over ({err.strerror or type(err).__name__}); delete it if no "
+                                  f"run is using {folder}") from None
+            if removed:
+                log.warning("save: taking over %s, left by process %s on %s, which is no longer running",
+                            path, holder["pid"], holder["host"])
+        raise ConfigError(f"save: could not take the lock {path}: it changed hands 10 times while this run tried")
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Removes the lock if it is still this run's (not one that replaced it after someone deleted ours)."""
+        try:
+            holder = parse_lock(self.path.read_text())
+        except (OSError, UnicodeDecodeError):
+            return
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
 
-def read_lock(path: Path) -> dict[str, Any]:
+def unreadable_lock(path: Path, folder: str, why: str) -> ConfigError:
+    """Its owner cannot be known, so the lock is held: a person has to look."""
+    return ConfigError(f"save: the lock {path} could not be read ({why}); if no run is using {folder}, delete it")
+
+
+def create_exclusively(path: Path, text: str, token: str) -> bool:
+    """Creates `path` holding `text` in one step (written aside, then hard-linked); False when `path` exists."""
+    aside = path.with_name(f"{path.name}.{token}.tmp")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # half-written by a run killed while taking it: stale
+        aside.write_text(text)
+        os.link(aside, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def remove_if_unchanged(path: Path, expected: str) -> bool:
+    """Removes the lock file at `path` if it still holds `expected` (a stale lock this run read); True if this call
+    removed it. Under an exclusive flock on the file's inode: a second taker that opened the same stale file waits,
+    then finds `path` gone or leading to another inode (the first taker's new lock), and looks again."""
+    try:
+        fd = os.open(path, os.O_RDWR)  # read-write: on NFS, flock is emulated by fcntl locks, which need it
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            return False
+        if os.pread(fd, len(expected.encode()) + 1, 0) != expected.encode():
+            return False
+        os.unlink(path)
+        return True
+    finally:
+        os.close(fd)  # and with it the flock
+
+
+def parse_lock(text: str) -> dict[str, Any] | None:
+    """The lock's owner, or None when `text` is not a lock a run wrote (garbage, empty, cut short)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    return holder if names_an_owner(holder) else None
+
+
+def names_an_owner(holder: Any) -> bool:
+    """A host name and a process id (above 0: os.kill(0 or below) would ask about a group of processes)."""
+    return (isinstance(holder, dict) and isinstance(holder.get("host"), str) and isinstance(holder.get("pid"), int)
+            and holder["pid"] > 0)
 
 
 def is_stale(holder: dict[str, Any]) -> bool:
     """A lock is stale when its process is gone: known only on the host that took it (another host's lock is
     kept, and the message says to delete it if that run is dead)."""
-    if "pid" not in holder or "host" not in holder:
-        return True
-    if holder["host"] != socket.gethostname():
+    if not names_an_owner(holder) or holder["host"] != socket.gethostname():
         return False
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return True
     except PermissionError:

@@ -11,6 +11,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,10 @@ class Trainer:
         self.nonfinite_streak = 0  # of them, the consecutive ones up to now
         self.peak: tuple[float, str] | None = None  # (TFLOP/s of one device, its source), found at the first log
         self.pending_save: ckpt.PendingSave | None = None  # an asynchronous save still being written
+        self.writing_step: int | None = None  # the checkpoint the main thread is writing (or waiting for) now
         self.spikes = LossSpikeDetector(args.loss_spike_factor)
-        self.stop = StopRequest()  # SIGTERM/SIGUSR1: save at the next step boundary and return
+        # SIGTERM/SIGUSR1/SIGINT: save at the next step boundary and return
+        self.stop = StopRequest(describe_checkpoints=self.describe_checkpoints)
         self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
 
     # -- precision -------------------------------------------------------------------------------
@@ -142,6 +145,7 @@ class Trainer:
         saves that must succeed are synchronous."""
         try:
             self.finish_pending_save()  # saves publish in order: `latest` never goes back
+            self.writing_step = self.step
             state = {
                 "step": self.step,
                 "task": self.task.state_dict(),
@@ -162,11 +166,27 @@ class Trainer:
                 raise
             log.error("%s; training goes on, the next save is at step %d", err,
                       self.step + self.args.checkpoint_factor - self.step % self.args.checkpoint_factor)
+        finally:
+            self.writing_step = None
 
     def finish_pending_save(self) -> None:
         pending, self.pending_save = self.pending_save, None
         if pending is not None:
-            log.info("saved checkpoint %s (written in the background)", pending.finish())
+            self.writing_step = pending.step
+            try:
+                log.info("saved checkpoint %s (written in the background)", pending.finish())
+            finally:
+                self.writing_step = None
+
+    def describe_checkpoints(self) -> str:
+        """What stopping the process now leaves, in words: for the line a third SIGINT prints."""
+        latest_file = Path(self.args.save) / "latest" if self.args.save else None
+        latest = latest_file.read_text().strip() if latest_file and latest_file.is_file() else "none"
+        writing = self.writing_step if self.writing_step is not None else getattr(self.pending_save, "step", None)
+        if writing is None:
+            return f"no checkpoint was being written (latest: {latest})"
+        return (f"the checkpoint being written ({Path(self.args.save) / f'global_step{writing}'}) was abandoned; the "
+                f"previous checkpoint is intact (latest: {latest})")
 
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -245,7 +265,7 @@ class Trainer:
         progress = tqdm(total=args.train_iters, initial=self.step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         stopped_by = None
-        self.stop.install()  # SIGTERM/SIGUSR1 from here on: save at the next step boundary
+        self.stop.install()  # SIGTERM/SIGUSR1/SIGINT from here on: save at the next step boundary
         try:  # the bar ends its line even when the run stops on an error, so the error gets a line of its own
             while self.step < args.train_iters:
                 step_metrics = self.train_step()
@@ -300,10 +320,10 @@ class Trainer:
                     log.warning("stopping at step %d on %s (checkpoint saved: %s)", self.step, stopped_by,
                                 bool(args.save) and self.nonfinite_streak == 0)
                     break
+            self.finish_pending_save()  # while the signals still only ask for a stop: a Ctrl-C cannot cut it short
         finally:
             progress.close()
             self.stop.restore()
-        self.finish_pending_save()
         total = time.perf_counter() - run_start
         log.info(
             "trained %d steps in %.1fs; checkpoint I/O %.1f%%, logging %.1f%%, evaluation %.1f%% of the time",

@@ -1,12 +1,14 @@
-"""Faults: pre-emption signals save and exit 0; SIGKILL at random moments (inside checkpoint saves too) loses
-nothing: restarted with the same command, the run finishes with every step's loss equal to an uninterrupted run's
-and `latest` always names a complete checkpoint."""
+"""Faults: pre-emption signals and Ctrl-C save and exit 0, a second signal never aborts the save under way and a
+third Ctrl-C stops at once; SIGKILL at random moments (inside checkpoint saves too) loses nothing: restarted with
+the same command, the run finishes with every step's loss equal to an uninterrupted run's and `latest` always names
+a complete checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.runs import write_config
+from helpers.distributed import free_port
+from helpers.runs import run_main, write_config
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+from megatron.training.signals import CTRL_C_LINE
 
 REPO = Path(__file__).resolve().parents[2]
+GATED_TRAIN = REPO / "tests" / "helpers" / "gated_train.py"  # train.py whose checkpoint I/O waits on a file
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ITERS = 60  # steps of every run here (a tiny model: a few seconds)
 
@@ -114,6 +121,152 @@ def test_two_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path, data_pr
     assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped_at}"
     saved = tmp_path / "ckpt" / f"global_step{stopped_at}"
     assert (saved / "rank0.pt").is_file() and (saved / "rank1.pt").is_file()  # both ranks saved the same step
+
+
+@pytest.fixture
+def start():
+    """`start(script, config, folder, **env)` runs `python SCRIPT CONFIG`, its stdout in folder/out.log and its
+    stderr in folder/err.log; killed when the test ends if still running (after a failed assertion, say)."""
+    processes: list[subprocess.Popen] = []
+
+    def launch(script: Path, config: Path, folder: Path, **env: str) -> subprocess.Popen:
+        with open(folder / "out.log", "w") as out, open(folder / "err.log", "w") as err:
+            processes.append(subprocess.Popen([sys.executable, str(script), str(config)], env={**ENV, **env},
+                                              cwd=REPO, stdout=out, stderr=err))
+        return processes[-1]
+
+    yield launch
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited ({process.returncode}) before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def logged(folder: Path, text: str) -> bool:
+    return text in (folder / "out.log").read_text()
+
+
+def test_ctrl_c_stops_like_sigterm_and_the_run_resumes(tmp_path, data_prefix, start):
+    """SIGINT mid-training: the step is finished and saved, exit 0, the same lines and stopped file as SIGTERM."""
+    config = fault_config(tmp_path, data_prefix, ITERS, checkpoint_factor=100)
+    stopped_file = tmp_path / "stopped"
+    process = start(REPO / "train.py", config, tmp_path, MEGATRON_STOPPED_FILE=str(stopped_file))
+    wait_for_step(tmp_path, 3, process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()[-3000:]
+    assert "Traceback" not in (tmp_path / "err.log").read_text()
+    stopped_at = max(logged_losses(tmp_path))
+    assert logged(tmp_path, "received SIGINT: saving a checkpoint at the end of this step, then exiting")
+    assert logged(tmp_path, f"stopping at step {stopped_at} on SIGINT (checkpoint saved: True)")
+    assert stopped_file.read_text() == f"{stopped_at}\n"
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped_at}" and latest_is_complete(
+        tmp_path / "ckpt")
+    import train  # the requeued job, in this process (no second start-up): two more steps
+
+    assert train.run([str(config), "--exit_interval", "2"]).final_step == stopped_at + 2
+    assert max(logged_losses(tmp_path)) == stopped_at + 2
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped_at + 2}"
+
+
+@pytest.mark.parametrize("async_save", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_second_signal_does_not_abort_the_save_under_way(tmp_path, data_prefix, async_save, start):
+    """SIGTERM, then SIGINT and SIGUSR1 while the save is held at its first write: the save completes, exit 0.
+    Asynchronously, the held write is a background one the stop waits for."""
+    config = fault_config(tmp_path, data_prefix, ITERS, checkpoint_factor=1 if async_save else 100,
+                          async_save=async_save)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    process = start(GATED_TRAIN, config, tmp_path, TRAIN_GATE=str(gate))
+    wait_for_step(tmp_path, 3, process)
+    (gate / "hold").touch()
+    if async_save:  # a background write is held; the stop's save waits for it first
+        wait_until((gate / "saving").exists, process, "background save")
+    process.send_signal(signal.SIGTERM)
+    wait_until((gate / "saving").exists, process, "save")
+    process.send_signal(signal.SIGINT)
+    wait_until(lambda: logged(tmp_path, "received SIGINT again"), process, "second signal")
+    process.send_signal(signal.SIGUSR1)  # a third signal that is not SIGINT: no harm either
+    wait_until(lambda: logged(tmp_path, "received SIGUSR1 again"), process, "third signal")
+    (gate / "hold").unlink()
+    assert process.wait(timeout=120) == 0, (tmp_path / "err.log").read_text()[-3000:]
+    assert "Traceback" not in (tmp_path / "err.log").read_text()
+    stopped_at = max(logged_losses(tmp_path))
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped_at}" and latest_is_complete(
+        tmp_path / "ckpt")
+
+
+def test_a_third_ctrl_c_stops_at_once_and_a_ctrl_c_while_loading_is_one_line(tmp_path, data_prefix, monkeypatch,
+                                                                             capsys, start):
+    config = fault_config(tmp_path, data_prefix, ITERS, checkpoint_factor=2)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    latest = tmp_path / "ckpt" / "latest"
+    process = start(GATED_TRAIN, config, tmp_path, TRAIN_GATE=str(gate))
+    wait_until(latest.exists, process, "first checkpoint")
+    (gate / "hold").touch()
+    wait_until((gate / "saving").exists, process, "held save")
+    before = latest.read_text()  # the held save has not published: this is the previous checkpoint
+    for sig, line in [(signal.SIGTERM, "received SIGTERM: saving"), (signal.SIGINT, "received SIGINT again")]:
+        process.send_signal(sig)
+        wait_until(lambda line=line: logged(tmp_path, line), process, sig.name)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 130
+    errors = (tmp_path / "err.log").read_text()
+    assert "Traceback" not in errors
+    lines = [line for line in errors.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and re.fullmatch(
+        r"interrupted: stopped at once on a third signal \(SIGINT\): the checkpoint being written \(.*global_step\d+\) "
+        rf"was abandoned; the previous checkpoint is intact \(latest: {before}\)", lines[0]), errors
+    assert latest.read_text() == before and latest_is_complete(tmp_path / "ckpt")
+
+    # the same command again, in this process, Ctrl-C while it loads that checkpoint: one line, exit 130
+    real_read = FileSystemReader.read_data
+
+    def ctrl_c_while_reading(self, *args, **kwargs):
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "Ctrl-C would stop pytest"
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", ctrl_c_while_reading)
+    code, errors = run_main([str(config)], capsys)
+    assert code == 130 and errors.strip().splitlines() == [CTRL_C_LINE], errors
+    assert not (tmp_path / "ckpt" / ".lock").exists()  # released on the way out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the process's own handler is back
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_torchrun_reaches_the_workers_as_sigint_and_they_save(tmp_path, data_prefix):
+    """torchrun starts its workers in sessions of their own: a terminal's Ctrl-C reaches only the agent, which sends
+    SIGINT to every worker (then SIGKILL after --shutdown_timeout); the workers save and exit 0, and torchrun exits
+    1 with its own SignalException traceback."""
+    config = fault_config(tmp_path, data_prefix, ITERS, checkpoint_factor=100)
+    stopped_file = tmp_path / "stopped"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+               str(REPO / "train.py"), str(config)]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        process = subprocess.Popen(command, env={**ENV, "MEGATRON_STOPPED_FILE": str(stopped_file)}, cwd=REPO,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_step(tmp_path, 3, process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "torchrun.log").read_text()
+    assert "closing signal SIGINT" in output and "received SIGINT: saving a checkpoint" in output, output[-3000:]
+    stopped_at = max(logged_losses(tmp_path))
+    assert stopped_file.read_text() == f"{stopped_at}\n"
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped_at}" and latest_is_complete(
+        tmp_path / "ckpt")
 
 
 def kill_and_restart(tmp_path: Path, data_prefix: str, kills: int, train_iters: int, seed: int) -> dict[int, float]:

@@ -5,11 +5,13 @@ is of another model, another global batch, or not there."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from helpers.distributed import run_on_ranks
@@ -66,7 +68,63 @@ def test_a_second_run_on_a_locked_save_folder_refuses_and_a_dead_runs_lock_is_ta
 
 def test_a_lock_from_another_host_is_kept():
     assert not preflight.is_stale({"host": "some-other-node", "pid": 1})
-    assert preflight.is_stale({})  # a lock half-written by a killed run
+    assert not preflight.is_stale({})  # names no owner: held (locks appear whole, so this is no half-written one)
+
+
+def test_an_unreadable_lock_is_held_with_one_line_of_advice(tmp_path, data_prefix, capsys):
+    config = write_config(tmp_path, data_prefix, **STEPS)
+    lock = tmp_path / "ckpt" / preflight.LOCK_NAME
+    lock.parent.mkdir()
+    lock.write_text("garbage")
+    assert_one_line(*run_main([str(config)], capsys), r"save: the lock .*ckpt/\.lock could not be read \(contents "
+                                                      r"'garbage', .*\); if no run is using .*ckpt, delete it$")
+    assert lock.read_text() == "garbage"  # left for a person to look at
+
+
+def test_a_run_releases_only_its_own_lock(tmp_path):
+    lock = preflight.SaveLock.acquire(str(tmp_path))
+    theirs = {"host": socket.gethostname(), "pid": os.getppid(), "since": "later", "token": "theirs"}
+    lock.path.write_text(json.dumps(theirs))  # ours deleted by hand, and another run's taken in its place
+    lock.release()
+    assert json.loads(lock.path.read_text()) == theirs
+
+
+def _contend(folders: list[str], barrier, outcomes) -> None:
+    """One process of several that try, trial after trial, to take the same folder's lock at the same instant."""
+    for trial, folder in enumerate(folders):
+        barrier.wait()
+        try:
+            preflight.SaveLock.acquire(folder)
+            outcomes.put((trial, "won"))
+        except Exception as err:  # a refusal (ConfigError), or what a broken lock raises: reported, never a hang
+            outcomes.put((trial, repr(err)))
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale"])
+def test_runs_starting_at_the_same_instant_never_both_take_the_lock(tmp_path, stale):
+    """200 trials of 3 processes released together by a barrier, on a fresh folder or on one holding the lock of a
+    dead run on this host (all three try to take it over): exactly one owner each time."""
+    trials, contenders = 200, 4
+    folders = [tmp_path / f"trial{trial}" for trial in range(trials)]
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    for folder in folders:
+        folder.mkdir()
+        if stale:
+            (folder / preflight.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead}))
+    context = multiprocessing.get_context("fork")
+    barrier, outcomes = context.Barrier(contenders, timeout=60), context.Queue()
+    processes = [context.Process(target=_contend, args=([str(f) for f in folders], barrier, outcomes))
+                 for _ in range(contenders)]
+    for process in processes:
+        process.start()
+    results = [outcomes.get(timeout=60) for _ in range(trials * contenders)]
+    for process in processes:
+        process.join(timeout=60)
+    winners = Counter(trial for trial, outcome in results if outcome == "won")
+    assert [trial for trial in range(trials) if winners[trial] != 1] == [], winners
+    refusals = [outcome for _, outcome in results if outcome != "won"]
+    assert all("is in use by another run" in refusal for refusal in refusals), set(refusals)
 
 
 @pytest.mark.parametrize("key", ["save", "log_dir", "tensorboard_dir"])
