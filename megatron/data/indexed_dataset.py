@@ -8,6 +8,7 @@ document end). `.bin`: the tokens of every item back to back.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from numpy.typing import DTypeLike
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
+CHUNK = 1 << 20  # entries per pass of the checks over the whole index: bounded memory for billions of items
 DTYPE_CODES = {
     1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
     5: np.int64, 6: np.float32, 7: np.float64, 8: np.uint16,
@@ -82,6 +84,12 @@ class IndexedDatasetBuilder:
         write_index(idx_path, self.dtype, self.sizes, self.doc_idx)
 
 
+def index_header(dtype: DTypeLike, items: int, doc_idx_entries: int) -> bytes:
+    """The `.idx` header; the int32 sizes, int64 pointers and int64 doc_idx follow it (writers that stream
+    billions of items, such as benchmarks/sample_index.py, write those in chunks)."""
+    return MAGIC + struct.pack("<QBQQ", VERSION, code_of(dtype), items, doc_idx_entries)
+
+
 def write_index(idx_path: str, dtype: DTypeLike, sizes: list[int], doc_idx: list[int]) -> None:
     """Header, then sizes, byte pointers and doc_idx, exactly as NeoX's `MMapIndexedDataset.Index.writer`."""
     sizes_array = np.asarray(sizes, dtype=np.int32)
@@ -89,20 +97,18 @@ def write_index(idx_path: str, dtype: DTypeLike, sizes: list[int], doc_idx: list
     if len(sizes) > 1:
         pointers[1:] = np.cumsum(sizes_array[:-1], dtype=np.int64) * np.dtype(dtype).itemsize
     with open(idx_path, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<Q", VERSION))
-        f.write(struct.pack("<B", code_of(dtype)))
-        f.write(struct.pack("<Q", len(sizes)))
-        f.write(struct.pack("<Q", len(doc_idx)))
+        f.write(index_header(dtype, len(sizes), len(doc_idx)))
         f.write(sizes_array.tobytes(order="C"))
         f.write(pointers.tobytes(order="C"))
         f.write(np.asarray(doc_idx, dtype=np.int64).tobytes(order="C"))
 
 
 class MMapIndexedDataset:
-    """Reads items without loading the corpus into memory."""
+    """Reads items without loading the corpus into memory: the index and the tokens are memory-mapped."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, check_items: bool = True):
+        """Opens PREFIX.idx/.bin. The header and the .bin's size are always checked (O(1)); every item only with
+        `check_items` (O(items)); the sample index opens without and runs `check_items()` on one rank only."""
         idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
         for path in (idx_path, bin_path):
             if not Path(path).is_file():
@@ -130,33 +136,59 @@ class MMapIndexedDataset:
         self.doc_idx = np.frombuffer(
             index, dtype=np.int64, count=doc_count, offset=header + self.sizes.nbytes + self.pointers.nbytes
         )
-        self._check_bin_size(idx_path, bin_path)
+        self.idx_path, self.bin_path = idx_path, bin_path
+        self._offsets = {"sizes": header, "pointers": header + self.sizes.nbytes,
+                         "doc_idx": header + self.sizes.nbytes + self.pointers.nbytes}
+        self._check_bin_size()
+        self.items_checked = False
+        if check_items:
+            self.check_items()
         self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if Path(bin_path).stat().st_size else (
             np.zeros(0, dtype=self.dtype))
 
-    def _check_bin_size(self, idx_path: str, bin_path: str) -> None:
-        """The .bin must end exactly where the index's last item ends, and every item must lie inside it: a
-        half-copied .bin (or a damaged index) would otherwise give short slices past the end of the memory map,
-        silently building samples from the wrong tokens."""
+    def _check_bin_size(self) -> None:
+        """The .bin must end exactly where the index's last item ends: a half-copied .bin would otherwise give
+        short slices past the end of the memory map, silently building samples from the wrong tokens. O(1)."""
         expected = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if len(self.sizes) else 0
-        actual = Path(bin_path).stat().st_size
+        actual = Path(self.bin_path).stat().st_size
         if actual != expected:
             kind = "truncated" if actual < expected else "longer than its index"
-            raise ValueError(f"{bin_path}: {kind} ({actual} bytes, {idx_path} says {expected}): "
+            raise ValueError(f"{self.bin_path}: {kind} ({actual} bytes, {self.idx_path} says {expected}): "
                              "re-copy or re-run tools/preprocess_data.py")
-        chunk = 1 << 22  # items per pass: bounded temporary memory for indexes of billions of items
-        for start in range(0, len(self.sizes), chunk):
-            sizes, pointers = self.sizes[start:start + chunk], self.pointers[start:start + chunk]
+
+    def check_items(self) -> None:
+        """Every item lies inside the .bin and the document index increases: a damaged index is refused here,
+        not read as wrong tokens. O(items) time in bounded chunks read from the file, not through the memory
+        map, so a pass over billions of items leaves neither temporaries nor mapped pages in this process."""
+        actual = Path(self.bin_path).stat().st_size
+        for start, sizes in self.read_in_chunks("sizes"):
+            pointers = self.read("pointers", start, start + len(sizes))
             ends = pointers + sizes.astype(np.int64) * self.dtype.itemsize
             bad = np.flatnonzero((sizes < 0) | (pointers < 0) | (ends > actual))
             if len(bad):
                 i = start + int(bad[0])
-                raise ValueError(f"{idx_path}: item {i} (byte {int(self.pointers[i])}, {int(self.sizes[i])} tokens) "
-                                 f"lies outside {bin_path} ({actual} bytes): a damaged index")
-        doc_idx = self.doc_idx
-        if len(doc_idx) and (doc_idx.min() < 0 or doc_idx.max() > len(self.sizes) or (np.diff(doc_idx) < 0).any()):
-            raise ValueError(f"{idx_path}: document index not increasing within [0, {len(self.sizes)}]: "
-                             "a damaged index")
+                raise ValueError(f"{self.idx_path}: item {i} (byte {int(pointers[bad[0]])}, {int(sizes[bad[0]])} "
+                                 f"tokens) lies outside {self.bin_path} ({actual} bytes): a damaged index")
+        previous = 0  # doc_idx must run from >= 0 to <= the item count without decreasing
+        for _, doc_idx in self.read_in_chunks("doc_idx"):
+            if doc_idx[0] < previous or (np.diff(doc_idx) < 0).any() or doc_idx[-1] > len(self.sizes):
+                raise ValueError(f"{self.idx_path}: document index not increasing within [0, {len(self.sizes)}]: "
+                                 "a damaged index")
+            previous = int(doc_idx[-1])
+        self.items_checked = True
+
+    def read(self, field: str, start: int, stop: int) -> np.ndarray:
+        """A private copy of `field` ("sizes", "pointers" or "doc_idx") entries start:stop, read from the file."""
+        dtype = np.dtype(np.int32 if field == "sizes" else np.int64)
+        with open(self.idx_path, "rb") as f:
+            f.seek(self._offsets[field] + start * dtype.itemsize)
+            return np.fromfile(f, dtype=dtype, count=stop - start)
+
+    def read_in_chunks(self, field: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(first entry, entries) of the whole `field`, CHUNK entries at a time: bounded memory."""
+        total = len(getattr(self, field))
+        for first in range(0, total, CHUNK):
+            yield first, self.read(field, first, min(first + CHUNK, total))
 
     def __len__(self) -> int:
         return len(self.sizes)

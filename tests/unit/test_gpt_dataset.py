@@ -5,6 +5,8 @@ Token values encode their place: token = 1000 * document + position, so a sample
 
 from __future__ import annotations
 
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +92,7 @@ def test_split_is_by_document_order_and_disjoint(tmp_path: Path) -> None:
     valid_docs = {int(t) // 1000 for i in range(len(valid)) for t in valid[i]}
     assert train_docs <= set(range(90)) and valid_docs <= set(range(90, 100))
     assert len(train) == 50 and len(valid) == 10
-    assert [r.tolist() for r in split_documents(10, "969,30,1")] == [list(range(10)), [], []]
+    assert [list(r) for r in split_documents(10, "969,30,1")] == [list(range(10)), [], []]
     assert [len(r) for r in split_documents(1000, "969,30,1")] == [969, 30, 1]
     with pytest.raises(ValueError, match="split: expected three non-negative weights"):
         split_documents(10, "1,2")
@@ -183,3 +185,123 @@ def test_a_read_only_data_folder_caches_the_index_elsewhere_and_says_where(tmp_p
     monkeypatch.setattr(GPTDataset, "_build", lambda *args: pytest.fail("rebuilt instead of read from the cache"))
     second = GPTDataset("train", prefix, data, np.arange(4), num_samples=5, seq_length=4, seed=1)
     assert np.array_equal(second.shuffle_idx, first.shuffle_idx) and np.array_equal(second.doc_idx, first.doc_idx)
+
+
+# -- the index at scale: same arrays and names as the in-memory computation it replaced --------------------------
+
+def old_way(sizes: np.ndarray, documents: np.ndarray, num_samples: int, seq_length: int, seed: int):
+    """The index as every rank computed it before it was built once and memory-mapped: NeoX's recipe, with the
+    sample starts found by walking the token stream one document at a time (independent of searchsorted)."""
+    documents = np.asarray(documents, dtype=np.int64)
+    epochs = max(1, -(-(num_samples * seq_length + 1) // int(sizes[documents].sum())))
+    rng = np.random.RandomState(seed)
+    doc_idx = np.concatenate([rng.permutation(documents) for _ in range(epochs)]).astype(np.int64)
+    sample_idx, entry, entry_start = [], 0, 0
+    for start in range(0, num_samples * seq_length, seq_length):
+        while entry_start + sizes[doc_idx[entry]] <= start:
+            entry_start += int(sizes[doc_idx[entry]])
+            entry += 1
+        sample_idx.append((entry, start - entry_start))
+    shuffle_idx = rng.permutation(num_samples).astype(np.int64)
+    digest = zlib.crc32(sizes[documents].astype(np.int64).tobytes(), zlib.crc32(documents.tobytes()))
+    return doc_idx, np.array(sample_idx, dtype=np.int64), shuffle_idx, digest
+
+
+def old_blend(weights: list[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blend order as it was computed on every rank: each dataset's k-th sample due at (k + 0.5) / weight."""
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    due = [((k + 0.5) / w[d], d, k) for d in range(len(w)) for k in range(int(np.ceil(w[d] * size)))]
+    order = sorted(range(len(due)), key=lambda i: due[i][0])[:size]  # sorted() is stable, like the old argsort
+    return np.array([due[i][1] for i in order]), np.array([due[i][2] for i in order])
+
+
+@pytest.mark.parametrize("split, num_samples, seq_length, seed", [
+    ("969,30,1", 40, 8, 3),  # under an epoch
+    ("50,30,20", 700, 16, 11),  # several epochs of every split
+])
+def test_the_index_equals_the_old_computation(tmp_path, monkeypatch, split, num_samples, seq_length, seed):
+    from megatron.data import gpt_dataset
+
+    monkeypatch.setattr(gpt_dataset, "CHUNK", 7)  # the digest's chunks end mid-split, as at scale
+    rng = np.random.default_rng(seed)
+    sizes = [int(s) for s in rng.integers(0, 40, size=203)]  # empty documents too
+    prefix = make_corpus(tmp_path, sizes)
+    data = MMapIndexedDataset(prefix, check_items=False)
+    sizes_array = np.array(sizes, dtype=np.int32)
+    for i, documents in enumerate(split_documents(len(sizes), split)):
+        if len(documents) == 0:
+            continue
+        for given in (documents, np.arange(documents.start, documents.stop)):  # a range, or explicit ids
+            ds = GPTDataset(f"s{i}", prefix, data, given, num_samples, seq_length, seed,
+                            cache_dir=str(tmp_path / type(given).__name__))
+            doc_idx, sample_idx, shuffle_idx, digest = old_way(sizes_array, np.arange(documents.start,
+                                                                                     documents.stop),
+                                                               num_samples, seq_length, seed)
+            for new, old in ((ds.doc_idx, doc_idx), (ds.sample_idx, sample_idx), (ds.shuffle_idx, shuffle_idx)):
+                assert isinstance(new, np.memmap) and new.dtype == old.dtype
+                np.testing.assert_array_equal(new, old)
+            assert all(path.name.endswith(f"_{digest:08x}_{kind}_idx.npy")  # existing caches keep their names
+                       for path, kind in zip(ds.cache_paths, GPTDataset.KINDS))
+    assert data.items_checked  # the O(documents) check ran (on rank 0) although the open skipped it
+
+
+def test_the_blend_equals_the_old_computation_and_is_cached(tmp_path, monkeypatch):
+    for weights, size in (([5.0, 3.0, 2.0], 1000), ([1.0] * 7, 333), ([0.2, 0.0, 0.8], 41)):
+        blend = BlendableDataset([[]] * len(weights), weights, size, cache_folder=tmp_path)
+        owner, local = old_blend(weights, size)
+        assert isinstance(blend.dataset_index, np.memmap) and isinstance(blend.sample_index, np.memmap)
+        np.testing.assert_array_equal(blend.dataset_index, owner)
+        np.testing.assert_array_equal(blend.sample_index, local)
+    from megatron.data import gpt_dataset
+
+    monkeypatch.setattr(gpt_dataset, "blend_indices", lambda *args: pytest.fail("blend rebuilt although cached"))
+    again = BlendableDataset([[]] * 3, [5.0, 3.0, 2.0], 1000, cache_folder=tmp_path)
+    np.testing.assert_array_equal(again.dataset_index, old_blend([5.0, 3.0, 2.0], 1000)[0])
+    monkeypatch.undo()
+    BlendableDataset([[]] * 3, [5.0, 3.0, 2.1], 1000, cache_folder=tmp_path)  # other weights: a new entry
+    assert len(list(tmp_path.glob("blend_3x_1000ns_*_dataset_idx.npy"))) == 2
+
+
+def test_the_per_rank_path_holds_no_array_of_documents(tmp_path, monkeypatch):
+    """With the index cached, opening a corpus of 200k documents allocates far less than one int64 per document:
+    the split is a range, the digest reads in chunks, the arrays are memory-mapped (tracemalloc sees numpy)."""
+    from megatron.data import gpt_dataset, indexed_dataset
+
+    monkeypatch.setattr(gpt_dataset, "CHUNK", 1000)
+    monkeypatch.setattr(indexed_dataset, "CHUNK", 1000)
+    documents = 200_000
+    prefix = str(tmp_path / "big")
+    indexed_dataset.write_index(f"{prefix}.idx", np.uint16, np.full(documents, 3), np.arange(documents + 1))
+    with open(f"{prefix}.bin", "wb") as f:
+        f.truncate(documents * 3 * 2)
+    assert split_documents(documents, "80,20,0") == [range(0, 160_000), range(160_000, 200_000), range(0)]
+    build_train_valid_test_datasets([prefix], None, "80,20,0", 16, 1, (100, 10, 0))  # builds and caches
+    monkeypatch.setattr(GPTDataset, "_build", lambda *args: pytest.fail("rebuilt although cached"))
+    tracemalloc.start()
+    try:
+        train, valid, _ = build_train_valid_test_datasets([prefix], None, "80,20,0", 16, 1, (100, 10, 0))
+        first = train[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.shape == (17,) and len(train.doc_idx) == 160_000
+    assert all(isinstance(a, np.memmap) for ds in (train, valid) for a in (ds.doc_idx, ds.sample_idx, ds.shuffle_idx))
+    assert peak < 0.1 * 8 * documents, f"{peak} bytes allocated while opening a cached index of {documents} documents"
+
+
+def test_the_item_check_reads_in_chunks_and_still_finds_damage(tmp_path, monkeypatch):
+    from megatron.data import indexed_dataset
+
+    monkeypatch.setattr(indexed_dataset, "CHUNK", 2)
+    prefix = make_corpus(tmp_path, [3, 4, 5, 6, 7])
+    MMapIndexedDataset(prefix)  # intact: opens
+    idx = bytearray((tmp_path / "c.idx").read_bytes())
+    header, count = 9 + 8 + 1 + 8 + 8, 5
+    doc_idx_at = header + 12 * count
+    idx[doc_idx_at + 8 * 2: doc_idx_at + 8 * 3] = (0).to_bytes(8, "little")  # decreases across a chunk boundary
+    (tmp_path / "c.idx").write_bytes(bytes(idx))
+    unchecked = MMapIndexedDataset(prefix, check_items=False)  # the O(1) open does not look
+    with pytest.raises(ValueError, match=r"c\.idx: document index not increasing"):
+        unchecked.check_items()
+    with pytest.raises(ValueError, match=r"c\.idx: document index not increasing"):
+        MMapIndexedDataset(prefix)
