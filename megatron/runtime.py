@@ -45,10 +45,11 @@ class MissingExtra(ImportError):
     """An optional package a feature needs is not installed: one line naming the pip extra that brings it."""
 
 
-def optional_import(module: str, extra: str, feature: str) -> ModuleType:
-    """`module`, or one line saying which extra of this package installs it (pip install -e '.[EXTRA]')."""
+def optional_import(module: str, extra: str, feature: str, also: str = "requirements.txt") -> ModuleType:
+    """`module`, or one line saying which extra of this package installs it (pip install -e '.[EXTRA]'), and
+    which requirements file (`also`) does too."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtra(f"{feature} needs {module.split('.')[0]}, which is not installed: "
-                           f"pip install -e '.[{extra}]' (or pip install -r requirements.txt)") from None
+                           f"pip install -e '.[{extra}]' (or pip install -r {also})") from None

@@ -14,7 +14,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parents[2]
 DISTRIBUTION = {"PIL": "Pillow", "sklearn": "scikit-learn", "safetensors": "safetensors",
-                "transformers": "transformers"}
+                "transformers": "transformers", "lm_eval": "lm-eval"}
 
 
 def requirement_names(requirements: list[str]) -> set[str]:
@@ -27,7 +27,7 @@ def test_every_optional_import_names_an_extra_that_installs_it():
     calls = []
     for path in (REPO / "megatron").rglob("*.py"):
         calls += re.findall(r'optional_import\("([\w.]+)", "(\w+)"', path.read_text())
-    assert {module.split(".")[0] for module, _ in calls} == set(DISTRIBUTION)  # images, grids, the HF bridge
+    assert {module.split(".")[0] for module, _ in calls} == set(DISTRIBUTION)  # images, grids, HF, lm-eval
     for module, extra in calls:
         top = module.split(".")[0]
         assert extra in extras, f"{module}: extra [{extra}] is not declared in pyproject.toml"
