@@ -96,14 +96,17 @@ def _add(total: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
     return counts.clone() if total is None else total + counts
 
 
-def bias_metrics(model: nn.Module) -> dict[str, float]:
-    """Per MoE layer, how far the biases have spread (max - min; for LoREs the mean over this rank's experts)."""
-    metrics = {}
+def bias_spreads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per MoE layer, how far the biases have spread (max - min; for LoREs the mean over the experts), each as a
+    [sum of spreads, rows] pair: summed over ranks it is the mean over every expert, whichever rank holds it
+    (with expert parallelism a rank holds only its experts' LoRE biases; replicas count each row equally often)."""
+    pairs = {}
     for i, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
         if hasattr(layer.router, "expert_bias_E"):
-            bias_E = layer.router.expert_bias_E
-            metrics[f"moe/layer{i}/expert_bias_spread"] = float(bias_E.max() - bias_E.min())
+            bias_E = layer.router.expert_bias_E.double()
+            pairs[f"moe/layer{i}/expert_bias_spread"] = torch.stack([bias_E.max() - bias_E.min(), bias_E.new_ones(())])
         if layer.lore is not None and hasattr(layer.lore, "lore_bias_EM"):
-            bias_EM = layer.lore.lore_bias_EM
-            metrics[f"moe/layer{i}/lore_bias_spread"] = float((bias_EM.max(-1).values - bias_EM.min(-1).values).mean())
-    return metrics
+            bias_EM = layer.lore.lore_bias_EM.double()
+            spread_E = bias_EM.max(-1).values - bias_EM.min(-1).values
+            pairs[f"moe/layer{i}/lore_bias_spread"] = torch.stack([spread_E.sum(), bias_EM.new_tensor(len(spread_E))])
+    return pairs

@@ -5,9 +5,9 @@ Shape legend: B sequences, S sequence, V vocabulary, E experts, M LoREs per expe
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,24 +28,21 @@ from megatron.model.moe.stats import PEAK_STATS, routing_stats
 from megatron.parallel import DistInfo, all_reduce_mean, barrier
 from megatron.parallel.expert_parallel import ExpertParallel
 from megatron.sizing.flops import flops_per_token
-from megatron.training.balancing import BalanceTracker, bias_metrics
+from megatron.training.balancing import BalanceTracker, bias_spreads
 from megatron.training.routing_health import RoutingHealth
 
 log = logging.getLogger("megatron.lm")
 
 
-def share_per_expert(load_EM: torch.Tensor) -> torch.Tensor:
-    """Rows rescaled to sum to 1: the mean LoRE shares over the micro-batches and ranks that gave the
-    expert rows (with expert parallelism, only the ranks holding it do)."""
-    totals = load_EM.sum(dim=1, keepdim=True)
-    return torch.where(totals > 0, load_EM / totals.clamp_min(1e-12), load_EM)
-
-
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not values:
-        return values
-    means = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
-    return dict(zip(values, means.tolist()))
+def summed_over_ranks(tables: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each table summed over every rank, all in one all-reduce, then brought to the host in one copy; float64, so
+    counts stay exact (to 2^53)."""
+    if not tables:
+        return []
+    flat = torch.cat([table.double().flatten() for table in tables])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flat)
+    return [part.view(table.shape) for part, table in zip(flat.cpu().split([t.numel() for t in tables]), tables)]
 
 
 def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -56,55 +53,70 @@ def max_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(values, peaks.tolist()))
 
 
+@dataclass
+class LayerSums:
+    """One MoE layer's sums over a log interval on this rank."""
+
+    expert_slots_E: torch.Tensor
+    lore_slots_EM: torch.Tensor | None
+    ratios: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [part, whole] (device tensors)
+    means: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, micro-batches] (host floats)
+    peaks: dict[str, float] = field(default_factory=dict)  # name -> maximum
+
+
 class RoutingAccumulator:
-    """Averages each MoE layer's expert (and LoRE) load over a log interval; the exchange's statistics too, except
-    the peaks (moe/stats.py's PEAK_STATS), whose maximum over the interval and the ranks is kept."""
+    """Sums what each MoE layer counted over a log interval; `pop` sums it over the ranks and logs statistics of
+    the global batch, so every layout of the same run logs the same values.
+
+    Loads are counts (shares and entropies come from the global counts, moe/stats.py); the balancing statistics
+    are [part, whole] pairs (e.g. rows whose choice the bias changed, of all rows), logged as part / whole; the
+    exchange's statistics (bytes, compression: per rank and micro-batch by nature) are their mean over the
+    micro-batches and ranks, and the peaks (moe/stats.py's PEAK_STATS) their maximum."""
 
     def __init__(self) -> None:
-        self.last: list[MoEAux] = []
-        self.expert_load: list[torch.Tensor] = []
-        self.lore_load: list[torch.Tensor | None] = []
-        self.dispatch: list[dict[str, float]] = []  # per layer: sums of the exchange's statistics
-        self.balance: list[dict[str, torch.Tensor]] = []  # per layer: sums of the balancing statistics
-        self.count = 0
+        self.layers: list[LayerSums] = []
 
     def add(self, aux_list: list[MoEAux]) -> None:
-        if not aux_list:
-            return
-        if self.count == 0:
-            self.expert_load = [torch.zeros_like(aux.expert_load_E) for aux in aux_list]
-            self.lore_load = [None if aux.lore_load_EM is None else torch.zeros_like(aux.lore_load_EM)
-                              for aux in aux_list]
-            self.dispatch = [dict.fromkeys(aux.dispatch_stats, 0.0) for aux in aux_list]
-            self.balance = [{} for _ in aux_list]
-        for i, aux in enumerate(aux_list):
+        if not self.layers:
+            self.layers = [LayerSums(torch.zeros_like(aux.expert_slots_E),
+                                     None if aux.lore_slots_EM is None else torch.zeros_like(aux.lore_slots_EM))
+                           for aux in aux_list]
+        for sums, aux in zip(self.layers, aux_list):
+            sums.expert_slots_E += aux.expert_slots_E
+            if aux.lore_slots_EM is not None:
+                sums.lore_slots_EM += aux.lore_slots_EM
             for key, value in aux.dispatch_stats.items():
-                sums = self.dispatch[i]
-                sums[key] = max(sums[key], value) if key in PEAK_STATS else sums[key] + value
-            for key, value in (aux.balance.stats if aux.balance is not None else {}).items():
-                self.balance[i][key] = self.balance[i].get(key, 0.0) + value  # tensors: no host sync per step
-            self.expert_load[i] += aux.expert_load_E.detach()
-            if aux.lore_load_EM is not None:
-                self.lore_load[i] += aux.lore_load_EM.detach()
-        self.last, self.count = aux_list, self.count + 1
+                if key in PEAK_STATS:
+                    sums.peaks[key] = max(sums.peaks.get(key, value), value)
+                else:
+                    total = sums.means.setdefault(key, [0.0, 0.0])
+                    total[0], total[1] = total[0] + value, total[1] + 1
+            for key, pair in (aux.balance.stats if aux.balance is not None else {}).items():
+                sums.ratios[key] = sums.ratios[key] + pair if key in sums.ratios else pair.clone()  # no host sync
 
-    def pop(self) -> dict[str, Any]:
-        if self.count == 0:
+    def pop(self, ratios: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The interval's statistics (and `ratios`: more [part, whole] pairs by metric name, e.g. the bias spreads)
+        over every rank, in one all-reduce; the peaks in a second one, where there are any (expert parallelism)."""
+        layers, self.layers = self.layers, []
+        if not layers:
             return {}
-        averaged = [
-            dataclasses.replace(
-                aux,
-                expert_load_E=all_reduce_mean(load / self.count),
-                lore_load_EM=None if lore is None else share_per_expert(all_reduce_mean(lore)),
-                dispatch_stats=mean_over_ranks({k: float(v) / self.count for k, v in (sums | balance).items()
-                                                if k not in PEAK_STATS}, load.device)
-                | max_over_ranks({k: float(v) for k, v in sums.items() if k in PEAK_STATS}, load.device),
-            )
-            for aux, load, lore, sums, balance in zip(self.last, self.expert_load, self.lore_load, self.dispatch,
-                                                      self.balance)
-        ]
-        self.count = 0
-        return routing_stats(averaged)
+        device = layers[0].expert_slots_E.device
+        ratios = dict(ratios or {})
+        for i, sums in enumerate(layers):
+            ratios |= {f"moe/layer{i}/{key}": pair for key, pair in sums.ratios.items()}
+            ratios |= {f"moe/layer{i}/{key}": torch.tensor(total, dtype=torch.float64, device=device)
+                       for key, total in sums.means.items()}
+        names = sorted(ratios)  # the same order on every rank
+        lore_tables = [sums.lore_slots_EM for sums in layers if sums.lore_slots_EM is not None]
+        summed = iter(summed_over_ranks([sums.expert_slots_E for sums in layers] + lore_tables
+                                        + [ratios[name] for name in names]))
+        expert_slots = [next(summed) for _ in layers]
+        lore_slots = [None if sums.lore_slots_EM is None else next(summed) for sums in layers]
+        metrics = routing_stats(expert_slots, lore_slots)
+        for name, (part, whole) in zip(names, summed):
+            metrics[name] = float(part / whole) if whole else 0.0
+        peaks = {f"moe/layer{i}/{key}": value for i, sums in enumerate(layers) for key, value in sums.peaks.items()}
+        return metrics | max_over_ranks(peaks, device)
 
 
 class LMTask:
@@ -128,7 +140,9 @@ class LMTask:
             log.info("torch_compile: %d regions compiled (attention, norms, dense MLPs, routers)", len(regions))
         self.micro_batch = args.train_micro_batch_size_per_gpu
         self.global_batch = args.train_batch_size
-        self.eval_samples_per_rank = args.eval_iters * self.micro_batch
+        # an evaluation iteration is a global batch, as in GPT-NeoX: the same held-out samples at every layout
+        self.eval_micro_batches = args.eval_iters * args.gradient_accumulation_steps
+        self.eval_samples_per_rank = self.eval_micro_batches * self.micro_batch
         num_valid = self.eval_samples_per_rank * dist_info.world_size if args.eval_interval else 0
         self.train_data, self.valid_data, _ = build_train_valid_test_datasets(
             data_prefixes=[args.data_path] if args.data_path else None,
@@ -221,12 +235,14 @@ class LMTask:
         self.balance.optimizer_stepped()
 
     def interval_metrics(self) -> dict[str, Any]:
-        metrics = self.routing.pop()
-        metrics.update(mean_over_ranks(bias_metrics(self.model), self.dist.device))
+        """Routing statistics of the global batch (RoutingAccumulator: one all-reduce for all of them), the same on
+        every rank, and the routing health that reads them."""
+        ratios = bias_spreads(self.model)
+        if self.error_probe is not None:  # each rank's mean error: their mean over ranks
+            ratios |= {key: torch.tensor([error, 1.0], dtype=torch.float64, device=self.dist.device)
+                       for key, error in self.error_probe.pop().items()}
+        metrics = self.routing.pop(ratios)
         metrics.update(self.health.update(self.steps_seen, metrics))
-        if self.error_probe is not None:
-            device = self.dist.device
-            metrics.update(mean_over_ranks(self.error_probe.pop(), device))
         return metrics
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -235,7 +251,7 @@ class LMTask:
             return {}
         start = self.dist.rank * self.eval_samples_per_rank
         losses = []
-        for i in range(self.args.eval_iters):
+        for i in range(self.eval_micro_batches):
             tokens_BS1 = self._stack(self.valid_data, start + i * self.micro_batch)
             logits_BSV, _ = model(tokens_BS1[:, :-1])
             losses.append(F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten()))
@@ -247,7 +263,10 @@ class LMTask:
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {}  # batches are a function of the step: nothing else to remember
+        """Batches are a function of the step; what has history is the routing health's streaks and verdicts (the
+        same on every rank, so any rank's copy resumes any layout)."""
+        return {"routing_health": self.health.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if "routing_health" in state:  # checkpoints from before it was saved start with a clean slate
+            self.health.load_state_dict(state["routing_health"])

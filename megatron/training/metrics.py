@@ -127,3 +127,10 @@ class LossSpikeDetector:
         if not spike:  # a spike does not raise the bar for the next one
             self.history = (self.history + [loss])[-self.window:]
         return spike
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """The window is history: checkpointed, so a resumed run flags the spikes the uninterrupted one does."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.history = [float(loss) for loss in state["history"]][-self.window:]

@@ -8,6 +8,9 @@ layer is one whose normalised load entropy (1: balanced, 0: one expert takes all
 condition is logged once when it starts and once when it ends, so a healthy run prints nothing; the counts go to
 the metrics every interval (`moe/dead_experts`, `moe/dead_lores`, `moe/collapsed_layers`).
 
+It reads the global batch's loads (the same on every rank), so its state is too: the streaks and verdicts are part
+of the checkpoint (`state_dict`), and a run resumed at any layout counts on where it stopped.
+
 With expert parallelism, a layer whose busiest EP rank received more than `receive_factor` x its group's mean
 rows at some step of the interval (`moe/layer{i}/max_rank_rows_over_mean`) is warned about once per interval
 while it lasts: it is not a state that ends by itself, and a dropless layer's memory on that rank grows with it.
@@ -95,6 +98,17 @@ class RoutingHealth:
         elif entropy >= self.min_entropy and layer in self.collapsed:
             self.collapsed.discard(layer)
             log.info("step %d: MoE layer %d's routing recovered (load entropy %.3f)", step, layer, entropy)
+
+
+    def state_dict(self) -> dict[str, list]:
+        """The streaks and verdicts as plain lists of ints (checkpoints load with `weights_only=True`)."""
+        return {"low_streak": [[*unit, streak] for unit, streak in sorted(self.low_streak.items())],
+                "dead": [list(unit) for unit in sorted(self.dead)], "collapsed": sorted(self.collapsed)}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        self.low_streak = defaultdict(int, {tuple(entry[:-1]): entry[-1] for entry in state["low_streak"]})
+        self.dead = {tuple(unit) for unit in state["dead"]}
+        self.collapsed = set(state["collapsed"])
 
 
 def describe(unit: tuple) -> str:

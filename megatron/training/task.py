@@ -35,13 +35,18 @@ class Task(Protocol):
         ...
 
     def interval_metrics(self) -> dict[str, Any]:
-        """Extra metrics gathered since the last call (e.g. routing statistics); may be empty."""
+        """Extra metrics gathered since the last call (e.g. routing statistics); may be empty. Called on every rank
+        at the same steps; each metric is the global batch's (summed over ranks and micro-batches, not one rank's),
+        so every layout of a run logs the same values."""
         ...
 
     def lr_scales(self) -> dict[str, float]:
         """Parameters (by name) that train at a multiple of the scheduled learning rate; usually none."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values to resume from (e.g. the windows behind windowed metrics): the same on every rank,
+        since a run resumed at another world size loads rank 0's."""
+        ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -136,6 +136,8 @@ class Trainer:
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if "loss_spikes" in state:
+            self.spikes.load_state_dict(state["loss_spikes"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self, must_succeed: bool = False) -> None:
@@ -152,6 +154,7 @@ class Trainer:
                 "rng": capture_rng_state(),
                 "scaler": self.scaler.state_dict(),
                 "nonfinite_total": self.nonfinite_total,
+                "loss_spikes": self.spikes.state_dict(),  # the window of logged losses (metrics with history)
             }
             pending = ckpt.begin_save(
                 self.args.save, self.step, self.model, self.optimizer, state, self.args.to_yaml(), self.dist,

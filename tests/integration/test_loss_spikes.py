@@ -16,6 +16,10 @@ def test_spikes_against_the_running_median_by_hand():
     assert flags == [False, False, False, True, False, False, False, False, False]
     assert detector.history == [5.0, 2.0, 1.0, 3.1]
     assert not LossSpikeDetector(factor=0).is_spike(1e9)
+    # the window goes into the checkpoint: a detector resumed from it flags what this one flags
+    resumed = LossSpikeDetector(factor=3.0, window=4, min_history=3)
+    resumed.load_state_dict(detector.state_dict())
+    assert resumed.is_spike(9.0) and detector.is_spike(9.0)
 
 
 @pytest.mark.parametrize("factor", [0.0, 3.0])

@@ -1,8 +1,10 @@
 """Routing health: dead experts/LoREs after `patience` intervals below the share, collapsed layers, recovery."""
 
+import io
 import logging
 
 import pytest
+import torch
 from helpers.runs import read_metrics, write_config
 
 import train
@@ -45,6 +47,25 @@ def test_lores_within_an_expert_and_collapsed_layers(caplog):
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "LoRE 2 of expert 0 in MoE layer 0 is dead" in messages and "layer 0's routing collapsed" in messages
     assert health.update(6, stats([0.4, 0.3, 0.3], entropy=0.9))["moe/collapsed_layers"] == 0
+
+
+def test_the_streaks_and_verdicts_survive_a_checkpoint():
+    """Saved mid-streak (weights_only, as a checkpoint's rank file is read), loaded into a fresh tracker: the next
+    interval gives the verdicts the uninterrupted tracker gives."""
+    low = stats([0.49, 0.49, 0.015, 0.005], entropy=0.3, lore_load=[[0.7, 0.3, 0.0], [0.0, 0.0, 0.0], [1, 0, 0]])
+    straight, first = RoutingHealth(min_share=0.1, patience=3), RoutingHealth(min_share=0.1, patience=3)
+    for step in (1, 2):  # 2 intervals low of the 3 that make a unit dead
+        straight.update(step, low)
+        first.update(step, low)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = RoutingHealth(min_share=0.1, patience=3)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.update(3, low) == straight.update(3, low) == {
+        "moe/dead_experts": 2.0, "moe/dead_lores": 3.0, "moe/collapsed_layers": 1.0}
+    assert resumed.state_dict() == straight.state_dict()
+    assert RoutingHealth(min_share=0.1, patience=3).update(3, low)["moe/dead_experts"] == 0  # without: no streaks
 
 
 def test_a_crowded_expert_parallel_rank_is_warned_about_once_per_layer_and_interval(caplog):

@@ -130,7 +130,7 @@ def test_a_token_whose_only_slot_is_dropped_passes_nothing_and_dropless_stays_th
     dropped = (y == 0).all(dim=1)
     assert 0 < int(dropped.sum()) < 16 and "dropped_fraction" not in aux_free.dispatch_stats
     torch.testing.assert_close(y[~dropped], y_free[~dropped])  # the kept tokens are served exactly as dropless
-    torch.testing.assert_close(aux.expert_load_E, aux_free.expert_load_E)  # the load is the router's choices
+    torch.testing.assert_close(aux.expert_slots_E, aux_free.expert_slots_E)  # the load is the router's choices
 
 
 def test_evaluation_uses_the_eval_capacity_factor():
@@ -174,7 +174,7 @@ def test_lsh_compresses_only_the_kept_rows():
 
 def _aux(dispatch_stats: dict[str, float]) -> MoEAux:
     zero = torch.zeros(())
-    return MoEAux(zero, zero, zero, torch.full((4,), 0.25), None, dispatch_stats)
+    return MoEAux(zero, zero, zero, torch.full((4,), 3), None, dispatch_stats)
 
 
 def test_the_interval_logs_the_mean_dropped_fraction_and_the_peak_rank_rows():

@@ -31,9 +31,11 @@ class MoEAux:
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
     lore_balancing_loss: torch.Tensor
-    expert_load_E: torch.Tensor  # share of token-assignments per expert, as routed (dropped ones too; detached)
-    lore_load_EM: torch.Tensor | None  # share of each expert's rows per LoRE (detached); all-zero rows
-    # for experts that got no rows here (with expert parallelism, every expert held on another rank)
+    # Loads are counts, not shares: counts add up over micro-batches and ranks, so the logged shares and entropies
+    # are the global batch's at any layout (training/lm_task.py's RoutingAccumulator)
+    expert_slots_E: torch.Tensor  # token slots this rank routed to each expert (long; dropped ones too; detached)
+    lore_slots_EM: torch.Tensor | None  # slots per (expert, LoRE) of the rows run here (long, detached); all-zero
+    # rows for experts that got no rows here (with expert parallelism, every expert held on another rank)
     dispatch_stats: dict[str, float] = field(default_factory=dict)  # the exchange's (bytes, compression,
     # rows per EP rank) and, with token dropping, the share of slots dropped
     balance: BalanceCounts | None = None  # what the trainer's balancing bookkeeping reads (training only)
@@ -48,7 +50,8 @@ class BalanceCounts:
     global_expert_slots_E: torch.Tensor | None
     lore_slots_EM: torch.Tensor | None  # this rank's rows per (local expert, LoRE) (long)
     global_lore_slots_EM: torch.Tensor | None
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. expert_bias_changed_fraction
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. expert_bias_changed_fraction, as a
+    # [part, whole] pair of counts that sums over micro-batches and ranks
 
 
 def moe_param_counts(
@@ -139,8 +142,8 @@ class MoELayer(nn.Module):
             load_balancing_loss=routing.load_balancing_loss,
             z_loss=routing.z_loss,
             lore_balancing_loss=lore_aux["lore_balancing_loss"] if lore_aux else zero,
-            expert_load_E=(routing.tokens_per_expert_E.float() / routing.expert_ids_TK.numel()).detach(),
-            lore_load_EM=self._all_experts(lore_aux["lore_load_EM"]) if lore_aux else None,
+            expert_slots_E=routing.tokens_per_expert_E.detach(),
+            lore_slots_EM=self._all_experts(lore_aux["lore_slots_EM"]) if lore_aux else None,
             dispatch_stats=ctx.stats if kept is None else {**ctx.stats, "dropped_fraction": kept.dropped_fraction},
             balance=self._balance_counts(routing, lore_aux) if self.training else None,
         )
@@ -160,6 +163,6 @@ class MoELayer(nn.Module):
         The shared experts are not among them: they are replicated like a dense MLP."""
         return [part for part in (self.experts, self.lore) if part is not None]
 
-    def _all_experts(self, load_LM: torch.Tensor | None) -> torch.Tensor | None:
-        """The LoRE load of this rank's experts placed in an [E, M] table (zero rows for other ranks' experts)."""
-        return None if load_LM is None else self.lore.to_all_experts(load_LM)
+    def _all_experts(self, slots_LM: torch.Tensor | None) -> torch.Tensor | None:
+        """The LoRE slots of this rank's experts placed in an [E, M] table (zero rows for other ranks' experts)."""
+        return None if slots_LM is None else self.lore.to_all_experts(slots_LM).detach()

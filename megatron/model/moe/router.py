@@ -53,7 +53,8 @@ class Routing:
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
     global_counts_E: torch.Tensor | None = None  # lbl_scope global_batch: this micro-batch's slots over all ranks
-    balance_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. bias_changed_fraction
+    balance_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. bias_changed_fraction:
+    # [part, whole] pairs (choose_top_k)
 
 
 def count_ids(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -104,13 +105,15 @@ def sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
 def choose_top_k(scores_XE: torch.Tensor, k: int, bias: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(gates, ids) of the top-k of `scores + bias` (bias may be [E] or per-row [X, E]); the gates are the unbiased
-    scores. With a bias, also the share of rows whose set of choices the bias changed."""
+    scores. With a bias, also the share of rows whose set of choices the bias changed, as the pair [rows changed,
+    rows]: pairs sum over micro-batches and ranks, so the logged share is the global batch's (not a mean of means)."""
     if bias is None:
         return *torch.topk(scores_XE, k, dim=-1), {}
     ids_XK = torch.topk(scores_XE + bias, k, dim=-1).indices
     unbiased_XK = torch.topk(scores_XE, k, dim=-1).indices
-    changed = (ids_XK.sort(dim=-1).values != unbiased_XK.sort(dim=-1).values).any(dim=-1)
-    return scores_XE.gather(-1, ids_XK), ids_XK, {"bias_changed_fraction": changed.float().mean().detach()}
+    changed_X = (ids_XK.sort(dim=-1).values != unbiased_XK.sort(dim=-1).values).any(dim=-1)
+    changed_of_rows = torch.stack([changed_X.sum(), changed_X.new_tensor(changed_X.numel(), dtype=torch.long)])
+    return scores_XE.gather(-1, ids_XK), ids_XK, {"bias_changed_fraction": changed_of_rows.detach()}
 
 
 def bias_step(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:

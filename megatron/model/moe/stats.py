@@ -1,6 +1,10 @@
 """Routing statistics for logging: how evenly experts, and LoREs within experts, share the tokens.
 
 Shape legend: E experts, M LoREs per expert.
+
+Everything here is computed from counts summed over the global batch (every micro-batch of the log interval, every
+rank), never averaged from per-rank shares or entropies: the entropy of a sum is not the mean of the entropies, and
+one rank with expert parallelism sees only its experts' rows. So a run logs the same statistics at any layout.
 """
 
 from __future__ import annotations
@@ -20,26 +24,29 @@ def normalized_entropy(load: torch.Tensor) -> torch.Tensor:
     n = load.shape[-1]
     if n < 2:
         return torch.ones(load.shape[:-1])
-    p = load.float() / load.float().sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    load = load if load.is_floating_point() else load.float()
+    p = load / load.sum(dim=-1, keepdim=True).clamp_min(1e-12)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
     return entropy / math.log(n)
 
 
-def routing_stats(aux_list: list) -> dict[str, Any]:
-    """Per MoE layer: expert load and its entropy; LoRE load [E][M] and its mean entropy within experts.
+def routing_stats(expert_slots: list[torch.Tensor], lore_slots: list[torch.Tensor | None]) -> dict[str, Any]:
+    """Per MoE layer, from its global counts: the expert load (shares) and its entropy; the LoRE load [E][M]
+    (each expert's row of shares) and its mean entropy over the experts that got rows.
 
-    Each load table comes to the host once (one copy, one sync on a GPU), not element by element."""
+    expert_slots[i]: layer i's token slots per expert [E]; lore_slots[i]: its slots per (expert, LoRE) [E, M],
+    or None (no routed LoREs). Each table comes to the host once (one copy, one sync on a GPU)."""
     stats: dict[str, Any] = {}
-    for i, aux in enumerate(aux_list):
-        expert_load_E = aux.expert_load_E.detach().cpu()
-        stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(expert_load_E))
-        stats[f"moe/layer{i}/expert_load"] = [round(v, 5) for v in expert_load_E.tolist()]
-        for key, value in aux.dispatch_stats.items():  # e.g. exchange_bytes_sent, dropped_fraction
-            stats[f"moe/layer{i}/{key}"] = float(value)
-        if aux.lore_load_EM is not None and aux.lore_load_EM.shape[-1] > 1:
-            lore_load_EM = aux.lore_load_EM.detach().cpu()
-            stats[f"moe/layer{i}/lore_load"] = [[round(v, 4) for v in row] for row in lore_load_EM.tolist()]
-            used = lore_load_EM.sum(dim=-1) > 0  # experts that received tokens
+    for i, (slots_E, lore_EM) in enumerate(zip(expert_slots, lore_slots)):
+        slots_E = slots_E.detach().double().cpu()
+        share_E = slots_E / slots_E.sum().clamp_min(1)
+        stats[f"moe/layer{i}/expert_load_entropy"] = float(normalized_entropy(slots_E))
+        stats[f"moe/layer{i}/expert_load"] = [round(v, 5) for v in share_E.tolist()]
+        if lore_EM is not None and lore_EM.shape[-1] > 1:
+            lore_EM = lore_EM.detach().double().cpu()
+            share_EM = lore_EM / lore_EM.sum(dim=-1, keepdim=True).clamp_min(1)  # an expert with no rows: zeros
+            stats[f"moe/layer{i}/lore_load"] = [[round(v, 4) for v in row] for row in share_EM.tolist()]
+            used = lore_EM.sum(dim=-1) > 0  # experts that received tokens
             if used.any():
-                stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(lore_load_EM[used]).mean())
+                stats[f"moe/layer{i}/lore_load_entropy"] = float(normalized_entropy(lore_EM[used]).mean())
     return stats
