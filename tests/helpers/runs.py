@@ -58,3 +58,11 @@ def assert_one_line(code: int, stderr: str, pattern: str) -> None:
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     assert re.search(pattern, errors[0]), errors[0]
+
+
+def plain_dit_without_remix_keys(config: dict) -> dict:
+    """A DiT config as given, except that a plain DiT (remix_num_basis 0) keeps no Remix keys: they cannot act
+    there, and the config rule refuses them."""
+    if config.get("remix_num_basis"):
+        return config
+    return {key: value for key, value in config.items() if not key.startswith("remix_")}

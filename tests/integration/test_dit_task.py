@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.runs import read_metrics, train_losses
+from helpers.runs import plain_dit_without_remix_keys, read_metrics, train_losses
 
 from megatron.config import ConfigError, load_config
 from megatron.model.dit import expert_of_timestep, timestep_interval
@@ -29,7 +29,7 @@ def dit_config(folder: Path, **overrides) -> Path:
         "remix_num_basis": 3, "remix_num_experts": 5, "remix_prior_anneal_iters": 6,
         "save": str(folder / "ckpt"), "load": str(folder / "ckpt"), "log_dir": str(folder / "logs"),
     }
-    config.update(overrides)
+    config = plain_dit_without_remix_keys({**config, **overrides})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     return folder / "config.yml"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.runs import plain_dit_without_remix_keys
 
 from megatron.model.dit import DiT, GaussianDiffusion, mixed_state_dict, timestep_interval
 from megatron.parallel import DistInfo
@@ -37,7 +38,7 @@ def dit_config(folder: Path, **overrides) -> Path:
         "remix_coeff_lr": 0.1,  # so that two steps move the coefficients visibly off their init
         "save": str(folder / "ckpt"), "load": str(folder / "ckpt"), "log_dir": str(folder / "logs"),
     }
-    config.update(overrides)
+    config = plain_dit_without_remix_keys({**config, **overrides})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     return folder / "config.yml"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from helpers.runs import plain_dit_without_remix_keys
 from PIL import Image
 
 from megatron.config import ConfigError
@@ -38,9 +39,7 @@ def tiny_dit_config(folder: Path, **overrides) -> Path:
         "remix_num_basis": 3, "remix_num_experts": 3, "remix_coeff_scope": "local",
         "save": str(folder / "ckpt"), "load": str(folder / "ckpt"), "log_dir": str(folder / "logs"),
     }
-    config.update(overrides)
-    if not config["remix_num_basis"]:  # a plain DiT: the Remix keys would be refused as unable to act
-        config = {key: value for key, value in config.items() if not key.startswith("remix_")}
+    config = plain_dit_without_remix_keys({**config, **overrides})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     return folder / "config.yml"
