@@ -62,6 +62,9 @@ SUPPORTED_KEYS = _group(SUPPORTED, "same name and meaning in our schema", """
     gradient_accumulation_steps optimizer gradient_clipping
 """)
 
+SUPPORTED_KEYS["eval_tasks"] = NeoXKey(SUPPORTED, "lm-eval task names: NeoX's eval.py runs them on a checkpoint; "
+                                   "ours during training (eval_tasks_interval) and tools/eval_tasks.py")
+
 TRANSLATED_KEYS = {
     "fp16": NeoXKey(TRANSLATED, "DeepSpeed block: enabled -> precision: fp16; loss-scale settings ignored"),
     "bf16": NeoXKey(TRANSLATED, "DeepSpeed block: enabled -> precision: bfloat16; other settings ignored"),
@@ -126,7 +129,7 @@ IGNORED_KEYS = {
     """),
     **_group(IGNORED, _TEXTGEN, """
         text_gen_type precompute_model_name temperature top_p top_k return_logits maximum_tokens prompt_end
-        sample_input_file sample_output_file num_samples recompute eval_results_prefix eval_tasks
+        sample_input_file sample_output_file num_samples recompute eval_results_prefix
     """),
     **_group(IGNORED, _INERT.format("norm: scalenorm"), "scalenorm_epsilon"),
     **_group(IGNORED, _INERT.format("pos_emb: rpe"), "rpe_num_buckets rpe_max_distance"),

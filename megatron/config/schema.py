@@ -218,6 +218,12 @@ class TrainingArgs(Strict):
     seed: int = 1234
     eval_interval: int = Field(1000, ge=0)
     eval_iters: int = Field(100, ge=0)
+    # lm-evaluation-harness tasks during training (megatron/training/task_eval.py, docs/evaluation.md)
+    eval_tasks: list[str] | None = None  # NeoX's key: lm-eval task, group or tag names
+    eval_tasks_interval: int | None = Field(None, ge=1)  # ours: every N steps and at the end; None: eval_interval
+    eval_tasks_limit: int | None = Field(None, ge=1)  # ours: documents per task; None: all
+    eval_tasks_num_fewshot: int | None = Field(None, ge=0)  # ours: None: each task's own
+    eval_tasks_include_path: list[str] | None = None  # ours: folders of lm-eval task YAML files (local tasks)
     log_interval: int = Field(100, ge=1)
     exit_interval: int | None = Field(None, ge=1)  # NeoX: stop after this many steps of this run (then save)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -8,6 +8,7 @@ Used by tools/eval_tasks.py and by the evaluation during training (`eval_tasks`)
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -45,13 +46,19 @@ def task_manager(tasks: list[str], include_path: list[str | Path] | None = None)
         local = TaskManager(include_defaults=False, include_path=paths)
         if all(known(local, task) for task in tasks):
             return local
-    manager = TaskManager(include_path=paths or None)
+    manager = with_lm_eval_tasks(tuple(paths))
     unknown = [task for task in tasks if not known(manager, task)]
     if unknown:
         where = f" nor in {', '.join(paths)}" if paths else ""
         raise TaskError(f"task {unknown[0]}: unknown (not one of lm-eval's {len(manager.all_tasks)} tasks, groups "
                         f"and tags{where}; `lm-eval ls tasks` lists them)")
     return manager
+
+
+@functools.lru_cache(maxsize=4)
+def with_lm_eval_tasks(paths: tuple[str, ...]):
+    """lm-eval's TaskManager of its own tasks and `paths`, indexed once per process."""
+    return lm_eval_module("lm_eval.tasks").TaskManager(include_path=list(paths) or None)
 
 
 def known(manager, task: str) -> bool:
@@ -70,23 +77,36 @@ class TaskRun:
 def run_tasks(lm, tasks: list[str], manager, limit: int | float | None = None, num_fewshot: int | None = None,
               log_samples: bool = False, bootstrap_iters: int = 100000, seed: int | None = None,
               keep_global_rng: bool = False) -> TaskRun:
-    """Each task through lm-eval's `simple_evaluate` on `lm`; a task that raises is recorded in `errors` as
-    one line naming it. `seed`: lm-eval's seeds (Python, numpy, torch, few-shot draws); None: lm-eval's
-    defaults. `keep_global_rng`: the global generators are not reseeded (a training run must not have its
-    draws changed by an evaluation); few-shot draws keep their own seeded generator."""
+    """The tasks through lm-eval's `simple_evaluate` on `lm`, all in one call (lm-eval collects its environment
+    once per call, about a second); if that raises, each task alone, so that a task that cannot run is
+    recorded in `errors` as one line naming it and the others still report. `seed`: lm-eval's seeds (Python,
+    numpy, torch, few-shot draws); None: lm-eval's defaults. `keep_global_rng`: the global generators are not
+    reseeded (a training run must not have its draws changed by an evaluation); few-shot draws keep their own
+    seeded generator."""
     simple_evaluate = lm_eval_module("lm_eval.evaluator").simple_evaluate
     seed_args = {} if seed is None else {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed,
                                          "fewshot_random_seed": seed}
     if keep_global_rng:
         seed_args.update(random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+
+    def evaluate(names: list[str]) -> dict[str, Any] | None:
+        return simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                               log_samples=log_samples, bootstrap_iters=bootstrap_iters, **seed_args)
+
     run = TaskRun()
-    for task in tasks:
-        try:
-            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=log_samples, bootstrap_iters=bootstrap_iters, **seed_args)
-        except Exception as err:  # noqa: BLE001 - any failure of one task is reported, the others still run
-            run.errors[task] = f"task {task}: {one_line(err)}"
-            continue
+    try:
+        outputs = [evaluate(tasks)]
+    except Exception as err:  # noqa: BLE001 - find which task failed; the others still run
+        if len(tasks) == 1:
+            run.errors[tasks[0]] = f"task {tasks[0]}: {one_line(err)}"
+            return run
+        outputs = []
+        for task in tasks:
+            try:
+                outputs.append(evaluate([task]))
+            except Exception as err:  # noqa: BLE001
+                run.errors[task] = f"task {task}: {one_line(err)}"
+    for out in outputs:
         if out is None:  # ranks other than 0 get no results
             continue
         for section in RESULT_SECTIONS:

@@ -28,6 +28,7 @@ from megatron.training.metrics import LossSpikeDetector, MetricsLogger
 from megatron.training.optim import build_optimizer, lr_at, set_lr
 from megatron.training.signals import StopRequest
 from megatron.training.task import Task
+from megatron.training.task_eval import TaskEvaluation
 
 log = logging.getLogger("megatron.trainer")
 
@@ -103,6 +104,7 @@ class Trainer:
         self.pending_save: ckpt.PendingSave | None = None  # an asynchronous save still being written
         self.writing_step: int | None = None  # the checkpoint the main thread is writing (or waiting for) now
         self.spikes = LossSpikeDetector(args.loss_spike_factor)
+        self.task_eval = TaskEvaluation.from_args(args, task)  # eval_tasks: lm-eval tasks at their interval
         # SIGTERM/SIGUSR1/SIGINT: save at the next step boundary and return
         self.stop = StopRequest(describe_checkpoints=self.describe_checkpoints)
         self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
@@ -252,6 +254,15 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             return self.task.evaluate(self.model)
 
+    def evaluate_tasks(self) -> dict[str, float]:
+        """The run's lm-eval tasks (megatron/training/task_eval.py), the random generators left as they were."""
+        rng = capture_rng_state()
+        try:
+            with self.autocast():
+                return self.task_eval.run(self.model, self.step)
+        finally:
+            restore_rng_state(rng)
+
     def train(self) -> TrainResult:
         args = self.args
         self.maybe_resume()
@@ -308,6 +319,11 @@ class Trainer:
                     self.metrics.log(self.step, last_eval)
                     overhead["eval"] += time.perf_counter() - started
                     interval_start += time.perf_counter() - started  # keep eval out of tokens/s
+                if self.task_eval is not None and self.task_eval.due(self.step):
+                    started = time.perf_counter()
+                    self.metrics.log(self.step, self.evaluate_tasks())
+                    overhead["eval"] += time.perf_counter() - started
+                    interval_start += time.perf_counter() - started
 
                 exiting = bool(args.exit_interval) and len(losses) >= args.exit_interval
                 if self.checkpoint_due(exiting):

@@ -24,7 +24,9 @@ pytest.importorskip("accelerate")  # lm-eval's HFLM, the reference
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
+from megatron.evaluation import lm_eval_tasks  # noqa: E402
 from megatron.evaluation.lm_eval_adapter import MegatronLM, rolling_windows  # noqa: E402
 from megatron.evaluation.lm_eval_tasks import task_manager, task_metrics  # noqa: E402
 
@@ -81,10 +83,12 @@ def assert_scores_equal(ours: list, theirs: list) -> None:
 
 def direct_requests(lm) -> dict[str, list]:
     """Each request type on hand-picked inputs: an empty context, contexts past the 32-token window, several
-    continuations of one context, documents of several rolling windows; generation with a stop string that
-    occurs, several widths (left padding) and two generation settings in one call."""
+    continuations of one context (one-token ones share an input), documents of several rolling windows;
+    generation with a stop string that occurs, several widths (left padding) and two generation settings in one
+    call."""
     loglikelihood = [("", " To be, or not to be"), ("To be, or not", " to be"), (PAGES[0], " the end"),
-                     ("Hold, Clifford!", " do"), ("Hold, Clifford!", " do not honour him"), (PAGES[1][:300], "\n")]
+                     ("Hold, Clifford!", " do"), ("Hold, Clifford!", " to"), ("Hold, Clifford!", " do not honour him"),
+                     (PAGES[1][:300], "\n")]  # " do" and " to": one token each, one input, one forward
     rolling = [(page,) for page in PAGES] + [("A short one.",)]
     free = [(PAGES[0][:200], {"until": [], "max_gen_toks": 6}), ("Sweet York,", {"until": [], "max_gen_toks": 6})]
     first = lm.generate_until(requests("generate_until", free))
@@ -146,9 +150,10 @@ def test_local_tasks_score_as_hflm_document_by_document(tmp_path, data_prefix):
                                        "shakespeare_last_word/perplexity", "shakespeare_continue_line/exact_match"}
 
 
-def test_generation_stops_at_the_end_of_document_token(tmp_path, data_prefix):
+def test_generation_stops_at_the_end_of_document_token_or_a_stop_string(tmp_path, data_prefix):
     """A model made to end its documents: where its greedy token would be T, the end-of-document row of the
-    head scores above it. The text ends there, as HFLM's does (generate's eos_token_id)."""
+    head scores above it. The text ends there, as HFLM's does (generate's eos_token_id), and so does the loop:
+    no forward runs once every row has stopped, at that token or at a stop string."""
     args, model = build(tmp_path / "run", data_prefix, **SHORT, no_weight_tying=True)
     probe = MegatronLM(model.eval(), tokenizer_of(args))
     prompt = probe.tok_encode("Sweet York,")
@@ -159,9 +164,23 @@ def test_generation_stops_at_the_end_of_document_token(tmp_path, data_prefix):
     write_step0_checkpoint(args, model, args.save)
     convert_to_hf.main([str(args.save), str(tmp_path / "hf")])
     request = requests("generate_until", [("Sweet York,", {"until": ["qq"], "max_gen_toks": 6})])
-    ours = MegatronLM.from_checkpoint(args.save, device="cpu").generate_until(request)
-    assert ours == hflm(tmp_path).generate_until(request)
-    assert ours[0] == probe.tok_decode(greedy[:1])  # the first token, then the end of the document
+    ours = MegatronLM.from_checkpoint(args.save, device="cpu")
+    forwards = []
+    ours.model.register_forward_pre_hook(lambda module, inputs: forwards.append(inputs[0].shape[1]))
+    first = probe.tok_decode(greedy[:1])
+    assert ours.generate_until(request) == hflm(tmp_path).generate_until(request) == [first]
+    assert forwards == [len(prompt), 1]  # the prompt, then the first new token, whose successor was the end
+    forwards.clear()
+    stop = first[-1]  # inside the first new token: the prompt's forward is the only one
+    assert ours.generate([prompt], stops=[stop], max_new_tokens=6) == [first[:first.index(stop)]]
+    assert forwards == [len(prompt)]
+
+
+def test_task_metrics_are_the_scores_without_standard_errors():
+    results = {"results": {"t": {"alias": "t", "sample_len": 3, "acc,none": 0.5, "acc_stderr,none": 0.1,
+                                 "exact_match,strict-match": 1.0, "word_perplexity,none": float("inf")}},
+               "groups": {"g": {"acc,none": 0.75, "acc_stderr,none": "N/A"}}}
+    assert task_metrics(results) == {"t/acc": 0.5, "t/exact_match_strict-match": 1.0, "g/acc": 0.75}
 
 
 def test_rolling_windows_predict_every_token_once_with_the_most_context():
@@ -186,13 +205,16 @@ def test_the_tool_prints_the_table_and_writes_the_json(tmp_path, data_prefix, ca
     assert len(written["samples"]["shakespeare_passages"]) == 3
 
 
-def test_a_task_that_cannot_run_is_one_line_naming_it(tmp_path, data_prefix, capsys):
+def test_a_task_that_cannot_run_is_one_line_naming_it(tmp_path, data_prefix, capsys, monkeypatch):
     """An unknown task stops before the checkpoint is read; a task whose dataset is on the Hub (offline here)
     or missing fails alone: one line each, the others' results still printed and written, exit status 1."""
     save, _ = checkpoint_and_export(tmp_path, data_prefix)
-    with pytest.raises(SystemExit) as stopped:
-        eval_tasks.main([str(save), "--tasks", "shakespeare_next_line,no_such_task", "--include_path",
-                         str(TASKS_DIR)])
+    with monkeypatch.context() as patch:  # lm-eval's own index of its thousands of tasks takes ~10 s: a small one
+        patch.setattr(lm_eval_tasks, "with_lm_eval_tasks",
+                      lambda paths: TaskManager(include_defaults=False, include_path=list(paths)))
+        with pytest.raises(SystemExit) as stopped:
+            eval_tasks.main([str(save), "--tasks", "shakespeare_next_line,no_such_task", "--include_path",
+                             str(TASKS_DIR)])
     assert str(stopped.value.code).startswith("eval_tasks: task no_such_task: unknown")
     assert "\n" not in str(stopped.value.code)
 

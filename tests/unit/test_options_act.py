@@ -77,12 +77,16 @@ SETTINGS = {
     "lsh_compression: true": (MOE, [*MOE, "--lsh_compression", "true"]),
     "pos_emb: rotary": ([], ["--pos_emb", "rotary"]),
     "Remix-DiT (remix_num_basis > 0)": (["--model_type", "dit"], ["--model_type", "dit", "--remix_num_basis", "2"]),
+    "model_type: gpt (lm-eval evaluates language models)": (["--model_type", "dit"], []),
+    "eval_tasks_interval or eval_interval > 0 (when to run the tasks)": (["--eval_interval", "0"], []),
+    "eval_tasks (lm-eval task names)": ([], ["--eval_tasks", "[x]"]),
 }
 # a valid value other than the default, where the type alone does not give one
 OTHER_VALUES = {"lsh_layers": "[0]", "rope_scaling": "{factor: 8.0}", "image_path": "x", "image_labels_path": "x",
                 "remix_init_from": "x", "lsh_num_hashes": "3", "image_size": "8", "patch_size": "4",
                 "beta_start": "0.001", "beta_end": "0.03", "remix_num_experts": "8", "moe_top_k": "2",
-                "lore_rank": "3", "lore_top_k": "2", "diffusion_steps": "100", "moe_first_layer": "1"}
+                "lore_rank": "3", "lore_top_k": "2", "diffusion_steps": "100", "moe_first_layer": "1",
+                "eval_tasks": "[x]", "eval_tasks_include_path": "[x]"}
 # what a key needs beside its table entry to be accepted
 ACCEPTED_WITH = {"image_dataset": ["--image_path", "x", "--image_labels_path", "x"],
                  "lore_num_experts": ["--lore_rank", "2"]}
