@@ -18,6 +18,12 @@ usually far smaller than the loss's fall over training. One run against one run 
 The JSON beside the PNG has, per config, the paired difference of the final validation loss with a 95%
 confidence interval (Student's t over the pairs; `minus_baseline`), the per-seed validation curves and the
 paired curve difference (`curve_minus_baseline`, its last common evaluation under `final`).
+
+`--tasks TASK[/METRIC],...` adds downstream scores (docs/evaluation.md): a run's last `lm_eval/TASK/METRIC` record
+in metrics.jsonl (`eval_tasks` during training), or RUN/eval_tasks.json written by `tools/eval_tasks.py CKPT
+--output RUN/eval_tasks.json`, which wins. A bare TASK means each of its metrics. Per config and metric: mean and
+sd over the seeds and, against the baseline, the paired difference with its 95% interval (the computation of the
+loss's `minus_baseline`), under `tasks` in the JSON, in a table, and in OUTPUT_tasks.png.
 """
 
 from __future__ import annotations
@@ -39,10 +45,18 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
     sys.path.insert(0, str(REPO))
 
 from megatron.config.schema import NeoXArgs  # noqa: E402
+from megatron.evaluation.lm_eval_tasks import task_metrics  # noqa: E402
 from megatron.sizing.params import count_parameters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired_differences import curve_difference, draw_curves, draw_differences, mean_std, paired_difference  # noqa: E402
+from paired_differences import (  # noqa: E402
+    curve_difference,
+    draw_curves,
+    draw_differences,
+    mean_std,
+    paired_difference,
+    seed_pairs,
+)
 
 
 def find_metrics(run_dir: Path) -> Path:
@@ -114,6 +128,7 @@ def summarize(run_dir: Path) -> dict:
                              + train[:-1], train) if b.get("tokens_per_sec")) if train else math.nan,
         "total": None,
         "active": None,
+        "tasks": task_scores(run_dir, records),
     }
     config = find_config(run_dir)
     if config is not None:
@@ -125,6 +140,95 @@ def summarize(run_dir: Path) -> dict:
         if seed is None:  # a folder not named NAME_sSEED: the seed its checkpoint was trained with
             summary["seed"] = resolved.get("seed")
     return summary
+
+
+def task_scores(run_dir: Path, records: list[dict]) -> dict[str, float]:
+    """{TASK/METRIC: score}: the last `lm_eval/TASK/METRIC` of the run's records, then RUN/eval_tasks.json's."""
+    scores = {key.removeprefix("lm_eval/"): value for record in records for key, value in record.items()
+              if key.startswith("lm_eval/") and key != "lm_eval/seconds" and isinstance(value, (int, float))}
+    for folder in (run_dir, run_dir.parent):
+        path = folder / "eval_tasks.json"
+        if path.is_file():
+            try:
+                scores.update(task_metrics(json.loads(path.read_text())))
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ValueError(f"{path}: not the JSON tools/eval_tasks.py writes ({err})") from None
+            break
+    return scores
+
+
+def wanted_metrics(summaries: list[dict], tasks: list[str]) -> list[str]:
+    """The TASK/METRIC names `--tasks` asks for: a name with a metric as it is, a bare task each metric any run
+    has for it; a task no run has is an error naming it."""
+    found = sorted({metric for s in summaries for metric in s["tasks"]})
+    wanted = []
+    for task in tasks:
+        matches = [m for m in found if m == task or m.startswith(f"{task}/")]
+        if not matches:
+            raise ValueError(f"--tasks {task}: no run has it (expected lm_eval/{task}/METRIC records in metrics.jsonl "
+                             f"or an eval_tasks.json; the runs have {', '.join(found) or 'no task scores'})")
+        wanted += [m for m in matches if m not in wanted]
+    return wanted
+
+
+def group_tasks(summaries: list[dict], groups: dict[str, dict], baseline: str, metrics: list[str]) -> None:
+    """Adds `tasks` to each config's entry: per metric the seeds' mean and sd, per-seed scores and, against the
+    baseline, the seed-paired difference with its 95% interval."""
+    per_config: dict[str, list[dict]] = {}
+    for s in summaries:
+        per_config.setdefault(s["config"], []).append(s)
+    for name, runs in per_config.items():
+        entry = {}
+        for metric in metrics:
+            scores = {run_key(s, i): s["tasks"].get(metric, math.nan) for i, s in enumerate(runs)}
+            mean, sd = mean_std(list(scores.values()))
+            entry[metric] = {"mean": mean, "sd": sd, "per_seed": scores}
+            if name != baseline:
+                base = {run_key(s, i): s["tasks"].get(metric, math.nan) for i, s in enumerate(per_config[baseline])}
+                entry[metric]["minus_baseline"] = paired_difference(scores, base)
+        groups[name]["tasks"] = entry
+
+
+def plot_tasks(groups: dict[str, dict], baseline: str, metrics: list[str], output: Path) -> None:
+    """One panel per task metric (each on its own scale): each config's score minus the baseline's, paired by
+    seed, as the mean with its 95% interval (two pairs or more) and the pairs as ticks, and the zero line."""
+    others = [name for name in groups if name != baseline] or [baseline]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 0.4 + (0.35 * len(others) + 0.6) * len(metrics)),
+                             squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for y, name in enumerate(others):
+            color = f"C{list(groups).index(name) % 10}"
+            d = groups[name]["tasks"][metric].get("minus_baseline")
+            if d is None:  # the baseline alone: nothing to pair
+                continue
+            error = [[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]] if d["pairs"] > 1 else None
+            ax.errorbar(d["mean"], y, xerr=error, fmt="o", color=color, capsize=3)
+            scores, base = groups[name]["tasks"][metric]["per_seed"], groups[baseline]["tasks"][metric]["per_seed"]
+            pairs = seed_pairs(scores, base)
+            ax.plot([scores[m] - base[b] for m, b in pairs], [y] * len(pairs), "|", color=color, ms=10, alpha=0.6)
+        ax.axvline(0.0, color="k", lw=1.0)
+        ax.set_yticks(range(len(others)), others, fontsize=8)
+        ax.set_ylim(len(others) - 0.5, -0.5)
+        ax.set_title(f"{metric} minus {baseline}'s", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    axes[-1, 0].set_xlabel("paired by seed: mean with 95% interval; ticks: the seed pairs")
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def print_tasks(groups: dict[str, dict], baseline: str, metrics: list[str]) -> None:
+    print(f"\ndownstream tasks: mean ± sd over seeds; minus {baseline}'s, paired by seed (95% CI)")
+    print(f"{'task/metric':<40}{'config':<24}{'seeds':>6}{'score':>20}{'minus ' + baseline:>44}")
+    for metric in metrics:
+        for name, g in groups.items():
+            t = g["tasks"][metric]
+            line = (f"{metric:<40}{name:<24}{sum(not math.isnan(v) for v in t['per_seed'].values()):>6}"
+                    f"{t['mean']:>11.4f} ± {t['sd']:.4f}")
+            d = t.get("minus_baseline")
+            if d:
+                line += f"{d['mean']:>+16.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), {d['pairs']} pairs"
+            print(line)
 
 
 RUN_NAME = re.compile(r"^(?P<name>.+)_s(?P<seed>\d+)$")
@@ -229,6 +333,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", default="compare.png")
     parser.add_argument("--smooth", type=float, default=0.6,
                         help="EMA factor for the training loss records (0 = raw; high values lag behind)")
+    parser.add_argument("--tasks", default=None, metavar="TASK[/METRIC],...",
+                        help="downstream scores to compare (lm_eval/TASK/METRIC records, or RUN/eval_tasks.json)")
     opts = parser.parse_args(argv)
     if not opts.runs and not opts.group:
         parser.error("give run folders, sweep folders or --group NAME=DIR,...")
@@ -238,9 +344,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             summaries += [summarize(run) | {"config": name} for run in expand(folders)]
         baseline = opts.baseline or summaries[0]["config"]
         groups = group(summaries, baseline)
+        metrics = wanted_metrics(summaries, [t.strip() for t in opts.tasks.split(",") if t.strip()]) if opts.tasks \
+            else []
+        if metrics:
+            group_tasks(summaries, groups, baseline, metrics)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"compare_runs: {err}")
     plot(summaries, groups, baseline, opts.smooth, opts.output, opts.band)
+    if metrics:
+        tasks_plot = Path(opts.output).with_name(Path(opts.output).stem + "_tasks.png")
+        plot_tasks(groups, baseline, metrics, tasks_plot)
     Path(opts.output).with_suffix(".json").write_text(json.dumps(groups, indent=1))
 
     def millions(n):
@@ -273,7 +386,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, d in differences.items():
             print(f"{name:<28}{d['tokens']:>10.0f}{d['pairs']:>6}{d['mean']:>+10.4f}{d['sd']:>9.4f}"
                   f"{d['min']:>+10.4f}{d['max']:>+10.4f}")
-    print(f"plot: {opts.output}")
+    if metrics:
+        print_tasks(groups, baseline, metrics)
+    print(f"plot: {opts.output}" + (f", {tasks_plot}" if metrics else ""))
     return summaries
 
 

@@ -99,3 +99,44 @@ def test_two_single_runs_pair_across_seeds_read_from_checkpoints(tmp_path):
     curve = json.loads(out.with_suffix(".json").read_text())["second"]["curve_minus_baseline"]
     assert curve["baseline"] == "first" and curve["pairs"] == 1
     assert curve["mean"] == pytest.approx([-0.1, 0.05])
+
+
+def add_task_scores(folder: Path, scores: dict[str, float], step: int = 10) -> None:
+    """An eval_tasks record (as the training loop logs it) at `step`, after an earlier one that must not count."""
+    with open(folder / "logs" / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"step": step // 2, **{f"lm_eval/{k}": 0.0 for k in scores}, "lm_eval/seconds": 1}))
+        f.write("\n" + json.dumps({"step": step, **{f"lm_eval/{k}": v for k, v in scores.items()},
+                                   "lm_eval/seconds": 2.0}))
+
+
+def test_task_scores_per_config_and_paired_by_seed(sweep, tmp_path, capsys):
+    """--tasks: the last lm_eval records of each run (an eval_tasks.json from tools/eval_tasks.py wins), mean and
+    sd over seeds, and the seed-paired difference with its t-interval, as for the loss; a table and a plot."""
+    folder, _, _ = sweep
+    base_acc, method_acc = {1: 0.50, 2: 0.55, 3: 0.40}, {1: 0.60, 2: 0.58, 3: 0.52}
+    for seed in (1, 2, 3):
+        add_task_scores(folder / f"baseline_s{seed}", {"next_line/acc": base_acc[seed], "passages/bits_per_byte": 2.0})
+        add_task_scores(folder / f"method_s{seed}", {"next_line/acc": 0.0, "passages/bits_per_byte": 1.9 + seed / 100})
+        results = {"results": {"next_line": {"alias": "next_line", "acc,none": method_acc[seed],
+                                             "acc_stderr,none": 0.1}}}
+        (folder / f"method_s{seed}" / "eval_tasks.json").write_text(json.dumps(results))
+    out = tmp_path / "tasks.png"
+    compare_runs.main([str(folder), "--baseline", "baseline", "--output", str(out), "--tasks", "next_line,passages"])
+    groups = json.loads(out.with_suffix(".json").read_text())
+    acc = groups["method"]["tasks"]["next_line/acc"]
+    assert [acc["per_seed"][s] for s in "123"] == [0.60, 0.58, 0.52] and math.isnan(acc["per_seed"]["4"])
+    assert acc["mean"] == pytest.approx(statistics.fmean(method_acc.values()))  # seed 4 has no scores: left out
+    diffs = [method_acc[s] - base_acc[s] for s in (1, 2, 3)]
+    half = 4.302652729911275 * statistics.stdev(diffs) / math.sqrt(3)
+    paired = acc["minus_baseline"]
+    assert paired["pairs"] == 3 and paired["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert (paired["ci_low"], paired["ci_high"]) == pytest.approx((paired["mean"] - half, paired["mean"] + half))
+    bpb = groups["method"]["tasks"]["passages/bits_per_byte"]["minus_baseline"]
+    assert bpb["mean"] == pytest.approx(-0.08) and sorted(groups["baseline"]["tasks"]) == ["next_line/acc",
+                                                                                         "passages/bits_per_byte"]
+    assert "minus_baseline" not in groups["baseline"]["tasks"]["next_line/acc"]
+    printed = capsys.readouterr().out
+    assert f"{paired['mean']:+.4f} ({paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}), 3 pairs" in printed
+    assert tmp_path.joinpath("tasks_tasks.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match=r"^compare_runs: --tasks piqa: no run has it \(expected lm_eval/piqa/"):
+        compare_runs.main([str(folder), "--output", str(out), "--tasks", "piqa"])
