@@ -49,6 +49,12 @@ def run(argv: list[str]) -> TrainResult:
     check_data_files(args)
     check_machine(args)
     dist_info = init_distributed(args.device, args.distributed_timeout_minutes)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and dist_info.is_main:  # torchrun's elastic agent re-formed the group, maybe smaller or larger
+        log.warning("restart %d of torchrun's elastic agent: %d rank(s) now; train_batch_size %d kept with "
+                    "gradient_accumulation_steps %d x micro batch %d x %d rank(s)", restarts, world_size,
+                    args.train_batch_size, args.gradient_accumulation_steps, args.train_micro_batch_size_per_gpu,
+                    world_size)
     save_lock = preflight(args, dist_info.is_main)  # ranks agree, folders writable, no other run's checkpoints
     try:
         return run_training(args, dist_info)

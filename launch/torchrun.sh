@@ -12,7 +12,8 @@
 # train_batch_size is global: gradient_accumulation_steps is derived from it and the number of ranks.
 # MASTER_ADDR must be an address of node 0 that the others can reach; MASTER_PORT (29500) must be free.
 # If a rank dies, torchrun stops the others on its node and the other nodes' ranks fail at their next
-# collective; a rank that hangs makes the others fail after distributed_timeout_minutes (default 10).
+# collective; a rank that hangs makes the others fail after distributed_timeout_minutes (default 10), naming it.
+# To survive losing a node (restart at the smaller world from the latest checkpoint): launch/torchrun_elastic.sh.
 # On a CPU machine the ranks talk over gloo; on GPUs over NCCL (chosen by the trainer).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -264,7 +264,8 @@ def fill_batch_sizes(values: dict[str, Any], dp: int, origin: dict[str, str] | N
         if micro * accum * dp != total:
             raise ConfigError(
                 f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
-                f"gradient_accumulation_steps {accum} x data-parallel size {dp}"
+                f"gradient_accumulation_steps {accum} x data-parallel size {dp} (the number of ranks): leave "
+                "gradient_accumulation_steps out to derive it from the ranks"
             )
     elif micro and total:
         if total % (micro * dp):

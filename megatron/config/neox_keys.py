@@ -195,7 +195,9 @@ REJECTED_KEYS = {
     "curriculum_learning": _rejected(None, "sequence-length curricula are not supported"),
     "sparse_attention": _rejected(None, "sparse attention is not supported"),
     "data_efficiency": _rejected(None, "DeepSpeed data efficiency (curricula, token dropping) is not supported"),
-    "elasticity": _rejected(None, "elastic batch sizes are not supported"),
+    "elasticity": _rejected(None, "DeepSpeed's elasticity, a search for a batch size that several GPU counts "
+                                  "share, is not supported; an elastic torchrun launch keeps train_batch_size and "
+                                  "derives the accumulation from the ranks (launch/torchrun_elastic.sh)"),
     "compression_training": _rejected(None, "quantisation/pruning during training is not supported"),
 }
 

@@ -231,6 +231,10 @@ class TrainingArgs(Strict):
     distributed_timeout_minutes: float = Field(10.0, gt=0)  # Megatron: a collective waiting longer fails the run
     max_consecutive_nonfinite: int = Field(10, ge=1)  # ours: non-finite steps are skipped; this many in a row stop
     loss_spike_factor: float = Field(3.0, ge=0)  # ours: warn when an interval's loss > this x the recent median
+    # ours: warn when a rank's own work per step (megatron/parallel/stragglers.py) stays this x the other ranks'
+    # median for straggler_window log intervals; 0 switches the watch off
+    straggler_factor: float = Field(2.0, ge=0)
+    straggler_window: int = Field(3, ge=1)
     peak_tflops: float | None = Field(None, gt=0)  # ours: one device's peak for MFU; None: data sheet or a probe
     torch_compile: Literal["auto", "on", "off"] = "auto"  # ours: regional torch.compile; auto: on CUDA only
 
@@ -238,6 +242,13 @@ class TrainingArgs(Strict):
     @classmethod
     def bf16_alias(cls, value):
         return "bfloat16" if value == "bf16" else value
+
+    @field_validator("straggler_factor")
+    @classmethod
+    def off_or_above_one(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError(f"expected 0 (off) or a factor above 1, got {value}")
+        return value
 
 
 class DataArgs(Strict):

@@ -308,8 +308,22 @@ def check_same_run_settings(path: Path, config: dict[str, Any]) -> None:
         return
     shown = "; ".join(f"{key}: checkpoint {saved[key]!r}, config {config.get(key)!r}" for key in differ)
     what = "another model" if any(key in MODEL_KEYS for key in differ) else "another global batch or sequence"
-    raise ValueError(f"{path}: saved by a run with {what} ({shown}): resume with the checkpoint's values, or start "
-                     "a new run with another save folder")
+    fix = "resume with the checkpoint's values, or start a new run with another save folder"
+    if differ == ["train_batch_size"] and all(saved.get(key) == config.get(key) for key in (
+            "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")):  # so the number of ranks changed
+        fix = (f"the number of ranks changed ({ranks_of(saved)} -> {ranks_of(config)}, an elastic restart?) with "
+               f"gradient_accumulation_steps fixed: set train_batch_size {saved['train_batch_size']} and leave "
+               "gradient_accumulation_steps out, so that it is derived from the ranks")
+    raise ValueError(f"{path}: saved by a run with {what} ({shown}): {fix}")
+
+
+def ranks_of(config: dict[str, Any]) -> int | None:
+    """The data-parallel size a resolved config was made for (its global batch over micro batch x accumulation)."""
+    try:
+        return config["train_batch_size"] // (config["train_micro_batch_size_per_gpu"] *
+                                              config["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def load_checkpoint(

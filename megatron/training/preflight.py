@@ -124,7 +124,7 @@ class SaveLock:
         path = Path(folder) / LOCK_NAME
         token = uuid.uuid4().hex
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "token": token}
+              "token": token, **elastic_attempt()}
         for _ in range(10):  # each try ends with the lock, a refusal, or a lock that changed hands meanwhile
             if create_exclusively(path, json.dumps(me), token):
                 return cls(path, token)
@@ -220,9 +220,22 @@ def names_an_owner(holder: Any) -> bool:
             and holder["pid"] > 0)
 
 
+def elastic_attempt() -> dict[str, Any]:
+    """Under torchrun's elastic agent: the job's run id (--rdzv_id) and this attempt's number, which a restart
+    raises; {} otherwise (torchrun's default run id "none" names no job)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return {} if run_id == "none" else {"elastic_run": run_id,
+                                        "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+
+
 def is_stale(holder: dict[str, Any]) -> bool:
     """A lock is stale when its process is gone: known only on the host that took it (another host's lock is
-    kept, and the message says to delete it if that run is dead)."""
+    kept, and the message says to delete it if that run is dead), or when an earlier attempt of this same elastic
+    job took it: the agents stop every worker before a restart, and the node that held it may be the one lost."""
+    mine = elastic_attempt()
+    if mine and holder.get("elastic_run") == mine["elastic_run"] and isinstance(holder.get("attempt"), int) \
+            and holder["attempt"] < mine["attempt"]:
+        return True
     if not names_an_owner(holder) or holder["host"] != socket.gethostname():
         return False
     try:

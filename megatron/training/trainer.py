@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from megatron.parallel import DistInfo, all_reduce_mean
 from megatron.parallel.data_parallel import ParallelModel
+from megatron.parallel.distributed import note_activity
 from megatron.parallel.mesh import ParallelDims
+from megatron.parallel.stragglers import StragglerWatch
 from megatron.runtime import resident_memory_mb
 from megatron.sizing.flops import peak_tflops
 from megatron.training import checkpoint as ckpt
@@ -108,6 +110,12 @@ class Trainer:
         # SIGTERM/SIGUSR1/SIGINT: save at the next step boundary and return
         self.stop = StopRequest(describe_checkpoints=self.describe_checkpoints)
         self.stop_agreed = False  # some rank was signalled: all ranks learn it in the same step's all-reduce
+        # a rank whose own work stays slower than the others' is named at the log interval (off on one rank)
+        self.stragglers = StragglerWatch(args.straggler_factor, args.straggler_window, dist_info.rank,
+                                         dist_info.world_size, self.device) if (
+            args.straggler_factor and dist_info.world_size > 1) else None
+        if self.stragglers:
+            self.stragglers.clock.exclude_wrapper_waits(self.parallel.module, self.model)
 
     # -- precision -------------------------------------------------------------------------------
     def autocast(self):
@@ -147,6 +155,7 @@ class Trainer:
         and tries again at the next interval, unless this save must succeed (the last one, or one before a stop).
         With `async_save` the tensors are written in the background and published at the next save (or the end);
         saves that must succeed are synchronous."""
+        note_activity(f"saving the checkpoint of step {self.step}")
         try:
             self.finish_pending_save()  # saves publish in order: `latest` never goes back
             self.writing_step = self.step
@@ -196,6 +205,9 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         args = self.args
+        note_activity(f"training step {self.step + 1}")  # for the line naming a rank that did not arrive
+        if self.stragglers:
+            self.stragglers.clock.start()
         lr = lr_at(self.step + 1, args.optimizer.params.lr, args.min_lr, self.warmup_iters,
                    args.lr_decay_iters, args.lr_decay_style)
         set_lr(self.optimizer, lr)
@@ -208,6 +220,8 @@ class Trainer:
             with self.parallel.gradient_sync(enabled=micro == accum - 1):
                 with self.autocast():
                     loss, step_metrics = self.task.loss(self.parallel.module, batch)
+                if self.stragglers and micro == accum - 1:  # the gradient all-reduce, a wait on the others, starts
+                    self.stragglers.clock.stop()
                 self.scaler.scale(loss / accum).backward()
             total_loss += loss.detach().float() / accum
             for key, value in step_metrics.items():
@@ -250,6 +264,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        note_activity(f"evaluation after step {self.step}")
         self.parallel.module.eval()
         with torch.no_grad(), self.autocast():
             return self.task.evaluate(self.model)
@@ -300,6 +315,8 @@ class Trainer:
                     record["tokens"] = self.step * self.task.tokens_per_step()
                     record["tokens_per_sec"] = interval_steps * self.task.tokens_per_step() / max(elapsed, 1e-9)
                     record.update(self.throughput(interval_steps, elapsed))
+                    if self.stragglers:  # a collective: every rank logs at the same steps
+                        record.update(self.stragglers.update(interval_steps))
                     if self.spikes.is_spike(record.get("loss", math.nan)):
                         record["loss_spike"] = 1.0
                         log.warning("step %d: loss %.4g is above %.1f x the median of the last logged losses",

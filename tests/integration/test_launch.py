@@ -6,8 +6,10 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,14 +30,14 @@ QUIET = {"eval_interval": 0, "save": None, "load": None}  # no evaluation, no ch
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun_node(config: Path, node_rank: int, port: int, env=None) -> subprocess.Popen:
+def torchrun_node(config: Path, node_rank: int, port: int, env=None, script: Path = REPO / "train.py"
+                  ) -> subprocess.Popen:
     """One of two torchrun "nodes" with one process each, meeting at 127.0.0.1:port (node 0 hosts the store).
 
     Its output goes to node{node_rank}.log next to the config (a file, so a long run never blocks on a pipe).
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
-           "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train.py"),
-           str(config)]
+           "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(config)]
     log_path = config.parent / f"node{node_rank}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env or ENV, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -144,6 +146,7 @@ def _rank_that_may_fail(rank: int, port: int, behaviour: str, out_dir: str) -> N
         if behaviour == "never_joins":
             return
         init_distributed("cpu", timeout_minutes=0.05)
+        Path(out_dir, "pid1").write_text(str(os.getpid()))
         if behaviour == "exits":
             os._exit(0)
         while not done.exists():  # hangs: no all_reduce, until rank 0 has given up
@@ -174,6 +177,10 @@ def test_a_rank_that_hangs_or_dies_makes_the_other_fail_within_the_timeout(tmp_p
         assert outcome["seconds"] > 2.5, "gave up before distributed_timeout_minutes"
         assert "timed out" in outcome["error"].lower()
         assert "distributed_timeout_minutes=0.05" in outcome["message"]
+    if behaviour != "never_joins":  # it joined, so the store knows its host and pid; it never reported giving up
+        pid = (tmp_path / "pid1").read_text()
+        assert f"rank 1 (host {socket.gethostname()}, pid {pid}) did not arrive" in outcome["message"]
+        assert "(all_reduce from tests/integration/test_launch.py:" in outcome["message"]  # where rank 0 gave up
 
 
 def pid_of_rank(token: str, rank: int) -> int | None:
@@ -241,6 +248,66 @@ def test_a_hung_rank_under_torchrun_makes_the_others_fail_after_the_timeout(tmp_
     assert 5.5 < seconds < 25
     assert "rank 0: distributed error: a collective or the rendezvous waited longer than " \
            "distributed_timeout_minutes=0.1" in err0
+    # ... naming the rank that never came, and where rank 0 waited: a torch.distributed call (or, for DDP's gradient
+    # all-reduce, which runs inside autograd, the trainer's line), and the training step
+    assert f"rank 1 (host {socket.gethostname()}, pid {pid}) did not arrive within 2s" in err0
+    assert re.search(r"distributed_timeout_minutes=0\.1 \((\w+ from |in )megatron/[\w/]+\.py:\d+ \(\w+\), "
+                     r"training step \d+\)", err0), err0[-2000:]
+
+
+def _three_ranks_one_stopped(rank: int, port: int, stopped: int, out_dir: str) -> None:
+    """3 ranks all-reduce once, then rank `stopped` freezes itself (SIGSTOP) and the others all-reduce again."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from megatron.parallel.distributed import all_reduce_mean, describe_failure, init_distributed, note_activity
+
+    _all_started(out_dir, rank, 3)
+    init_distributed("cpu", timeout_minutes=0.05)
+    all_reduce_mean(torch.ones(1))  # everyone is here
+    Path(out_dir, f"pid{rank}").write_text(str(os.getpid()))
+    note_activity("training step 5")
+    if rank == stopped:
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen until the test kills it
+    if rank == 1:  # comes 1 s late, so gives up after rank 0, which (holding the store) must wait for it to read
+        time.sleep(1)
+    start = time.monotonic()
+    try:
+        all_reduce_mean(torch.ones(1))
+        outcome = {"message": None}
+    except RuntimeError as err:
+        outcome = {"message": describe_failure(err)}
+    outcome["seconds"] = time.monotonic() - start
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("stopped", [2, 0])
+def test_every_rank_left_names_the_stopped_one_or_the_store_that_does_not_answer(tmp_path, stopped):
+    """Rank 0 holds the store when no torchrun agent does (SLURM, mpirun): frozen, it is named as the store."""
+    context = mp.start_processes(_three_ranks_one_stopped, args=(free_port(), stopped, str(tmp_path)), nprocs=3,
+                                 start_method="spawn", join=False)
+    others = [rank for rank in range(3) if rank != stopped]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"rank{r}.json").exists() for r in others) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:  # the stopped rank stays stopped until killed
+        context.processes[stopped].kill()
+        for process in context.processes:
+            process.join(timeout=30)
+    for rank in others:
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        message = outcome["message"]
+        assert message.startswith(f"rank {rank}: distributed error: "), message
+        assert "(all_reduce from megatron/parallel/distributed.py:" in message and "training step 5)" in message
+        if stopped == 0:
+            assert "the rendezvous store at 127.0.0.1:" in message and "did not answer within 5s" in message
+            assert outcome["seconds"] < 3 + 5 + 10  # the timeout, the bounded wait, slack: never stuck on the store
+        else:
+            pid = (tmp_path / "pid2").read_text()
+            assert f"rank 2 (host {socket.gethostname()}, pid {pid}) did not arrive within 2s" in message
+            assert "rank 0 (host" not in message and "rank 1 (host" not in message  # they came, and gave up too
+            assert outcome["seconds"] < 3 + 2 + 10
 
 
 def _expert_group_member(rank: int, port: int, out_dir: str) -> None:
@@ -281,6 +348,108 @@ def test_expert_parallel_subgroups_get_the_timeout_too(tmp_path):
     outcome = json.loads((tmp_path / "rank0.json").read_text())
     assert 2.5 < outcome["seconds"] < 15
     assert "distributed_timeout_minutes=0.05" in outcome["message"]
+
+
+# --- a slow rank -----------------------------------------------------------------------------------------------
+
+@needs_proc
+@pytest.mark.parametrize("pos_emb", ["rotary", pytest.param("learned", marks=pytest.mark.slow)])
+def test_a_rank_slowed_on_purpose_is_named_once_and_again_when_it_recovers(tmp_path, data_prefix, pos_emb):
+    """Two torchrun ranks; rank 1 sleeps 0.3 s fetching each batch of steps 3 to 8 (helpers/slow_rank_train.py).
+    Rotary tables are buffers, which DDP broadcasts from rank 0 before each forward: there rank 0 waits for rank 1.
+    Without buffers (learned positions) the first wait is the gradient all-reduce in the last backward."""
+    config = write_config(tmp_path, data_prefix, train_iters=14, straggler_window=2, pos_emb=pos_emb, **QUIET)
+    env, port = {**ENV, "SLOW_RANK": "1", "SLOW_FROM": "2", "SLOW_TO": "8", "SLOW_SECONDS": "0.3"}, free_port()
+    script = REPO / "tests" / "helpers" / "slow_rank_train.py"
+    nodes = [torchrun_node(config, node_rank, port, env=env, script=script) for node_rank in (0, 1)]
+    (code0, out0), (code1, out1) = finish(nodes, timeout=150)
+    assert code0 == 0 and code1 == 0, out0[-3000:] + out1[-3000:]
+    lines = [line for line in out0.splitlines() if "straggler: rank 1" in line]
+    assert len(lines) == 2, out0[-3000:]
+    assert f"straggler: rank 1 (host {socket.gethostname()}) took " in lines[0]
+    assert "x the other ranks' median, in each of the last 2 log intervals (straggler_factor 2)" in lines[0]
+    assert "straggler: rank 1 (host" in lines[1] and "is no longer slow" in lines[1]
+    assert "straggler:" not in out1  # rank 0 speaks for all
+    records = {r["step"]: r for r in read_metrics(tmp_path / "logs") if "loss" in r}
+    assert all(records[step]["stragglers/slowest_rank"] == 1 for step in range(3, 9))
+    assert records[5]["stragglers/max_work_ratio"] > 2
+
+
+# --- elastic: losing a node -----------------------------------------------------------------------------------
+
+def elastic_agent(config: Path, name: str, port: int, is_host: bool) -> subprocess.Popen:
+    """One node of launch/torchrun_elastic.sh (1 process, --nnodes 1:2), output in {name}.log beside the config.
+    The first agent holds the rendezvous store; dead nodes are dropped after 2 s, a round closes 5 s after the
+    minimum is there."""
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV['PATH']}", "MIN_NODES": "1",
+           "MAX_NODES": "2", "NPROC": "1", "MAX_RESTARTS": "2", "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+           "RUN_ID": f"elastic-{port}", "RDZV_CONF": "last_call_timeout=5,join_timeout=120,keep_alive_interval=1,"
+           f"keep_alive_max_attempt=2,is_host={str(is_host).lower()}"}
+    log_path = config.parent / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun_elastic.sh"), str(config)], env=env,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a torchrun agent's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+@pytest.mark.slow  # about 45 s: two agents, a restart after the rendezvous drops the dead node, a reference run
+@needs_proc
+def test_losing_a_node_re_forms_the_run_at_the_smaller_world_and_continues_its_loss_curve(tmp_path, data_prefix):
+    run = tmp_path / "run"
+    config = write_config(run, data_prefix, train_iters=30, train_batch_size=8, train_micro_batch_size_per_gpu=2,
+                          gradient_accumulation_steps=None, checkpoint_factor=4, eval_interval=0,
+                          distributed_timeout_minutes=0.1)
+    port = free_port()
+    survivor, lost = elastic_agent(config, "A", port, True), elastic_agent(config, "B", port, False)
+    metrics, deadline = run / "logs" / "metrics.jsonl", time.monotonic() + 120
+    try:
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 10):
+            if time.monotonic() > deadline or survivor.poll() is not None or lost.poll() is not None:
+                pytest.fail("training did not start:\n" + survivor.log_path.read_text()[-3000:])
+            time.sleep(0.2)
+        for pid in [*children(lost.pid), lost.pid]:  # the node is lost: its worker and its agent, at once
+            os.kill(pid, signal.SIGKILL)
+        [(code, out)] = finish([survivor], timeout=180)
+    finally:
+        for proc in (survivor, lost):
+            if proc.poll() is None:
+                for pid in [*children(proc.pid), proc.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, out[-4000:]
+    assert ("restart 1 of torchrun's elastic agent: 1 rank(s) now; train_batch_size 8 kept with "
+            "gradient_accumulation_steps 4 x micro batch 2 x 1 rank(s)") in out
+    resumed = int(re.search(r"resumed from \S+global_step(\d+) at step", out).group(1))
+    assert resumed >= 4
+    records = read_metrics(run / "logs")
+    start = max(i for i, r in enumerate(records) if r.get("step") == resumed + 1)  # the restarted run's records
+    after = {r["step"]: r for r in records[start:] if "loss" in r}
+    assert sorted(after) == list(range(resumed + 1, 31))
+    assert after[30]["tokens"] == 30 * 8 * 32  # the global batch was kept through the restart
+    # what a run never interrupted would do at that layout: one rank resumed from the same checkpoint
+    reference = tmp_path / "reference"
+    sys.path.insert(0, str(REPO))
+    import train
+
+    train.run([str(config), "--load", str(run / "ckpt" / f"global_step{resumed}"), "--save", str(reference / "ckpt"),
+               "--log_dir", str(reference / "logs")])
+    expected = train_losses(read_metrics(reference / "logs"))
+    assert {step: r["loss"] for step, r in after.items()} == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("preempted", [True, False])

@@ -77,6 +77,7 @@ SETTINGS = {
     "lsh_compression: true": (MOE, [*MOE, "--lsh_compression", "true"]),
     "pos_emb: rotary": ([], ["--pos_emb", "rotary"]),
     "Remix-DiT (remix_num_basis > 0)": (["--model_type", "dit"], ["--model_type", "dit", "--remix_num_basis", "2"]),
+    "straggler_factor > 0 (0 switches the watch off)": (["--straggler_factor", "0"], []),
     "model_type: gpt (lm-eval evaluates language models)": (["--model_type", "dit"], []),
     "eval_tasks_interval or eval_interval > 0 (when to run the tasks)": (["--eval_interval", "0"], []),
     "eval_tasks (lm-eval task names)": ([], ["--eval_tasks", "[x]"]),
