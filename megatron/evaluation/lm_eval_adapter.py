@@ -99,6 +99,7 @@ class MegatronLM(lm_eval_model.TemplateLM):
         self._rank, self._world_size = rank, world_size
         self._device = next(model.parameters()).device
         self.generator = torch.Generator(device=self._device).manual_seed(seed)  # sampling tasks only
+        self.checkpoint: Path | None = None  # the folder read, when built by from_checkpoint
 
     @classmethod
     def from_checkpoint(cls, load: str | Path, overrides: list[str] | tuple[str, ...] = (),

@@ -247,3 +247,29 @@ def test_a_missing_lm_eval_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtra, match=r"^lm-eval evaluation needs lm_eval, which is not installed: "
                                            r"pip install -e '\.\[eval\]' \(or pip install -r requirements-dev.txt\)$"):
         task_manager(["shakespeare_next_line"], [TASKS_DIR])
+
+
+@pytest.mark.slow  # about 17 s
+def test_two_processes_share_the_documents_and_score_as_one(tmp_path, data_prefix):
+    """torchrun with 2 gloo ranks: lm-eval gives each rank half the documents through the model's rank and
+    world_size and gathers the metrics on rank 0, which writes the JSON: the same scores as one process."""
+    import os
+    import subprocess
+
+    from helpers.distributed import free_port
+
+    save, _ = checkpoint_and_export(tmp_path, data_prefix)
+    common = [str(save), "--tasks", "shakespeare_next_line,shakespeare_continue_line", "--limit", "6",
+              "--include_path", str(TASKS_DIR), "--bootstrap_iters", "0", "--log_samples", "--batch_size", "4"]
+    one = eval_tasks.main([*common, "--output", str(tmp_path / "one.json")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(REPO / "tools/eval_tasks.py"), *common,
+               "--output", str(tmp_path / "two.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert task_metrics(two) == pytest.approx(task_metrics(one), rel=1e-6) and task_metrics(one)
+    for task in ("shakespeare_next_line", "shakespeare_continue_line"):
+        # rank 0's share (every other document from 0), then rank 1's, gathered: each rank ran only its share
+        assert [s["doc_id"] for s in two["samples"][task]] == [0, 2, 4, 1, 3, 5]

@@ -12,6 +12,7 @@ DOCS = REPO / "docs"
 for folder in ("tools", "benchmarks"):
     sys.path.insert(0, str(REPO / folder))
 
+import lm_eval_speed  # noqa: E402
 import lsh_calibrate  # noqa: E402
 
 
@@ -304,3 +305,20 @@ def test_moe_layer_benchmark_block_and_ratios_are_the_json():
         read("docs/performance.md").split())
     start, end = result["load_average"]
     assert f"load average of {start:.1f} at the start and {end:.1f} at the end" in " ".join(doc.split())
+
+
+def test_lm_eval_speed_figures_are_the_json():
+    recorded = json.loads(read("docs/results/lm_eval_speed.json"))
+    page = read("docs/evaluation.md")
+    assert generated_block(page, "benchmarks/lm_eval_speed.py --markdown docs/results/lm_eval_speed.json") == \
+        lm_eval_speed.markdown(recorded)
+    dense, structmoe = recorded["results"]
+    prose = " ".join(page.split())
+    assert (f"{dense['total']['ours_over_hflm']:.2f}x HFLM's tokens/s on the dense model and "
+            f"{structmoe['total']['ours_over_hflm']:.2f}x on StructMoE") in prose
+    assert (f"{dense['total']['ours_wall_seconds']:.2f} s of wall time on the dense model, against "
+            f"{dense['training']['seconds_of_as_many_steps']:.2f} s for as many training steps as the evaluation ran "
+            f"forward batches ({dense['total']['forward_batches']})") in prose
+    assert (f"({dense['training']['evaluation_in_steps']:.1f} dense, {structmoe['training']['evaluation_in_steps']:.1f}"
+            " StructMoE)") in prose
+    assert recorded["command"] in page
