@@ -22,14 +22,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(REPO / "launch") not in sys.path:  # the Docker build's reader of requirements files, a standalone script
+    sys.path.insert(0, str(REPO / "launch"))
+from docker_requirements import requirement_lines  # noqa: E402
+
 NODE_LIST = HERE / "gpu_node_packages.txt"
 # the two versions that decide the GPU check's code paths; the replica takes the rest from PyPI as it resolves them
 REPLICA_PINS = ("torch", "transformers")
 # import name -> distribution, where they differ, for what this project and its tests import
 IMPORT_TO_DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "sklearn": "scikit-learn", "google": "protobuf"}
-# the project's own top-level modules (the repo root, benchmarks/, tools/ and tests/ are on the path when they run)
+# the project's own top-level modules (the repo root, benchmarks/, tools/, launch/ and tests/ are on the path when
+# they run)
 PROJECT_MODULES = {"megatron", "train", "tools", "helpers", "conftest",
-                   *(p.stem for folder in (HERE, REPO / "tools") for p in folder.glob("*.py"))}
+                   *(p.stem for folder in (HERE, REPO / "tools", REPO / "launch") for p in folder.glob("*.py"))}
 
 
 def norm(name: str) -> str:
@@ -88,18 +93,6 @@ def check_wheels(folder: Path, node: dict[str, str | None]) -> tuple[dict[str, l
                 continue
             (on_node if name in node else missing).setdefault(name, []).append(wheel_distribution(wheel))
     return missing, on_node
-
-
-def requirement_lines(path: Path) -> list[str]:
-    """A requirements file's requirements, `-r` includes followed, comments and blank lines dropped."""
-    lines = []
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if line.startswith("-r "):
-            lines += requirement_lines(path.parent / line[3:].strip())
-        elif line:
-            lines.append(line)
-    return lines
 
 
 def replica_requirements(node: dict[str, str | None], requirements: Path = REPO / "requirements-dev.txt") -> list[str]:
