@@ -6,6 +6,7 @@ docs/results.md: the StructMoE study (`--study structmoe`, the default) and the 
     python tools/structmoe_study.py --analyse-only        # only the tables and plots from finished runs
     python tools/structmoe_study.py --print               # the training commands, for a cluster
     python tools/structmoe_study.py --redraw              # the figures again from OUT/NAME_study.json alone
+    python tools/structmoe_study.py --analyse-only --tasks hellaswag,piqa   # + downstream scores, seed-paired
 
 StructMoE arms (configs/): 1 tiny_moe (plain MoE, StructMoE's 8 experts), 2 tiny_structmoe (entangled), 3
 tiny_moe_matched (plain MoE with StructMoE's total parameters), 4 router-free, 5 standalone (non-entangled), 6
@@ -40,7 +41,17 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from compare_runs import expand, find_metrics, group, read_records, summarize  # noqa: E402
+from compare_runs import (  # noqa: E402
+    expand,
+    find_metrics,
+    group,
+    group_tasks,
+    plot_tasks,
+    print_tasks,
+    read_records,
+    summarize,
+    wanted_metrics,
+)
 from paired_differences import curve_difference, draw_curves, draw_differences, paired_difference  # noqa: E402
 from sweep import make_run, run_all  # noqa: E402
 
@@ -308,6 +319,22 @@ def markdown(groups: dict[str, dict], rows: list[dict], loads: dict, diagnosis: 
     return "\n".join(lines) + "\n"
 
 
+def evaluate_runs(folders: list[Path], tasks: list[str], limit: float | None, include_path: list[str]) -> None:
+    """Each finished run without RUN/eval_tasks.json is evaluated once on the downstream tasks (tools/eval_tasks.py
+    on its final checkpoint); a rerun of the analysis reuses the files."""
+    import eval_tasks
+
+    names = sorted({task.split("/")[0] for task in tasks})  # TASK/METRIC picks a metric; evaluation takes the task
+    for folder in folders:
+        if (folder / "eval_tasks.json").is_file():
+            continue
+        argv = [str(folder), "--tasks", ",".join(names), "--output", str(folder / "eval_tasks.json")]
+        argv += ["--limit", str(limit)] if limit is not None else []
+        argv += [arg for path in include_path for arg in ("--include_path", path)]
+        print(f"evaluating {folder.name} on {', '.join(names)}", flush=True)
+        eval_tasks.main(argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=sorted(STUDIES), default="structmoe")
@@ -321,6 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="redraw the figures from OUT/NAME_study.json alone (no runs needed)")
     parser.add_argument("--sequences", type=int, default=64,
                         help="held-out sequences for the routing diagnosis of the final checkpoints; 0: none")
+    parser.add_argument("--tasks", default=None, metavar="TASK[/METRIC],...",
+                        help="downstream scores per arm (docs/evaluation.md): each finished run is evaluated once "
+                             "(RUN/eval_tasks.json), then compared seed-paired as the loss is")
+    parser.add_argument("--tasks-limit", type=float, default=None, help="documents per task (below 1: a fraction)")
+    parser.add_argument("--include-path", action="append", default=[],
+                        help="a folder of lm-eval task YAMLs (offline: tests/data/lm_eval_tasks); repeatable")
     opts, overrides = parser.parse_known_args(argv)
     study = STUDIES[opts.study]
     prefix = f"{study.name}_study"
@@ -345,9 +378,23 @@ def main(argv: list[str] | None = None) -> dict:
     if not finished:
         sys.exit(f"{prefix}: no finished runs in {runs_dir}")
     opts.out.mkdir(parents=True, exist_ok=True)
+    tasks = [t.strip() for t in (opts.tasks or "").split(",") if t.strip()]
+    if tasks:
+        evaluate_runs(finished, tasks, opts.tasks_limit, opts.include_path)
     summaries = [summarize(run) for run in expand(finished)]
     baseline = study.difference_panels[0][0]
-    groups = group(summaries, baseline if any(s["config"] == baseline for s in summaries) else None)
+    if not any(s["config"] == baseline for s in summaries):
+        baseline = None
+    groups = group(summaries, baseline)
+    metrics = []
+    if tasks:
+        try:
+            metrics = wanted_metrics(summaries, tasks)
+        except ValueError as err:
+            sys.exit(f"{prefix}: {err}")
+        task_baseline = baseline or summaries[0]["config"]
+        group_tasks(summaries, groups, task_baseline, metrics)
+        plot_tasks(groups, task_baseline, metrics, opts.out / f"{prefix}_tasks.png")
     curve_differences = plot_curves({name: g["val_curve_per_seed"] for name, g in groups.items()},
                                     opts.out / f"{prefix}.png", study)
     rows = pair_table(groups, study)
@@ -358,9 +405,11 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(groups, rows, loads, diagnosis, study)
     (opts.out / f"{prefix}.md").write_text(table)
     result = {"groups": groups, "pairs": rows, "final_loads": loads, "routing_diagnosis": diagnosis,
-              "curve_differences": curve_differences, "load_curves": load_curves}
+              "curve_differences": curve_differences, "load_curves": load_curves, "task_metrics": metrics}
     (opts.out / f"{prefix}.json").write_text(json.dumps(result, indent=1))
     print(table)
+    if metrics:
+        print_tasks(groups, baseline or summaries[0]["config"], metrics)
     print(f"figures and tables in {opts.out}")
     return result
 

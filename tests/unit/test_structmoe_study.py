@@ -88,3 +88,54 @@ def test_redraw_from_the_json_alone(tmp_path, capsys):
     capsys.readouterr()
     assert structmoe_study.main(["--redraw", "--out", str(out)])["redrawn"] == ["structmoe_study_pairs.png"]
     assert "the JSON has no per-seed curves" in capsys.readouterr().out
+
+
+ACC = {  # arm: a local task's accuracy per seed
+    "tiny_moe_matched": {1234: 0.50, 1235: 0.40, 1236: 0.45},
+    "tiny_structmoe": {1234: 0.55, 1235: 0.48, 1236: 0.47},  # +0.05, +0.08, +0.02 over the baseline's seed
+    "tiny_structmoe_standalone": {1234: 0.44, 1235: 0.46, 1236: 0.45},
+}
+
+
+def eval_json(accuracy: float) -> str:
+    """What tools/eval_tasks.py writes, as much as the comparison reads."""
+    return json.dumps({"results": {"next_line": {"alias": "next_line", "acc,none": accuracy,
+                                                  "acc_stderr,none": 0.01}}})
+
+
+def test_study_tasks_evaluate_each_run_once_and_pair_the_scores_by_seed(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    for arm, finals in FINAL.items():
+        for seed, final in finals.items():
+            write_run(runs / f"{arm}_s{seed}", final, LORE_ENTROPY.get(arm))
+    (runs / "tiny_structmoe_s1234" / "eval_tasks.json").write_text(eval_json(ACC["tiny_structmoe"][1234]))
+    import eval_tasks
+
+    calls = []
+
+    def evaluate(argv):  # stands in for the evaluation of a checkpoint: the arm and seed's known score
+        folder = Path(argv[0])
+        arm, seed = folder.name.rsplit("_s", 1)
+        calls.append((folder.name, argv[argv.index("--tasks") + 1], argv[argv.index("--limit") + 1],
+                      argv[argv.index("--include_path") + 1]))
+        Path(argv[argv.index("--output") + 1]).write_text(eval_json(ACC[arm][int(seed)]))
+
+    monkeypatch.setattr(eval_tasks, "main", evaluate)
+    args = ["--analyse-only", "--runs", str(runs), "--out", str(tmp_path / "out"), "--sequences", "0",
+            "--tasks", "next_line/acc", "--tasks-limit", "20", "--include-path", "tests/data/lm_eval_tasks"]
+    result = structmoe_study.main(args)
+    assert len(calls) == 8 and "tiny_structmoe_s1234" not in [c[0] for c in calls]  # its file is reused
+    assert {c[1:] for c in calls} == {("next_line", "20.0", "tests/data/lm_eval_tasks")}
+    assert result["task_metrics"] == ["next_line/acc"]
+    for arm, scores in ACC.items():
+        entry = result["groups"][arm]["tasks"]["next_line/acc"]
+        assert entry["mean"] == pytest.approx(statistics.mean(scores.values()))
+    paired = result["groups"]["tiny_structmoe"]["tasks"]["next_line/acc"]["minus_baseline"]
+    diffs = [ACC["tiny_structmoe"][s] - ACC["tiny_moe_matched"][s] for s in (1234, 1235, 1236)]
+    assert paired["mean"] == pytest.approx(statistics.mean(diffs)) and paired["pairs"] == 3
+    assert paired["sd"] == pytest.approx(statistics.stdev(diffs))
+    assert (tmp_path / "out" / "structmoe_study_tasks.png").is_file()
+    assert "downstream tasks" in capsys.readouterr().out
+    calls.clear()
+    structmoe_study.main(args)  # a second analysis evaluates nothing again
+    assert calls == []
