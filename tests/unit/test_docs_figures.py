@@ -322,3 +322,16 @@ def test_lm_eval_speed_figures_are_the_json():
     assert (f"({dense['training']['evaluation_in_steps']:.1f} dense, {structmoe['training']['evaluation_in_steps']:.1f}"
             " StructMoE)") in prose
     assert recorded["command"] in page
+
+
+def test_the_study_pair_task_table_is_the_json():
+    """docs/evaluation.md's downstream table of the StructMoE study's main pair, row by row from its JSON."""
+    groups = json.loads(read("docs/results/structmoe_study_tasks.json"))
+    page = read("docs/evaluation.md")
+    for metric, entry in groups["tiny_structmoe"]["tasks"].items():
+        d, base = entry["minus_baseline"], groups["tiny_moe_matched"]["tasks"][metric]
+        row = (f"| `{metric}` | {entry['mean']:.4f} | {base['mean']:.4f} | {d['mean']:+.4f} "
+               f"({d['ci_low']:+.4f} to {d['ci_high']:+.4f}) |")
+        assert row in page, row
+    loss = groups["tiny_structmoe"]["minus_baseline"]
+    assert f"{loss['mean']:+.4f} ({loss['ci_low']:+.4f} to {loss['ci_high']:+.4f})" in page
