@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from megatron.config import ConfigError
 from megatron.data.tokenizer import Tokenizer, tokenizer_of
 from megatron.evaluation.lm_eval_tasks import lm_eval_module
+from megatron.model.attention import KVCache
 from megatron.model.generation import next_token, pad_batch
-from megatron.model.gpt import GPT, KVCache
+from megatron.model.gpt import GPT
 from megatron.model.moe.dispatcher import LSHDispatcher
 from megatron.model.moe.layer import MoELayer
 

@@ -20,8 +20,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megatron_gpt import MegatronGPTConfig
 from .megatron_modules import __name__ as _shipped  # noqa: F401  (makes transformers copy every module)
-from .model_gpt import GPT, Attention, Rotary
+from .model_attention import Attention
+from .model_gpt import GPT
 from .model_moe_config import MoERuntime
+from .model_rope import Rotary
 
 
 class CacheAdapter:

@@ -3,10 +3,11 @@ the DiT's builder is megatron/model/dit/config.py."""
 
 from __future__ import annotations
 
-from megatron.model.gpt import GPT, GPTConfig, Llama3RopeScaling
+from megatron.model.gpt import GPT, GPTConfig
 from megatron.model.moe import Balancing, Capacity, LoREConfig, MoEArchitecture, MoERuntime
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
+from megatron.model.rope import Llama3RopeScaling
 from megatron.parallel.expert_parallel import ExpertParallel
 
 

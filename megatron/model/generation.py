@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron.model.gpt import GPT, KVCache
+from megatron.model.attention import KVCache
+from megatron.model.gpt import GPT
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0

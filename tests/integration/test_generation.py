@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers.runs import write_config
 
+from megatron.model.attention import KVCache
 from megatron.model.generation import filter_logits, generate, next_token, pad_batch
-from megatron.model.gpt import GPT, GPTConfig, KVCache
+from megatron.model.gpt import GPT, GPTConfig
 from megatron.model.moe import LoREConfig, MoEArchitecture
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import convert_from_hf  # noqa: E402
 import convert_to_hf  # noqa: E402
 
 import train  # noqa: E402
-from megatron.model.gpt import Llama3RopeScaling  # noqa: E402
+from megatron.model.rope import Llama3RopeScaling  # noqa: E402
 from megatron.training.pretrained import load_pretrained  # noqa: E402
 
 transformers = pytest.importorskip("transformers")

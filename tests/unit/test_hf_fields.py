@@ -12,10 +12,11 @@ from megatron.hf.export import choose_format
 from megatron.hf.fields import ANY, TRAINING_ONLY, unrepresented
 from megatron.hf.llama import LLAMA_FIELDS, llama_blockers
 from megatron.hf.neox import NEOX_FIELDS, neox_blockers
-from megatron.model.gpt import GPT, GPTConfig, Llama3RopeScaling
+from megatron.model.gpt import GPT, GPTConfig
 from megatron.model.moe import MoEArchitecture, MoERuntime
 from megatron.model.moe.lore import LoREConfig
 from megatron.model.moe.router import Balancing
+from megatron.model.rope import Llama3RopeScaling
 
 FAMILIES = {"gpt_neox": NEOX_FIELDS, "llama": LLAMA_FIELDS}
 NEOX_SHAPED = GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model.gpt import GPT, GPTConfig, Rotary, init_std
+from megatron.model.gpt import GPT, GPTConfig, init_std
 from megatron.model.moe import LoREConfig, MoEArchitecture
+from megatron.model.rope import Rotary
 from megatron.training.optim import build_optimizer
 
 VARIANTS = {

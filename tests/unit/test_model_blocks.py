@@ -15,8 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron.config import ConfigError, load_config
+from megatron.model.attention import Attention
 from megatron.model.build import build_gpt
-from megatron.model.gpt import MLP, Attention, GPTConfig, mlp_width
+from megatron.model.gpt import MLP, GPTConfig, mlp_width
 from megatron.sizing.flops import flops_per_token
 from megatron.sizing.params import count_parameters
 

@@ -1,0 +1,147 @@
+"""Causal self-attention (multi-head and grouped-query, optional sliding window, QK-norm), its KV cache for
+generation and the padding masks of batched generation.
+
+Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H query heads,
+K key/value heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.model.rope import Rotary
+
+if TYPE_CHECKING:
+    from megatron.model.gpt import GPTConfig
+
+
+class KVCache:
+    """Every layer's keys and values of the tokens seen so far ([B, K, T, Dh] each, rotated), so that generation
+    runs each new token alone through the model. Grows by concatenation; a sliding window masks, not trims."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def length(self, layer: int = 0) -> int:
+        """Tokens this layer has seen: the position of the next one."""
+        k = self.keys[layer]
+        return 0 if k is None else k.shape[2]
+
+    def extend(self, layer: int, k_BKSDh: torch.Tensor, v_BKSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new tokens' keys and values; returns all of them, [B, K, T, Dh]."""
+        if self.keys[layer] is not None:
+            k_BKSDh = torch.cat([self.keys[layer], k_BKSDh], dim=2)
+            v_BKSDh = torch.cat([self.values[layer], v_BKSDh], dim=2)
+        self.keys[layer], self.values[layer] = k_BKSDh, v_BKSDh
+        return k_BKSDh, v_BKSDh
+
+
+@dataclass
+class Padding:
+    """Padded rows (Hugging Face's attention_mask): each new token's position within its own row, and which
+    keys hold tokens, so that padding neither shifts positions nor is attended to."""
+
+    positions_BS: torch.Tensor
+    keys_valid_BT: torch.Tensor  # bool: the cached keys, then the new ones
+
+    @classmethod
+    def from_mask(cls, attention_mask_BT: torch.Tensor, num_new: int) -> Padding:
+        valid_BT = attention_mask_BT.bool()
+        positions_BT = (valid_BT.long().cumsum(dim=-1) - 1).clamp(min=0)
+        return cls(positions_BT[:, -num_new:], valid_BT)
+
+
+def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch.device,
+              padding: Padding | None = None) -> torch.Tensor | None:
+    """Which keys each query sees, [S, T] bool: the queries are the last S of T positions; causal, and with a
+    window only the `window` keys before a query (and itself), GPT-NeoX's flash window (w, 0) and Mistral's.
+    With `padding`, [B, 1, S, T]: and only keys that hold tokens (a padding query sees itself, so that no row
+    of the softmax is empty). None when plain causal attention over the whole sequence is meant (sdpa's
+    is_causal path)."""
+    start = num_keys - num_queries
+    if window is None and start == 0 and padding is None:
+        return None
+    query_S1 = torch.arange(start, num_keys, device=device)[:, None]
+    key_1T = torch.arange(num_keys, device=device)[None, :]
+    allowed_ST = key_1T <= query_S1
+    if window is not None:
+        allowed_ST = allowed_ST & (key_1T >= query_S1 - window)
+    if padding is None:
+        return allowed_ST
+    return (allowed_ST & padding.keys_valid_BT[:, None, None, :]) | (key_1T == query_S1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; with num_kv_heads < H, grouped-query: query head h reads K/V head h // (H / K).
+
+    The fused projection's columns are [q (H Dh) | k (K Dh) | v (K Dh)], so K = H is the layout of multi-head
+    checkpoints (`view(B, S, 3, H, Dh)`), and GPT-NeoX's GQA split."""
+
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        d, self.num_heads = cfg.hidden_size, cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_kv_heads or self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_heads} is not divisible by num_kv_heads "
+                             f"{self.num_kv_heads}")
+        self.head_dim = d // self.num_heads
+        self.layer_idx = layer_idx  # its slot in a KVCache
+        kv_width = self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d, d + 2 * kv_width, bias=cfg.use_bias_in_attn_linear)
+        self.dense = nn.Linear(d, d, bias=cfg.use_bias_in_attn_linear)
+        self.rotary = (
+            Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings, cfg.rope_scaling)
+            if cfg.pos_emb == "rotary"
+            else None
+        )
+        self.window = cfg.sliding_window_width
+        # per-head RMSNorm of queries and keys (one weight of head_dim shared by the heads): bounds the attention
+        # logits, as Qwen3 does; the norm's epsilon is the model's
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout_p = cfg.attention_dropout
+        self.use_flash = cfg.attention_impl == "flash"
+
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None,
+                padding: Padding | None = None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BSD).split([H * Dh, K * Dh, K * Dh], dim=-1)
+        q_BHSDh = q.view(B, S, H, Dh).transpose(1, 2)
+        k_BKSDh, v_BKSDh = k.view(B, S, K, Dh).transpose(1, 2), v.view(B, S, K, Dh).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHSDh, k_BKSDh = self.q_norm(q_BHSDh), self.k_norm(k_BKSDh)
+        start = 0 if cache is None else cache.length(self.layer_idx)
+        if self.rotary is not None:
+            positions_BS = None if padding is None else padding.positions_BS
+            q_BHSDh, k_BKSDh = self.rotary(q_BHSDh, start, positions_BS), self.rotary(k_BKSDh, start, positions_BS)
+        if cache is not None:  # from here on T keys: the cached ones, then these S
+            k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.use_flash and cache is None and padding is None:
+            out_BSHDh = flash_attention(q_BHSDh, k_BKSDh, v_BKSDh, dropout_p, self.window)
+        else:
+            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device, padding)
+            out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BKSDh, v_BKSDh, attn_mask=mask_ST,
+                                                       dropout_p=dropout_p, is_causal=mask_ST is None,
+                                                       enable_gqa=K != H)
+            out_BSHDh = out_BHSDh.transpose(1, 2)
+        return self.dense(out_BSHDh.reshape(B, S, D))
+
+
+def flash_attention(q, k, v, dropout_p: float, window: int | None = None) -> torch.Tensor:
+    """The optional flash-attn kernel (CUDA only), imported on first use; it takes fewer K/V heads as they are."""
+    if not q.is_cuda:
+        raise RuntimeError("attention_impl: flash needs CUDA; use attention_impl: sdpa on this device")
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as err:
+        raise RuntimeError("attention_impl: flash needs the flash-attn package (pip install flash-attn)") from err
+    return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True,
+                           window_size=(-1, -1) if window is None else (window, 0))
