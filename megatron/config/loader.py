@@ -292,6 +292,7 @@ def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
     if args.max_position_embeddings < args.seq_length:
         raise ConfigError(f"max_position_embeddings {args.max_position_embeddings} < seq_length {args.seq_length}")
     check_moe_settings(args)
+    check_mla(args)
     if args.min_lr > args.lr:
         raise ConfigError(f"min_lr {args.min_lr} > optimizer.params.lr {args.lr}")
     if args.data_path and args.train_data_paths:
@@ -343,6 +344,19 @@ def check_moe_settings(args: NeoXArgs) -> None:
                        Balancing(args.lore_router_enable_bias, args.lore_router_bias_update_rate, args.lore_lbl_scope))
         if args.lsh_compression:
             LSHConfig(args.lsh_num_hashes, args.lsh_hash_dim, args.lsh_error_compensation)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_mla(args: NeoXArgs) -> None:
+    """Multi-head latent attention's own checks (megatron/model/mla.py), run on the config: its head dims, and the
+    attention settings it cannot honour."""
+    from megatron.model.mla import check_mla_settings, mla_config
+
+    try:
+        if mla_config(args.kv_lora_rank, args.q_lora_rank, args.qk_nope_head_dim, args.qk_rope_head_dim,
+                      args.v_head_dim) is not None:
+            check_mla_settings(args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -32,6 +32,7 @@ LORE_ROUTER_KEYS = ("lore_top_k", "lore_loss_coeff", "lore_renormalize_weights",
 CAPACITY_KEYS = ("moe_train_capacity_factor", "moe_eval_capacity_factor", "moe_min_capacity", "moe_token_drop_policy")
 LSH_KEYS = tuple(k for k in MoEArgs.model_fields if k.startswith("lsh_") and k != "lsh_compression")
 REMIX_KEYS = tuple(k for k in DiffusionArgs.model_fields if k.startswith("remix_") and k != "remix_num_basis")
+MLA_KEYS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # the latent's head dims
 EVAL_TASKS_KEYS = ("eval_tasks_interval", "eval_tasks_limit", "eval_tasks_num_fewshot", "eval_tasks_include_path")
 
 NEEDS: tuple[Needs, ...] = (
@@ -53,6 +54,7 @@ NEEDS: tuple[Needs, ...] = (
     Needs(("lore_router_bias_update_rate",), lambda a: a.lore_router_enable_bias, "lore_router_enable_bias: true"),
     Needs(LSH_KEYS, lambda a: a.lsh_compression, "lsh_compression: true"),
     Needs(("rotary_pct", "rotary_emb_base", "rope_scaling"), lambda a: a.pos_emb == "rotary", "pos_emb: rotary"),
+    Needs(MLA_KEYS, lambda a: a.kv_lora_rank is not None, "multi-head latent attention (kv_lora_rank set)"),
     Needs(REMIX_KEYS, lambda a: a.remix_num_basis > 0, "Remix-DiT (remix_num_basis > 0)"),
     Needs(("eval_tasks",), lambda a: a.model_type == "gpt", "model_type: gpt (lm-eval evaluates language models)"),
     Needs(("eval_tasks",), lambda a: bool(a.eval_tasks_interval or a.eval_interval),

@@ -80,6 +80,13 @@ class ModelArgs(Strict):
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
     sliding_window_width: int | None = Field(None, ge=1)  # NeoX: a query sees itself + the w keys before it
     qk_norm: bool = False  # ours: per-head RMSNorm of queries and keys before rotary (Qwen3)
+    # ours: multi-head latent attention (DeepSeek-V2/V3, megatron/model/mla.py): kv_lora_rank set switches it on;
+    # q_lora_rank None: the query is one projection; the three head dims are required with it
+    kv_lora_rank: int | None = Field(None, ge=1)
+    q_lora_rank: int | None = Field(None, ge=1)
+    qk_nope_head_dim: int | None = Field(None, ge=1)
+    qk_rope_head_dim: int | None = Field(None, ge=2)
+    v_head_dim: int | None = Field(None, ge=1)
     gpt_j_residual: bool = False
     no_weight_tying: bool = False
     make_vocab_size_divisible_by: int = Field(128, ge=1)
@@ -338,6 +345,7 @@ MODEL_KEYS = (
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
     "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
+    "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_router_score_function", "moe_router_enable_expert_bias",
     "lore_router_enable_bias", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",

@@ -4,6 +4,7 @@ the DiT's builder is megatron/model/dit/config.py."""
 from __future__ import annotations
 
 from megatron.model.gpt import GPT, GPTConfig
+from megatron.model.mla import mla_config
 from megatron.model.moe import Balancing, Capacity, LoREConfig, MoEArchitecture, MoERuntime
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
@@ -93,6 +94,8 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         attention_dropout=args.attention_dropout,
         checkpoint_activations=args.checkpoint_activations,
         attention_impl=args.attention_impl,
+        mla=mla_config(args.kv_lora_rank, args.q_lora_rank, args.qk_nope_head_dim, args.qk_rope_head_dim,
+                       args.v_head_dim),
         moe=moe_architecture_from_args(args),
     )
 

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.model.activations import activate, is_gated, up_width
 from megatron.model.attention import Attention, KVCache, Padding
 from megatron.model.loss import lm_loss
+from megatron.model.mla import MLAConfig, MultiHeadLatentAttention
 from megatron.model.moe import MoEArchitecture, MoEAux, MoELayer, MoERuntime
 from megatron.model.rope import Llama3RopeScaling
 
@@ -58,6 +59,7 @@ class GPTConfig:
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False
     attention_impl: str = "sdpa"
+    mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek-V3) in place of Attention's projections
     moe: MoEArchitecture | None = field(default=None)  # how this run computes it is GPT's moe_runtime
 
     @property
@@ -125,12 +127,20 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
     return MoELayer(cfg.hidden_size, moe.ffn_hidden_size or cfg.ffn_size, cfg.activation, std, out_std, moe, runtime)
 
 
+def make_attention(cfg: GPTConfig, layer_idx: int = 0) -> nn.Module:
+    """The attention the config chooses: multi-head latent attention (mla.py) when `cfg.mla` is set, else
+    multi-head / grouped-query attention (attention.py)."""
+    if cfg.mla is not None:
+        return MultiHeadLatentAttention(cfg, layer_idx)
+    return Attention(cfg, layer_idx)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
                  moe_runtime: MoERuntime | None = None):
         super().__init__()
         self.input_norm = make_norm(cfg)
-        self.attention = Attention(cfg, layer_idx)
+        self.attention = make_attention(cfg, layer_idx)
         self.post_attention_norm = make_norm(cfg)
         self.mlp = make_feedforward(cfg, layer_idx, std, out_std, moe_runtime)
         self.dropout = nn.Dropout(cfg.hidden_dropout)

@@ -13,6 +13,8 @@ from megatron.config.needs import NEEDS
 
 MOE = ["--moe_num_experts", "4", "--moe_top_k", "2", "--moe_router_type", "topk"]
 LORES = [*MOE, "--lore_num_experts", "4", "--lore_rank", "2"]
+MLA = ["--pos_emb", "rotary", "--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "4",
+       "--v_head_dim", "8"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -76,6 +78,7 @@ SETTINGS = {
     "lore_router_enable_bias: true": (LORES, [*LORES, "--lore_router_enable_bias", "true"]),
     "lsh_compression: true": (MOE, [*MOE, "--lsh_compression", "true"]),
     "pos_emb: rotary": ([], ["--pos_emb", "rotary"]),
+    "multi-head latent attention (kv_lora_rank set)": ([], [*MLA]),
     "Remix-DiT (remix_num_basis > 0)": (["--model_type", "dit"], ["--model_type", "dit", "--remix_num_basis", "2"]),
     "straggler_factor > 0 (0 switches the watch off)": (["--straggler_factor", "0"], []),
     "model_type: gpt (lm-eval evaluates language models)": (["--model_type", "dit"], []),
