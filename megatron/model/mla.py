@@ -101,7 +101,7 @@ def check_mla_settings(settings: Any) -> None:
                          "whose every head has its own key and value from the shared latent; expected it unset")
     if getattr(settings, "head_dim", None) is not None:
         raise ValueError(f"head_dim: {settings.head_dim} with multi-head latent attention (kv_lora_rank), whose "
-                         "heads are qk_nope_head_dim + qk_rope_head_dim wide (v_head_dim for values); expected it unset")
+                         "heads are qk_nope_head_dim + qk_rope_head_dim wide (values v_head_dim); expected it unset")
     if getattr(settings, "attention_sinks", False):
         raise ValueError("attention_sinks: true with multi-head latent attention (kv_lora_rank): not built for it; "
                          "expected false")
