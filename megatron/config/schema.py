@@ -6,9 +6,9 @@ listed in neox_keys.DEFAULT_EXCEPTIONS); our extensions are marked.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 MAX_BIAS_UPDATE_RATE = 0.1  # the loss-free balancing bias's step, against router scores in [0, 1]
 
@@ -60,6 +60,37 @@ class RopeScalingArgs(Strict):
         return value
 
 
+class YarnRopeScalingArgs(Strict):
+    """YaRN's RoPE scaling (rope_type yarn; DeepSeek-V3, gpt-oss): frequencies that turn fewer than beta_slow times
+    over original_max_position_embeddings are divided by `factor`, ones turning more than beta_fast times are kept,
+    a linear ramp between; cos and sin are multiplied by an attention factor from factor, mscale, mscale_all_dim."""
+
+    type: Literal["yarn"]
+    factor: float = Field(ge=1)
+    original_max_position_embeddings: int = Field(ge=1)
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+    mscale: float = Field(1.0, ge=0)
+    mscale_all_dim: float = Field(0.0, ge=0)
+    truncate: bool = True  # the ramp's ends rounded out to whole dims (gpt-oss: false)
+
+    @model_validator(mode="after")
+    def fast_above_slow(self) -> YarnRopeScalingArgs:
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"expected beta_fast above beta_slow, got {self.beta_fast} and {self.beta_slow}")
+        return self
+
+
+def rope_scaling_type(value: Any) -> str:
+    """The `type` of a rope_scaling block; absent means llama3, the one type there was before YaRN."""
+    return (value.get("type") if isinstance(value, dict) else getattr(value, "type", None)) or "llama3"
+
+
+RopeScaling = Annotated[Annotated[RopeScalingArgs, Tag("llama3")] | Annotated[YarnRopeScalingArgs, Tag("yarn")],
+                        Discriminator(rope_scaling_type, custom_error_type="rope_scaling_type",
+                                      custom_error_message="expected type llama3 or yarn")]
+
+
 class ModelArgs(Strict):
     model_type: Literal["gpt", "dit"] = "gpt"  # ours: the model family (dit: see DiffusionArgs)
     num_layers: int = Field(2, ge=1)
@@ -70,7 +101,7 @@ class ModelArgs(Strict):
     pos_emb: Literal["rotary", "learned", "none"] = "learned"
     rotary_pct: float = Field(1.0, ge=0, le=1)
     rotary_emb_base: int = Field(10000, ge=1)
-    rope_scaling: RopeScalingArgs | None = None  # ours: Llama-3.1's scaled RoPE; None: plain RoPE
+    rope_scaling: RopeScaling | None = None  # ours: Llama-3.1's or YaRN's scaled RoPE; None: plain RoPE
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = Field(1e-5, gt=0)
     rms_norm_epsilon: float = Field(1e-8, gt=0)
@@ -80,6 +111,9 @@ class ModelArgs(Strict):
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
     sliding_window_width: int | None = Field(None, ge=1)  # NeoX: a query sees itself + the w keys before it
     qk_norm: bool = False  # ours: per-head RMSNorm of queries and keys before rotary (Qwen3)
+    attention_sinks: bool = False  # ours: a learned logit per query head that takes softmax mass, no value (gpt-oss)
+    # ours: "sliding"/"full" per layer, repeated over the layers (gpt-oss: [sliding, full]); None: every layer slides
+    sliding_window_pattern: list[Literal["sliding", "full"]] | None = Field(None, min_length=1)
     # ours: multi-head latent attention (DeepSeek-V2/V3, megatron/model/mla.py): kv_lora_rank set switches it on;
     # q_lora_rank None: the query is one projection; the three head dims are required with it
     kv_lora_rank: int | None = Field(None, ge=1)
@@ -102,6 +136,14 @@ class ModelArgs(Strict):
     attention_impl: Literal["sdpa", "flash"] = "sdpa"
     use_bias_in_norms: bool = True
     use_bias_in_attn_linear: bool = True
+
+    @field_validator("sliding_window_pattern")
+    @classmethod
+    def some_layer_slides(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "sliding" not in value:
+            raise ValueError(f"expected at least one 'sliding' layer, got {value} (no window: leave "
+                             "sliding_window_width unset)")
+        return value
 
 
 class MoEArgs(Strict):
@@ -345,6 +387,7 @@ MODEL_KEYS = (
     "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
     "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
+    "attention_sinks", "sliding_window_pattern",
     "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_router_score_function", "moe_router_enable_expert_bias",

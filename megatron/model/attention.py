@@ -1,8 +1,8 @@
-"""Causal self-attention (multi-head and grouped-query, optional sliding window, QK-norm), its KV cache for
-generation and the padding masks of batched generation.
+"""Causal self-attention (multi-head and grouped-query, optional sliding window on all layers or by a pattern,
+QK-norm, attention sinks), its KV cache for generation and the padding masks of batched generation.
 
 Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H query heads,
-K key/value heads, Dh head dim.
+K key/value heads, Dh head dim, G query heads per key/value head (H / K).
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ class Padding:
 
 
 def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch.device,
-              padding: Padding | None = None) -> torch.Tensor | None:
+              padding: Padding | None = None, always: bool = False) -> torch.Tensor | None:
     """Which keys each query sees, [S, T] bool: the queries are the last S of T positions; causal, and with a
     window only the `window` keys before a query (and itself), GPT-NeoX's flash window (w, 0) and Mistral's.
     With `padding`, [B, 1, S, T]: and only keys that hold tokens (a padding query sees itself, so that no row
     of the softmax is empty). None when plain causal attention over the whole sequence is meant (sdpa's
-    is_causal path)."""
+    is_causal path), unless `always`."""
     start = num_keys - num_queries
-    if window is None and start == 0 and padding is None:
+    if window is None and start == 0 and padding is None and not always:
         return None
     query_S1 = torch.arange(start, num_keys, device=device)[:, None]
     key_1T = torch.arange(num_keys, device=device)[None, :]
@@ -100,7 +100,14 @@ class Attention(nn.Module):
             if cfg.pos_emb == "rotary"
             else None
         )
-        self.window = cfg.sliding_window_width
+        self.window = layer_window(cfg, layer_idx)
+        # attention sinks (gpt-oss): one learned logit per query head, a softmax column with no value, so a head
+        # may attend to nothing. Zero at init (transformers draws N(0, 0.02), as good as zero beside logits of
+        # order 1): no random draw, so every other weight is the one the same seed gives without sinks
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if cfg.attention_sinks else None
+        if cfg.attention_sinks and cfg.attention_impl == "flash":
+            raise ValueError("attention_sinks: true needs attention_impl: sdpa (flash-attn's kernel has no sink "
+                             "logit)")
         # per-head RMSNorm of queries and keys (one weight of head_dim shared by the heads): bounds the attention
         # logits, as Qwen3 does; the norm's epsilon is the model's
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -124,7 +131,11 @@ class Attention(nn.Module):
         if cache is not None:  # from here on T keys: the cached ones, then these S
             k_BKSDh, v_BKSDh = cache.extend(self.layer_idx, k_BKSDh, v_BKSDh)
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.use_flash and cache is None and padding is None:
+        if self.sinks is not None:
+            mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device, padding, always=True)
+            out_BHSDh = attention_with_sinks(q_BHSDh, k_BKSDh, v_BKSDh, self.sinks, mask_ST, dropout_p)
+            out_BSHDh = out_BHSDh.transpose(1, 2)
+        elif self.use_flash and cache is None and padding is None:
             out_BSHDh = flash_attention(q_BHSDh, k_BKSDh, v_BKSDh, dropout_p, self.window)
         else:
             mask_ST = band_mask(S, k_BKSDh.shape[2], self.window, x_BSD.device, padding)
@@ -133,6 +144,37 @@ class Attention(nn.Module):
                                                        enable_gqa=K != H)
             out_BSHDh = out_BHSDh.transpose(1, 2)
         return self.dense(out_BSHDh.reshape(B, S, D))
+
+
+def layer_window(cfg: GPTConfig, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx`: sliding_window_width, unless sliding_window_pattern, repeated over
+    the layers, makes this one a "full" layer (gpt-oss's layer_types alternate sliding and full)."""
+    pattern = cfg.sliding_window_pattern
+    if pattern is not None and any(kind not in ("sliding", "full") for kind in pattern):
+        raise ValueError(f"sliding_window_pattern: {list(pattern)} (expected a list of 'sliding' and 'full')")
+    if cfg.sliding_window_width is None or (pattern and pattern[layer_idx % len(pattern)] == "full"):
+        return None
+    return cfg.sliding_window_width
+
+
+def attention_with_sinks(q_BHSDh: torch.Tensor, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor, sinks_H: torch.Tensor,
+                         allowed: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """Softmax attention whose every row has one more logit, its head's sink, which takes probability mass and
+    contributes no value (sdpa has no place for it). `allowed`: band_mask's [S, T] or [B, 1, S, T]. Query head
+    h = k G + g reads K/V head k (G = H / K), so the heads are viewed as [K, G] and K/V are never repeated.
+    The softmax is in fp32; returns [B, H, S, Dh] in the values' dtype."""
+    B, H, S, Dh = q_BHSDh.shape
+    K, T = k_BKTDh.shape[1], k_BKTDh.shape[2]
+    G = H // K
+    q_BKGSDh = q_BHSDh.view(B, K, G, S, Dh)
+    scores_BKGST = (q_BKGSDh @ k_BKTDh.unsqueeze(2).transpose(-1, -2)).float() * Dh ** -0.5
+    allowed_BKGST = allowed if allowed.dim() == 2 else allowed.unsqueeze(2)  # [B, 1, S, T] -> [B, 1, 1, S, T]
+    scores_BKGST = scores_BKGST.masked_fill(~allowed_BKGST, float("-inf"))
+    sink_BKGS1 = sinks_H.float().view(1, K, G, 1, 1).expand(B, K, G, S, 1)
+    probs_BKGST = torch.cat([scores_BKGST, sink_BKGS1], dim=-1).softmax(dim=-1)[..., :T]
+    probs_BKGST = F.dropout(probs_BKGST, dropout_p) if dropout_p else probs_BKGST
+    out_BKGSDh = probs_BKGST.to(v_BKTDh.dtype) @ v_BKTDh.unsqueeze(2)
+    return out_BKGSDh.reshape(B, H, S, Dh)
 
 
 def flash_attention(q, k, v, dropout_p: float, window: int | None = None) -> torch.Tensor:

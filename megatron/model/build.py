@@ -8,7 +8,7 @@ from megatron.model.mla import mla_config
 from megatron.model.moe import Balancing, Capacity, LoREConfig, MoEArchitecture, MoERuntime
 from megatron.model.moe.kernels import resolve_moe_impl
 from megatron.model.moe.lsh import LSHConfig
-from megatron.model.rope import Llama3RopeScaling
+from megatron.model.rope import Llama3RopeScaling, YarnRopeScaling
 from megatron.parallel.expert_parallel import ExpertParallel
 
 
@@ -62,6 +62,14 @@ def moe_runtime_from_args(args, expert_parallel: ExpertParallel | None = None) -
     )
 
 
+def rope_scaling_from_args(scaling) -> Llama3RopeScaling | YarnRopeScaling | None:
+    """The rope_scaling block as the rotary embedding's scaling, by its `type`."""
+    if scaling is None:
+        return None
+    kind = {"llama3": Llama3RopeScaling, "yarn": YarnRopeScaling}[scaling.type]
+    return kind(**scaling.model_dump(exclude={"type"}))
+
+
 def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
     return GPTConfig(
         vocab_size=padded_vocab_size,
@@ -71,6 +79,8 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         num_kv_heads=args.num_kv_heads,
         sliding_window_width=args.sliding_window_width,
         qk_norm=args.qk_norm,
+        attention_sinks=args.attention_sinks,
+        sliding_window_pattern=None if args.sliding_window_pattern is None else tuple(args.sliding_window_pattern),
         intermediate_size=args.intermediate_size,
         mlp_multiple_of=args.mlp_multiple_of,
         use_bias_in_mlp=args.use_bias_in_mlp,
@@ -78,8 +88,7 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         pos_emb=args.pos_emb,
         rotary_pct=args.rotary_pct,
         rotary_emb_base=args.rotary_emb_base,
-        rope_scaling=None if args.rope_scaling is None else Llama3RopeScaling(
-            **args.rope_scaling.model_dump(exclude={"type"})),
+        rope_scaling=rope_scaling_from_args(args.rope_scaling),
         norm=args.norm,
         norm_eps=args.rms_norm_epsilon if args.norm == "rmsnorm" else args.layernorm_epsilon,
         use_bias_in_norms=args.use_bias_in_norms,

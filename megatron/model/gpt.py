@@ -25,7 +25,7 @@ from megatron.model.attention import Attention, KVCache, Padding
 from megatron.model.loss import lm_loss
 from megatron.model.mla import MLAConfig, MultiHeadLatentAttention
 from megatron.model.moe import MoEArchitecture, MoEAux, MoELayer, MoERuntime
-from megatron.model.rope import Llama3RopeScaling
+from megatron.model.rope import Llama3RopeScaling, YarnRopeScaling
 
 
 @dataclass
@@ -37,6 +37,9 @@ class GPTConfig:
     num_kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by H/K query heads; None: H
     sliding_window_width: int | None = None  # a query sees itself and the w keys before it (Mistral); None: all
     qk_norm: bool = False  # RMSNorm over each head's query and key before rotary (Qwen3, OLMo-2 style)
+    attention_sinks: bool = False  # a learned logit per query head that takes softmax mass and has no value (gpt-oss)
+    # "sliding"/"full" per layer, repeated cyclically (gpt-oss: ("sliding", "full")); None: every layer uses the window
+    sliding_window_pattern: tuple[str, ...] | None = None
     intermediate_size: int | None = None
     mlp_multiple_of: int = 1
     use_bias_in_mlp: bool = True
@@ -44,7 +47,7 @@ class GPTConfig:
     pos_emb: str = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: int = 10000
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | YarnRopeScaling | None = None
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     use_bias_in_norms: bool = True

@@ -78,6 +78,8 @@ SETTINGS = {
     "lore_router_enable_bias: true": (LORES, [*LORES, "--lore_router_enable_bias", "true"]),
     "lsh_compression: true": (MOE, [*MOE, "--lsh_compression", "true"]),
     "pos_emb: rotary": ([], ["--pos_emb", "rotary"]),
+    "sliding_window_width (the window of the pattern's sliding layers)": ([], ["--sliding_window_width", "4"]),
+    "attention_impl: sdpa (flash-attn's kernel has no sink logit)": (["--attention_impl", "flash"], []),
     "multi-head latent attention (kv_lora_rank set)": ([], [*MLA]),
     "Remix-DiT (remix_num_basis > 0)": (["--model_type", "dit"], ["--model_type", "dit", "--remix_num_basis", "2"]),
     "straggler_factor > 0 (0 switches the watch off)": (["--straggler_factor", "0"], []),
@@ -87,6 +89,7 @@ SETTINGS = {
 }
 # a valid value other than the default, where the type alone does not give one
 OTHER_VALUES = {"lsh_layers": "[0]", "rope_scaling": "{factor: 8.0}", "image_path": "x", "image_labels_path": "x",
+                "sliding_window_pattern": "[sliding, full]",
                 "remix_init_from": "x", "lsh_num_hashes": "3", "image_size": "8", "patch_size": "4",
                 "beta_start": "0.001", "beta_end": "0.03", "remix_num_experts": "8", "moe_top_k": "2",
                 "lore_rank": "3", "lore_top_k": "2", "diffusion_steps": "100", "moe_first_layer": "1",
