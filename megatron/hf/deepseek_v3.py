@@ -1,0 +1,460 @@
+"""Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`, model_type deepseek_v3: DeepSeek-V3, Kimi-K2, Moonlight)
+as our model, and back.
+
+Shape legend: E experts, D hidden, F an expert's width, H heads, N qk_nope_head_dim, R qk_rope_head_dim.
+
+DeepSeek-V3's block is ours with multi-head latent attention (mla.py) and a DeepSeekMoE feed-forward: the first
+`first_k_dense_replace` layers dense SwiGLU, every later one routed experts (sigmoid scores, the best `topk_group`
+of `n_group` expert groups, the loss-free balancing bias `e_score_correction_bias` choosing, gates normalised and
+scaled by `routed_scaling_factor`) plus always-on shared experts. What maps where:
+- MLA's projections are renamed (q_a_proj -> q_down, q_a_layernorm -> q_norm, q_b_proj -> q_up, q_proj,
+  kv_a_proj_with_mqa -> kv_down, kv_a_layernorm -> kv_norm, kv_b_proj -> kv_up, o_proj -> dense); with
+  `rope_interleave` (DeepSeek's published layout) their rotary rows are interleaved pairs (x0, x1), (x2, x3), ...
+  and ours are rotate-half pairs (x_i, x_{i+R/2}), so the R rope rows of each query head and of kv_down's shared
+  key are permuted: evens first, then odds (transformers' interleaved rotation computes exactly that);
+- expert e's up_proj (value) and gate_proj (gate) [F, D] are its slice of our `w_up_EDF` [D, 2F], down_proj its
+  `w_down_EFD`; both file layouts are read (per expert `mlp.experts.E.gate_proj/up_proj/down_proj`, as DeepSeek's
+  release and save_pretrained write them, and transformers 5's fused `mlp.experts.gate_up_proj` [E, 2F, D] with
+  gate rows first, `mlp.experts.down_proj` [E, D, F]); exports are written per expert;
+- the router's `gate.weight` is our router's gate, `gate.e_score_correction_bias` our loss-free `expert_bias_E`;
+- the shared experts (one MLP n_shared_experts x F wide) are our `mlp.shared_experts`;
+- multi-token prediction modules are stored after the last layer, at model.layers.{L + d} (enorm, hnorm, eh_proj,
+  a decoder layer, shared_head.norm, and copies of the embedding and of the head); DeepseekV3ForCausalLM does not
+  compute them and skips them on load, so they are kept both ways (mapped onto mtp.py's modules).
+FP8 checkpoints (a quantization_config, weight_scale_inv tensors) and what transformers computes and we do not
+(norm_topk_prob false, another activation, key/value heads unlike the query heads, ...) are refused in one line
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import torch
+
+from megatron.config import ConfigError
+from megatron.hf.fields import ANY, unrepresented
+
+log = logging.getLogger("megatron.hf")
+State = dict[str, torch.Tensor]
+MODEL_TYPE = "deepseek_v3"
+LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default, always
+
+
+# --- rotary rows: DeepSeek's interleaved pairs <-> our rotate-half pairs ---------------------------------------
+
+def interleaved_order(rope_dims: int) -> torch.Tensor:
+    """Row i of the rotate-half layout is row order[i] of the interleaved one: pair j is (2j, 2j + 1) there and
+    (j, j + R/2) here, so the evens come first, then the odds."""
+    return torch.cat([torch.arange(0, rope_dims, 2), torch.arange(1, rope_dims, 2)])
+
+
+def rope_rows_interleaved_to_half(t: torch.Tensor, block: int, rope: int) -> torch.Tensor:
+    """A weight or bias whose rows are blocks of `block` rows, each ending in `rope` rotary rows in DeepSeek's
+    interleaved order (the query: one block [nope N | rope R] per head; kv_down: one block [latent C | shared key
+    R]) -> the same rows with each block's rope rows in rotate-half order."""
+    if t.shape[0] % block or not 0 < rope <= block:
+        raise ValueError(f"{t.shape[0]} rows do not split into blocks of {block} ending in {rope} rotary rows")
+    order = torch.cat([torch.arange(block - rope), block - rope + interleaved_order(rope)])
+    return t.reshape(-1, block, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+def rope_rows_half_to_interleaved(t: torch.Tensor, block: int, rope: int) -> torch.Tensor:
+    """The inverse of rope_rows_interleaved_to_half."""
+    if t.shape[0] % block or not 0 < rope <= block:
+        raise ValueError(f"{t.shape[0]} rows do not split into blocks of {block} ending in {rope} rotary rows")
+    order = torch.cat([torch.arange(block - rope), block - rope + torch.argsort(interleaved_order(rope))])
+    return t.reshape(-1, block, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+# --- config.json -> our keys --------------------------------------------------------------------------------------
+
+def yarn_keys(where: str, rope: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """Our rope_scaling block for transformers' yarn rope_parameters (None values read as transformers reads them:
+    beta_fast 32, beta_slow 1, factor from the context ratio, mscale and mscale_all_dim off)."""
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError(f"{where}: rope_parameters.original_max_position_embeddings missing (YaRN needs the "
+                          "pre-trained context)")
+    factor = rope.get("factor") or max_positions / original
+    scaling = {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
+               "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+               "mscale": float(rope.get("mscale") or 0.0), "mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
+               "truncate": bool(rope.get("truncate", True))}
+    given = rope.get("attention_factor")
+    if given is not None:
+        derived = yarn_attention_factor(scaling)
+        if not math.isclose(float(given), derived, rel_tol=1e-12):
+            raise ConfigError(f"{where}: rope_parameters.attention_factor {given} (ours derives it from factor, mscale "
+                              f"and mscale_all_dim: {derived}; expected that or none)")
+    return scaling
+
+
+def yarn_attention_factor(scaling: dict[str, Any]) -> float:
+    """transformers' YaRN attention factor (what cos and sin are multiplied by), for the check above."""
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor = scaling["factor"]
+    if scaling["mscale"] and scaling["mscale_all_dim"]:
+        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+    return mscale(factor)
+
+
+def deepseek_keys(where: str, hf: Any) -> dict[str, Any]:
+    """Our config keys for a transformers DeepseekV3Config; what we would compute differently is a ConfigError
+    naming the field."""
+    quantization = getattr(hf, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method", "?") if isinstance(quantization, dict)
+                  else type(quantization).__name__)
+        raise ConfigError(f"{where}: quantization_config (quant_method {method!r}): quantized (FP8) checkpoints are "
+                          "not converted; expected bf16 or fp32 weights (dequantize them first)")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE and YaRN are "
+                          "computed here")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{where}: rope_parameters.partial_rotary_factor {rope['partial_rotary_factor']} (expected "
+                          "1.0: MLA rotates all qk_rope_head_dim dims)")
+    theta = rope.get("rope_theta", 10000.0)
+    if float(theta) != int(theta):
+        raise ConfigError(f"{where}: rope_theta {theta} (expected a whole number)")
+    if hf.hidden_act != "silu":
+        raise ConfigError(f"{where}: hidden_act {hf.hidden_act!r} (expected silu: DeepSeek-V3's SwiGLU)")
+    if hf.num_key_value_heads != hf.num_attention_heads:
+        raise ConfigError(f"{where}: num_key_value_heads {hf.num_key_value_heads} (expected num_attention_heads "
+                          f"{hf.num_attention_heads}: MLA gives every head its own key and value)")
+    if hf.rms_norm_eps != LATENT_NORM_EPS:
+        raise ConfigError(f"{where}: rms_norm_eps {hf.rms_norm_eps} (expected {LATENT_NORM_EPS}: transformers "
+                          f"normalises MLA's latents with {LATENT_NORM_EPS} whatever rms_norm_eps, ours with "
+                          "rms_norm_eps)")
+    keys = {
+        "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
+        "num_attention_heads": hf.num_attention_heads,
+        "kv_lora_rank": hf.kv_lora_rank, "q_lora_rank": hf.q_lora_rank, "qk_nope_head_dim": hf.qk_nope_head_dim,
+        "qk_rope_head_dim": hf.qk_rope_head_dim, "v_head_dim": hf.v_head_dim,
+        "intermediate_size": 3 * hf.intermediate_size, "mlp_multiple_of": 1, "activation": "swiglu",
+        "max_position_embeddings": hf.max_position_embeddings, "seq_length": hf.max_position_embeddings,
+        "pos_emb": "rotary", "rotary_pct": 1.0, "rotary_emb_base": int(theta),
+        "rope_scaling": yarn_keys(where, rope, hf.max_position_embeddings) if rope_type == "yarn" else None,
+        "norm": "rmsnorm", "rms_norm_epsilon": hf.rms_norm_eps, "use_bias_in_norms": False,
+        "use_bias_in_attn_linear": bool(hf.attention_bias), "use_bias_in_mlp": False,
+        "no_weight_tying": not hf.tie_word_embeddings, "hidden_dropout": 0.0,
+        "attention_dropout": float(hf.attention_dropout or 0.0), "init_method_std": hf.initializer_range,
+    }
+    first_dense = hf.first_k_dense_replace or 0
+    if first_dense >= hf.num_hidden_layers:  # every layer dense: no MoE keys (they would ask for experts)
+        return keys
+    if not hf.norm_topk_prob:
+        raise ConfigError(f"{where}: norm_topk_prob false (ours normalises the chosen sigmoid gates to sum to 1; "
+                          "expected true)")
+    if not hf.n_group or hf.n_routed_experts % hf.n_group:
+        raise ConfigError(f"{where}: n_group {hf.n_group} (expected a whole number of groups dividing n_routed_experts "
+                          f"{hf.n_routed_experts})")
+    return keys | {
+        "moe_num_experts": hf.n_routed_experts, "moe_top_k": hf.num_experts_per_tok,
+        "moe_ffn_hidden_size": hf.moe_intermediate_size, "moe_num_shared_experts": hf.n_shared_experts,
+        "moe_expert_interval": 1, "moe_first_layer": first_dense, "moe_router_type": "topk",
+        "moe_router_score_function": "sigmoid", "moe_renormalize_weights": True,
+        "moe_router_enable_expert_bias": True, "moe_router_num_groups": hf.n_group,
+        "moe_router_group_top_k": hf.topk_group, "moe_router_scaling_factor": float(hf.routed_scaling_factor),
+        # DeepSeek's config.json (not transformers') names the sequence-wise balance loss's weight aux_loss_alpha
+        "moe_loss_coeff": float(getattr(hf, "aux_loss_alpha", None) or 0.0001), "moe_lbl_scope": "sequence",
+    }
+
+
+def mtp_layers_in(state: State, num_layers: int) -> int:
+    """How many multi-token prediction modules the weights hold: model.layers.L, L + 1, ... (L the main layers)."""
+    count = 0
+    while any(name.startswith(f"model.layers.{num_layers + count}.") for name in state):
+        count += 1
+    return count
+
+
+def deepseek_state_keys(where: str, hf: Any, state: State) -> dict[str, Any]:
+    """The keys the weights decide: the MTP modules they hold (transformers' own save_pretrained writes none,
+    whatever num_nextn_predict_layers says, so the config alone cannot tell)."""
+    scales = sorted(name for name in state if name.endswith("weight_scale_inv"))
+    if scales:
+        raise ConfigError(f"{where}: the weights hold FP8 scales ({scales[0]}, {len(scales)} such): quantized "
+                          "checkpoints are not converted; expected bf16 or fp32 weights (dequantize them first)")
+    modules = mtp_layers_in(state, hf.num_hidden_layers)
+    declared = getattr(hf, "num_nextn_predict_layers", 0) or 0
+    if modules > declared:
+        raise ConfigError(f"{where}: num_nextn_predict_layers {declared}, but the weights hold {modules} modules after "
+                          f"the last layer (model.layers.{hf.num_hidden_layers}..); expected at most {declared}")
+    return {"mtp_num_modules": modules} if modules else {}
+
+
+# --- weights -------------------------------------------------------------------------------------------------------
+
+class Taker:
+    """Reads each tensor of a state dict once, in fp32, and names what is missing or left over."""
+
+    def __init__(self, state: State, what: str):
+        self.state, self.what, self.used = state, what, set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.state:
+            raise ValueError(f"{name}: missing from the {self.what} weights")
+        self.used.add(name)
+        return self.state[name].to(torch.float32)
+
+    def has(self, name: str) -> bool:
+        return name in self.state
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.state) - self.used)
+
+
+def attention_to_ours(take: Taker, hf: str, ours: str, cfg: Any, interleaved: bool) -> State:
+    """One layer's DeepseekV3Attention -> our MultiHeadLatentAttention (rope rows to rotate-half order)."""
+    mla = cfg.mla
+    N, R, C = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+
+    def query(t: torch.Tensor) -> torch.Tensor:
+        return rope_rows_interleaved_to_half(t, N + R, R) if interleaved else t
+
+    def shared_key(t: torch.Tensor) -> torch.Tensor:
+        return rope_rows_interleaved_to_half(t, C + R, R) if interleaved else t
+
+    out = {f"{ours}.kv_down.weight": shared_key(take(f"{hf}.kv_a_proj_with_mqa.weight")),
+           f"{ours}.kv_norm.weight": take(f"{hf}.kv_a_layernorm.weight"),
+           f"{ours}.kv_up.weight": take(f"{hf}.kv_b_proj.weight"),
+           f"{ours}.dense.weight": take(f"{hf}.o_proj.weight")}
+    if mla.q_lora_rank is None:
+        out[f"{ours}.q_proj.weight"] = query(take(f"{hf}.q_proj.weight"))
+    else:
+        out |= {f"{ours}.q_down.weight": take(f"{hf}.q_a_proj.weight"),
+                f"{ours}.q_norm.weight": take(f"{hf}.q_a_layernorm.weight"),
+                f"{ours}.q_up.weight": query(take(f"{hf}.q_b_proj.weight"))}
+    if cfg.use_bias_in_attn_linear:  # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj
+        out |= {f"{ours}.kv_down.bias": shared_key(take(f"{hf}.kv_a_proj_with_mqa.bias")),
+                f"{ours}.dense.bias": take(f"{hf}.o_proj.bias")}
+        if mla.q_lora_rank is not None:
+            out[f"{ours}.q_down.bias"] = take(f"{hf}.q_a_proj.bias")
+    return out
+
+
+def feedforward_to_ours(take: Taker, hf: str, ours: str, moe_layer: bool, num_experts: int) -> State:
+    """One layer's dense MLP or DeepseekV3MoE (either experts layout) -> ours."""
+    def gated(prefix: str) -> State:  # a SwiGLU MLP: our up rows are [value (up_proj) | gate (gate_proj)]
+        return {f"{ours}.up.weight": torch.cat([take(f"{hf}.{prefix}up_proj.weight"),
+                                                take(f"{hf}.{prefix}gate_proj.weight")], dim=0),
+                f"{ours}.down.weight": take(f"{hf}.{prefix}down_proj.weight")}
+
+    if not moe_layer:
+        return gated("")
+    if take.has(f"{hf}.experts.gate_up_proj"):  # transformers 5's fused layout: [E, 2F, D], gate rows first
+        gate_EFD, up_EFD = take(f"{hf}.experts.gate_up_proj").chunk(2, dim=1)
+        down_EDF = take(f"{hf}.experts.down_proj")
+    else:  # one module per expert (DeepSeek's release, save_pretrained)
+        experts = range(num_experts)
+        gate_EFD = torch.stack([take(f"{hf}.experts.{e}.gate_proj.weight") for e in experts])
+        up_EFD = torch.stack([take(f"{hf}.experts.{e}.up_proj.weight") for e in experts])
+        down_EDF = torch.stack([take(f"{hf}.experts.{e}.down_proj.weight") for e in experts])
+    out = {f"{ours}.router.gate.weight": take(f"{hf}.gate.weight"),
+           f"{ours}.router.expert_bias_E": take(f"{hf}.gate.e_score_correction_bias"),
+           f"{ours}.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
+           f"{ours}.experts.w_down_EFD": down_EDF.transpose(1, 2)}
+    if take.has(f"{hf}.shared_experts.up_proj.weight"):
+        shared = gated("shared_experts.")
+        out |= {f"{ours}.shared_experts.{k.rsplit('.', 2)[-2]}.weight": v for k, v in shared.items()}
+    return out
+
+
+def block_to_ours(take: Taker, hf: str, ours: str, cfg: Any, moe_layer: bool, interleaved: bool) -> State:
+    """One decoder layer (norms, attention, feed-forward)."""
+    num_experts = cfg.moe.num_experts if cfg.moe is not None else 0
+    return {f"{ours}.input_norm.weight": take(f"{hf}.input_layernorm.weight"),
+            f"{ours}.post_attention_norm.weight": take(f"{hf}.post_attention_layernorm.weight"),
+            **attention_to_ours(take, f"{hf}.self_attn", f"{ours}.attention", cfg, interleaved),
+            **feedforward_to_ours(take, f"{hf}.mlp", f"{ours}.mlp", moe_layer, num_experts)}
+
+
+def is_moe_layer(cfg: Any, layer: int) -> bool:
+    return cfg.moe is not None and cfg.moe.is_moe_layer(layer)
+
+
+def same_tensor(take: Taker, name: str, expected: torch.Tensor, what: str) -> None:
+    """An MTP module's copy of the embedding or head must be the model's own (ours shares them)."""
+    if take.has(name) and not torch.equal(take(name), expected):
+        raise ValueError(f"{name}: differs from {what} (ours shares it with the model; expected a copy)")
+
+
+def deepseek_to_ours(state: State, cfg: Any, interleaved: bool = True) -> State:
+    """DeepseekV3ForCausalLM's state dict -> ours; every tensor is used exactly once (an MTP module's copies of
+    the embedding and head are checked equal to the model's). `interleaved`: config.json's rope_interleave."""
+    take = Taker(state, "DeepSeek-V3")
+    out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
+    for i in range(cfg.num_layers):
+        out |= block_to_ours(take, f"model.layers.{i}", f"blocks.{i}", cfg, is_moe_layer(cfg, i), interleaved)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    head = out["embed.weight"] if cfg.tie_embeddings else out["lm_head.weight"]
+    for d in range(cfg.mtp_num_modules):
+        out |= mtp_to_ours(take, cfg, d, head, interleaved)
+    skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
+    unused = sorted(set(take.unused()) - skipped - {k for k in state if k.endswith("rotary_emb.inv_freq")})
+    if unused:
+        raise ValueError(f"{unused[0]}: a DeepSeek-V3 tensor this converter does not map ({len(unused)} such)")
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def mtp_to_ours(take: Taker, cfg: Any, d: int, head: torch.Tensor, interleaved: bool) -> State:
+    """MTP module d, stored as model.layers.{L + d}, -> ours (filled in when megatron/model/mtp.py lands)."""
+    raise ValueError(f"model.layers.{cfg.num_layers + d}: multi-token prediction modules are not mapped yet")
+
+
+# --- ours -> DeepSeek-V3 -------------------------------------------------------------------------------------------
+
+# The GPTConfig fields DeepSeek-V3 holds and their values (ANY: every value); every other field must be off
+# (fields.py). Which combinations it holds is checked in deepseek_blockers.
+DEEPSEEK_FIELDS = {
+    "vocab_size": ANY, "num_layers": ANY, "hidden_size": ANY, "num_attention_heads": ANY,
+    "intermediate_size": ANY, "mlp_multiple_of": ANY,  # written as the dense layers' width F
+    "use_bias_in_mlp": (False,), "use_bias_in_attn_linear": ANY,  # attention_bias
+    "use_bias_in_norms": ANY,  # unused: RMSNorm has no bias
+    "max_position_embeddings": ANY, "pos_emb": ("rotary",), "rotary_pct": (1.0,), "rotary_emb_base": ANY,
+    "rope_scaling": ANY, "rope_scaling.factor": ANY, "rope_scaling.original_max_position_embeddings": ANY,
+    "rope_scaling.beta_fast": ANY, "rope_scaling.beta_slow": ANY, "rope_scaling.mscale": ANY,
+    "rope_scaling.mscale_all_dim": ANY, "rope_scaling.truncate": ANY,  # YaRN only (deepseek_blockers)
+    "norm": ("rmsnorm",), "norm_eps": (LATENT_NORM_EPS,), "activation": ("swiglu",), "gpt_j_residual": (False,),
+    "tie_embeddings": ANY,
+    "mla": ANY, "mla.kv_lora_rank": ANY, "mla.qk_nope_head_dim": ANY, "mla.qk_rope_head_dim": ANY,
+    "mla.v_head_dim": ANY, "mla.q_lora_rank": ANY,
+    # DeepSeekMoE: every layer from first_layer on, sigmoid scores (always normalised: renormalize is moot), the
+    # loss-free bias or none (written as zeros), shared experts; no LoREs
+    "moe": ANY, "moe.num_experts": ANY, "moe.top_k": ANY, "moe.expert_interval": (1,), "moe.first_layer": ANY,
+    "moe.ffn_hidden_size": ANY, "moe.renormalize": ANY, "moe.router_type": ("topk",),
+    "moe.score_function": ("sigmoid",), "moe.num_shared_experts": ANY, "moe.balancing": ANY,
+    "moe.balancing.bias": ANY,
+    "mtp_num_modules": ANY,
+}
+
+
+def deepseek_blockers(cfg: Any, moe_runtime: Any = None) -> list[str]:
+    """Why this GPTConfig is not a DeepseekV3ForCausalLM, or [] when it computes exactly one."""
+    reasons = unrepresented(cfg, DEEPSEEK_FIELDS)
+    if cfg.mla is None:
+        reasons.append("mla: None (expected multi-head latent attention: kv_lora_rank)")
+    if cfg.rope_scaling is not None and not hasattr(cfg.rope_scaling, "mscale_all_dim"):
+        reasons.append(f"rope_scaling: {type(cfg.rope_scaling).__name__} (expected YaRN's or none)")
+    if cfg.moe is not None and moe_runtime is not None and moe_runtime.impl == "megablocks":
+        reasons.append("moe_impl: megablocks (another expert weight layout)")
+    return reasons
+
+
+def deepseek_config(cfg: Any) -> dict[str, Any]:
+    """config.json of the DeepseekV3ForCausalLM computing what `cfg` computes (rope rows written interleaved, as
+    DeepSeek publishes them)."""
+    mla, moe = cfg.mla, cfg.moe
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.ffn_size, "hidden_act": "silu",
+        "kv_lora_rank": mla.kv_lora_rank, "q_lora_rank": mla.q_lora_rank, "qk_nope_head_dim": mla.qk_nope_head_dim,
+        "qk_rope_head_dim": mla.qk_rope_head_dim, "v_head_dim": mla.v_head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope_parameters(cfg), "rope_interleave": True,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": cfg.use_bias_in_attn_linear,
+        "attention_dropout": cfg.attention_dropout, "initializer_range": cfg.init_method_std,
+        "num_nextn_predict_layers": cfg.mtp_num_modules, "use_cache": True, "dtype": "float32",
+    }
+    if moe is None:  # every layer dense; the MoE sizes are never built
+        return config | {"first_k_dense_replace": cfg.num_layers, "n_routed_experts": 1, "num_experts_per_tok": 1,
+                         "n_group": 1, "topk_group": 1, "n_shared_experts": 0, "moe_intermediate_size": cfg.ffn_size}
+    return config | {
+        "first_k_dense_replace": moe.first_layer, "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.ffn_hidden_size or cfg.ffn_size,
+        "n_shared_experts": moe.num_shared_experts, "norm_topk_prob": True,
+        "n_group": moe.num_groups, "topk_group": moe.group_top_k, "routed_scaling_factor": moe.scaling_factor,
+        "output_router_logits": False,
+    }
+
+
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """transformers' rope_parameters: plain RoPE, or YaRN with our rope_scaling's fields."""
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
+    return {"rope_type": "yarn", "rope_theta": float(cfg.rotary_emb_base)} | dataclasses.asdict(cfg.rope_scaling)
+
+
+def attention_to_deepseek(take: Taker, ours: str, hf: str, cfg: Any) -> State:
+    """The inverse of attention_to_ours, rope rows interleaved."""
+    mla = cfg.mla
+    N, R, C = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+    kv_down = rope_rows_half_to_interleaved(take(f"{ours}.kv_down.weight"), C + R, R)
+    out = {f"{hf}.kv_a_proj_with_mqa.weight": kv_down,
+           f"{hf}.kv_a_layernorm.weight": take(f"{ours}.kv_norm.weight"),
+           f"{hf}.kv_b_proj.weight": take(f"{ours}.kv_up.weight"),
+           f"{hf}.o_proj.weight": take(f"{ours}.dense.weight")}
+    if mla.q_lora_rank is None:
+        out[f"{hf}.q_proj.weight"] = rope_rows_half_to_interleaved(take(f"{ours}.q_proj.weight"), N + R, R)
+    else:
+        out |= {f"{hf}.q_a_proj.weight": take(f"{ours}.q_down.weight"),
+                f"{hf}.q_a_layernorm.weight": take(f"{ours}.q_norm.weight"),
+                f"{hf}.q_b_proj.weight": rope_rows_half_to_interleaved(take(f"{ours}.q_up.weight"), N + R, R)}
+    if cfg.use_bias_in_attn_linear:
+        out |= {f"{hf}.kv_a_proj_with_mqa.bias": rope_rows_half_to_interleaved(take(f"{ours}.kv_down.bias"),
+                                                                              C + R, R),
+                f"{hf}.o_proj.bias": take(f"{ours}.dense.bias")}
+        if mla.q_lora_rank is not None:
+            out[f"{hf}.q_a_proj.bias"] = take(f"{ours}.q_down.bias")
+    return out
+
+
+def feedforward_to_deepseek(take: Taker, ours: str, hf: str, moe_layer: bool, cfg: Any) -> State:
+    """The inverse of feedforward_to_ours, experts one module each (DeepSeek's published layout)."""
+    def gated(prefix: str, up: str, down: str) -> State:
+        value, gate = take(up).chunk(2, dim=0)
+        return {f"{hf}.{prefix}up_proj.weight": value, f"{hf}.{prefix}gate_proj.weight": gate,
+                f"{hf}.{prefix}down_proj.weight": take(down)}
+
+    if not moe_layer:
+        return gated("", f"{ours}.up.weight", f"{ours}.down.weight")
+    value_EDF, gate_EDF = take(f"{ours}.experts.w_up_EDF").chunk(2, dim=2)
+    down_EFD = take(f"{ours}.experts.w_down_EFD")
+    bias = f"{ours}.router.expert_bias_E"  # none: the same choices as a zero bias
+    out = {f"{hf}.gate.weight": take(f"{ours}.router.gate.weight"),
+           f"{hf}.gate.e_score_correction_bias": take(bias) if take.has(bias) else torch.zeros(cfg.moe.num_experts)}
+    for e in range(cfg.moe.num_experts):
+        out |= {f"{hf}.experts.{e}.gate_proj.weight": gate_EDF[e].T, f"{hf}.experts.{e}.up_proj.weight": value_EDF[e].T,
+                f"{hf}.experts.{e}.down_proj.weight": down_EFD[e].T}
+    if cfg.moe.num_shared_experts:
+        out |= gated("shared_experts.", f"{ours}.shared_experts.up.weight", f"{ours}.shared_experts.down.weight")
+    return out
+
+
+def block_to_deepseek(take: Taker, ours: str, hf: str, cfg: Any, moe_layer: bool) -> State:
+    return {f"{hf}.input_layernorm.weight": take(f"{ours}.input_norm.weight"),
+            f"{hf}.post_attention_layernorm.weight": take(f"{ours}.post_attention_norm.weight"),
+            **attention_to_deepseek(take, f"{ours}.attention", f"{hf}.self_attn", cfg),
+            **feedforward_to_deepseek(take, f"{ours}.mlp", f"{hf}.mlp", moe_layer, cfg)}
+
+
+def ours_to_deepseek(state: State, cfg: Any) -> State:
+    """Our state dict -> DeepseekV3ForCausalLM's (the inverse of deepseek_to_ours); every tensor of ours is used."""
+    take = Taker(state, "our")
+    out = {"model.embed_tokens.weight": take("embed.weight"), "model.norm.weight": take("final_norm.weight")}
+    for i in range(cfg.num_layers):
+        out |= block_to_deepseek(take, f"blocks.{i}", f"model.layers.{i}", cfg, is_moe_layer(cfg, i))
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    for d in range(cfg.mtp_num_modules):
+        out |= mtp_to_deepseek(take, cfg, d)
+    unused = take.unused()
+    if unused:
+        raise ValueError(f"{unused[0]}: a tensor of ours the DeepSeek-V3 layout has no place for ({len(unused)} such)")
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def mtp_to_deepseek(take: Taker, cfg: Any, d: int) -> State:
+    """Our MTP module d -> model.layers.{L + d} (filled in when megatron/model/mtp.py lands)."""
+    raise ValueError(f"mtp.{d}: multi-token prediction modules are not mapped yet")
