@@ -283,7 +283,7 @@ def fill_batch_sizes(values: dict[str, Any], dp: int, origin: dict[str, str] | N
 
 
 def check_combinations(args: NeoXArgs, data_parallel_size: int = 1) -> None:
-    if args.hidden_size % args.num_attention_heads:
+    if args.head_dim is None and args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"hidden_size {args.hidden_size} is not divisible by num_attention_heads "
                           f"{args.num_attention_heads}")
     if args.num_kv_heads and args.num_attention_heads % args.num_kv_heads:

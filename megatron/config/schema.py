@@ -96,6 +96,7 @@ class ModelArgs(Strict):
     num_layers: int = Field(2, ge=1)
     hidden_size: int = Field(128, ge=1)
     num_attention_heads: int = Field(4, ge=1)
+    head_dim: int | None = Field(None, ge=1)  # ours: each head's width; None: hidden_size // num_attention_heads
     seq_length: int = Field(128, ge=1)
     max_position_embeddings: int | None = Field(None, ge=1)
     pos_emb: Literal["rotary", "learned", "none"] = "learned"
@@ -384,7 +385,8 @@ class NeoXArgs(LoggingArgs, CheckpointArgs, DataArgs, TrainingArgs, OptimizerArg
 # What a checkpoint's model is: a resume whose config differs from the checkpoint's in any of these is refused,
 # naming the key (a run's speed and memory settings, its losses' weights and its regularisation may change).
 MODEL_KEYS = (
-    "model_type", "num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "pos_emb", "rotary_pct",
+    "model_type", "num_layers", "hidden_size", "num_attention_heads", "head_dim", "num_kv_heads", "pos_emb",
+    "rotary_pct",
     "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
     "attention_sinks", "sliding_window_pattern",

@@ -90,11 +90,12 @@ class Attention(nn.Module):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads {self.num_heads} is not divisible by num_kv_heads "
                              f"{self.num_kv_heads}")
-        self.head_dim = d // self.num_heads
+        self.head_dim = cfg.head_dim or d // self.num_heads  # H Dh may differ from D (gpt-oss)
         self.layer_idx = layer_idx  # its slot in a KVCache
         kv_width = self.num_kv_heads * self.head_dim
-        self.qkv = nn.Linear(d, d + 2 * kv_width, bias=cfg.use_bias_in_attn_linear)
-        self.dense = nn.Linear(d, d, bias=cfg.use_bias_in_attn_linear)
+        q_width = self.num_heads * self.head_dim
+        self.qkv = nn.Linear(d, q_width + 2 * kv_width, bias=cfg.use_bias_in_attn_linear)
+        self.dense = nn.Linear(q_width, d, bias=cfg.use_bias_in_attn_linear)
         self.rotary = (
             Rotary(self.head_dim, cfg.rotary_pct, cfg.rotary_emb_base, cfg.max_position_embeddings, cfg.rope_scaling)
             if cfg.pos_emb == "rotary"
@@ -143,7 +144,7 @@ class Attention(nn.Module):
                                                        dropout_p=dropout_p, is_causal=mask_ST is None,
                                                        enable_gqa=K != H)
             out_BSHDh = out_BHSDh.transpose(1, 2)
-        return self.dense(out_BSHDh.reshape(B, S, D))
+        return self.dense(out_BSHDh.reshape(B, S, H * Dh))
 
 
 def layer_window(cfg: GPTConfig, layer_idx: int) -> int | None:

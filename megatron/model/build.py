@@ -76,6 +76,7 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
+        head_dim=args.head_dim,
         num_kv_heads=args.num_kv_heads,
         sliding_window_width=args.sliding_window_width,
         qk_norm=args.qk_norm,

@@ -34,6 +34,8 @@ class GPTConfig:
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
+    head_dim: int | None = None  # each head's width; None: hidden_size // num_attention_heads (gpt-oss: 64 heads
+    # of 64 over a 2880 residual stream)
     num_kv_heads: int | None = None  # grouped-query attention: K/V heads, each shared by H/K query heads; None: H
     sliding_window_width: int | None = None  # a query sees itself and the w keys before it (Mistral); None: all
     qk_norm: bool = False  # RMSNorm over each head's query and key before rotary (Qwen3, OLMo-2 style)
