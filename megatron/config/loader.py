@@ -335,7 +335,9 @@ def check_moe_settings(args: NeoXArgs) -> None:
             build_router(args.moe_router_type, hidden_size=1, num_experts=args.moe_num_experts, top_k=args.moe_top_k,
                          score_function=args.moe_router_score_function,
                          balancing=Balancing(args.moe_router_enable_expert_bias, args.moe_router_bias_update_rate,
-                                             args.moe_lbl_scope))
+                                             args.moe_lbl_scope),
+                         num_groups=args.moe_router_num_groups, group_top_k=args.moe_router_group_top_k,
+                         scaling_factor=args.moe_router_scaling_factor)
         else:  # a dense model builds no router, but its moe_top_k is still held to moe_num_experts
             build_router("topk", hidden_size=1, num_experts=args.moe_num_experts, top_k=args.moe_top_k)
         if args.lore_num_experts > 0:

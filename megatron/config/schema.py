@@ -106,7 +106,11 @@ class ModelArgs(Strict):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     layernorm_epsilon: float = Field(1e-5, gt=0)
     rms_norm_epsilon: float = Field(1e-8, gt=0)
-    activation: Literal["gelu", "relu", "silu", "swiglu", "geglu"] = "gelu"
+    activation: Literal["gelu", "relu", "silu", "swiglu", "geglu", "clamped_swiglu"] = "gelu"
+    # ours: gpt-oss's clamped SwiGLU (activation: clamped_swiglu): gate clamped above at the limit, value to
+    # [-limit, limit], out = (value + 1) * gate * sigmoid(alpha * gate)
+    swiglu_alpha: float = Field(1.702, gt=0)
+    swiglu_limit: float = Field(7.0, gt=0)
     mlp_multiple_of: int = Field(1, ge=1)  # NeoX: gated MLP widths (2/3 of intermediate_size) rounded up to this
     use_bias_in_mlp: bool = True
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
@@ -172,6 +176,16 @@ class MoEArgs(Strict):
     lore_router_enable_bias: bool = False
     lore_router_bias_update_rate: float = Field(1e-3, ge=0)
     lore_lbl_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    # ours (DeepSeek-V3): group-limited routing, the experts in moe_router_num_groups contiguous groups; a token keeps
+    # the moe_router_group_top_k groups whose two best (bias-corrected) scores sum highest and picks its top-k
+    # experts inside them; the chosen gates multiplied by moe_router_scaling_factor (routed_scaling_factor)
+    moe_router_num_groups: int = Field(1, ge=1)
+    moe_router_group_top_k: int = Field(1, ge=1)
+    moe_router_scaling_factor: float = Field(1.0, gt=0)
+    # ours (gpt-oss): a learned bias in the router's linear (not the loss-free expert bias above), and biases on
+    # both projections of every expert (routed and shared; GPT-NeoX's experts have none, whatever use_bias_in_mlp)
+    moe_router_bias: bool = False
+    moe_use_bias_in_experts: bool = False
     @field_validator("moe_router_bias_update_rate", "lore_router_bias_update_rate")
     @classmethod
     def bias_rate_below_the_scores(cls, value: float) -> float:
@@ -393,7 +407,9 @@ MODEL_KEYS = (
     "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_router_score_function", "moe_router_enable_expert_bias",
-    "lore_router_enable_bias", "moe_num_shared_experts", "moe_ffn_hidden_size", "moe_renormalize_weights",
+    "lore_router_enable_bias", "moe_router_num_groups", "moe_router_group_top_k", "moe_router_scaling_factor",
+    "moe_router_bias", "moe_use_bias_in_experts", "swiglu_alpha", "swiglu_limit", "moe_num_shared_experts",
+    "moe_ffn_hidden_size", "moe_renormalize_weights",
     "lore_num_experts", "lore_rank", "lore_top_k", "lore_mode", "lore_renormalize_weights",
     "image_size", "image_channels", "patch_size", "num_classes", "mlp_ratio", "learn_sigma", "diffusion_steps",
     "remix_num_basis", "remix_num_experts", "remix_mixer", "remix_coeff_scope",

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megatron.model.activations import activate, is_gated, up_width
+from megatron.model.activations import Activation, is_gated, up_width
 from megatron.model.attention import Attention, KVCache, Padding
 from megatron.model.loss import lm_loss
 from megatron.model.mla import MLAConfig, MultiHeadLatentAttention
@@ -55,6 +55,8 @@ class GPTConfig:
     use_bias_in_norms: bool = True
     use_bias_in_attn_linear: bool = True
     activation: str = "gelu"
+    swiglu_alpha: float = 1.702  # activation clamped_swiglu (gpt-oss): the gate's sigmoid slope
+    swiglu_limit: float = 7.0  # ... and the clamp of gate (above) and value (both sides)
     gpt_j_residual: bool = False
     tie_embeddings: bool = True
     init_method: str = "normal"
@@ -70,6 +72,11 @@ class GPTConfig:
     @property
     def ffn_size(self) -> int:
         return mlp_width(self.activation, self.intermediate_size, self.hidden_size, self.mlp_multiple_of)
+
+    @property
+    def act(self) -> Activation:
+        """The feed-forward activation with its parameters, handed to every block that applies it."""
+        return Activation(self.activation, self.swiglu_alpha, self.swiglu_limit)
 
 
 def mlp_width(activation: str, intermediate_size: int | None, hidden_size: int, multiple_of: int = 1) -> int:
@@ -117,10 +124,10 @@ class MLP(nn.Module):
         width = cfg.ffn_size
         self.up = nn.Linear(cfg.hidden_size, up_width(cfg.activation, width), bias=cfg.use_bias_in_mlp)
         self.down = nn.Linear(width, cfg.hidden_size, bias=cfg.use_bias_in_mlp)
-        self.activation = cfg.activation
+        self.act = cfg.act
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.down(activate(self.activation, self.up(x))), None
+        return self.down(self.act(self.up(x))), None
 
 
 def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
@@ -129,7 +136,7 @@ def make_feedforward(cfg: GPTConfig, layer_idx: int, std: float, out_std: float,
     if moe is None or not moe.is_moe_layer(layer_idx):
         return MLP(cfg)
     runtime = (moe_runtime or MoERuntime()).for_layer(layer_idx)
-    return MoELayer(cfg.hidden_size, moe.ffn_hidden_size or cfg.ffn_size, cfg.activation, std, out_std, moe, runtime)
+    return MoELayer(cfg.hidden_size, moe.ffn_hidden_size or cfg.ffn_size, cfg.act, std, out_std, moe, runtime)
 
 
 def make_attention(cfg: GPTConfig, layer_idx: int = 0) -> nn.Module:

@@ -1,12 +1,26 @@
-"""Sparse upcycling: a dense GPT into an MoE GPT, and an MoE GPT into StructMoE, computing the same function.
+"""Sparse upcycling: a dense GPT into an MoE GPT (whole or granular experts), and an MoE GPT into StructMoE,
+computing the same function.
 
-Shape legend: D hidden, F FFN width, E experts.
+Shape legend: D hidden, F dense FFN width, f = F / G an expert's width, U the up-projection's width (f, or 2f
+gated), E routed experts, G shards per dense MLP (granularity), R = G - S routed shards (S shared).
 
-dense -> MoE: every expert of an MoE layer is a copy of that layer's dense MLP (`w_up_EDF[e] = up.weight.T`,
-`w_down_EFD[e] = down.weight.T`) and the router is a small random draw. The layer's output is
-`sum_k g_k expert_k(x) = (sum_k g_k) mlp(x)`, so it equals the dense MLP exactly when the top-k gates sum
-to 1: `moe_renormalize_weights: true` (with top-1 the gate is then exactly 1). Experts have no biases, so
-a dense MLP with non-zero biases cannot be upcycled exactly and is refused.
+dense -> MoE (granular upcycling, He et al. 2024's virtual groups): each dense MLP is cut along its
+intermediate dimension into G shards of width f = F / G (a gated MLP's value and gate columns alike), and
+`down(act(up x)) = sum_s shard_s(x)` exactly, whatever the elementwise activation. The first S shards become
+the shared expert (moe_num_shared_experts: S, one always-on MLP S f wide); the other R = G - S are the routed
+experts, laid out in E / R virtual groups of R consecutive experts holding shards S .. G-1 once each
+(expert e holds shard S + e % R). Every expert of a group gets the same router row (a small random draw per
+group), so the experts of a group have equal scores and the top-k takes whole groups when k is a multiple of R.
+With the chosen gates summing to s (moe_renormalize_weights or sigmoid scores: s = 1, times
+moe_router_scaling_factor where the router has one), a group's R equal gates sum to its share of s and
+
+    routed(x) = sum over chosen groups (share_j / R) sum_{shard r} (R / s) shard_r(x) = sum_{r >= S} shard_r(x)
+
+once every routed down-projection is multiplied by R / s: the upcycled layer equals the dense MLP exactly.
+G = 1 is classic sparse upcycling (every expert a copy of the MLP, R = 1, no scaling). With top-k not a
+multiple of R a token sees only part of its MLP, and with a raw softmax (gates not renormalised) s is not
+fixed; both upcycle only when asked (`allow_inexact`), with s taken as k / E, its value at a uniform router
+(the paper's scaling), and the step-0 gap is measured (benchmarks/upcycle_granular.py).
 
 MoE -> StructMoE: the LoREs are added with B = 0, so every LoRE term `pi (x A) B` is zero at step 0. Then
 dL/dB = pi (x A)^T dL/dH is non-zero (A is random), while dL/dA and dL/d(LoRE router) both carry a factor
@@ -14,6 +28,8 @@ B and are zero: the first update moves B only, and A and the LoRE router start l
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,19 +42,132 @@ class UpcycleError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Shards:
+    """How one dense MLP of width F becomes an MoE layer: G shards, S of them shared, E routed experts."""
+
+    width: int  # F, the dense MLP's
+    granularity: int  # G
+    shared: int  # S: shards 0 .. S-1 form the shared expert
+    num_experts: int  # E routed experts, E / R copies of each routed shard
+
+    @property
+    def routed(self) -> int:
+        """R: shards per virtual group (shards S .. G-1)."""
+        return self.granularity - self.shared
+
+    @property
+    def shard_width(self) -> int:
+        return self.width // self.granularity
+
+    def describe(self) -> str:
+        f, r = self.shard_width, self.routed
+        if self.granularity == 1:
+            return f"each of the {self.num_experts} experts a copy of the dense MLP (width {self.width})"
+        shared = f"shards 0-{self.shared - 1} the shared expert, " if self.shared > 1 else ""
+        shared = "shard 0 the shared expert, " if self.shared == 1 else shared
+        return (f"granularity {self.granularity}: the dense width {self.width} cut into {self.granularity} shards of "
+                f"{f}, {shared}{r} routed shards x {self.num_experts // r} virtual groups = {self.num_experts} experts")
+
+
+def shard_plan(width: int, expert_width: int, num_experts: int, num_shared: int) -> Shards:
+    """The granular layout of a dense MLP of `width` into experts of `expert_width`; refuses what cannot be built."""
+    if expert_width > width or width % expert_width:
+        raise UpcycleError(f"moe_ffn_hidden_size {expert_width}: the dense MLP's width {width} is not a multiple of it "
+                           "(granularity = dense width / moe_ffn_hidden_size must be a whole number)")
+    granularity = width // expert_width
+    if num_shared >= granularity:
+        raise UpcycleError(f"moe_num_shared_experts {num_shared}: granularity {granularity} cuts each MLP into "
+                           f"{granularity} shard(s), which leaves no routed shard (expected < {granularity})")
+    routed = granularity - num_shared
+    if num_experts % routed:
+        raise UpcycleError(f"moe_num_experts {num_experts}: not a multiple of the {routed} routed shards per MLP "
+                           f"(granularity {granularity}, {num_shared} shared): each virtual group holds all of them")
+    return Shards(width, granularity, num_shared, num_experts)
+
+
+def inexact_reasons(plan: Shards, router: nn.Module) -> list[str]:
+    """Why the upcycled layer would not compute the dense MLP at step 0 (empty: it does, exactly)."""
+    reasons = []
+    if not router.renormalize:
+        reasons.append("moe_renormalize_weights: false; the top-k gates must sum to 1 for the copied shards to give "
+                       "the dense MLP's output (expected true)")
+    if router.top_k % plan.routed:
+        reasons.append(f"moe_top_k {router.top_k}: not a multiple of the {plan.routed} routed shards per virtual "
+                       "group, so a token would miss part of its MLP")
+    groups = getattr(router, "num_groups", 1)
+    if groups > 1 and (plan.num_experts // groups) % plan.routed:
+        reasons.append(f"moe_router_num_groups {groups}: a router group of {plan.num_experts // groups} experts splits "
+                       f"the virtual groups of {plan.routed}")
+    return reasons
+
+
+def chosen_gate_sum(router: nn.Module) -> float:
+    """s, what the chosen gates sum to: 1 when renormalised, k / E (a uniform router's) for a raw softmax; times the
+    router's scaling factor where it has one."""
+    scaling = float(getattr(router, "scaling_factor", 1.0))
+    return scaling if router.renormalize else scaling * router.top_k / router.gate.weight.shape[0]
+
+
 def _dense_parts(mlp: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_up [D, F'], w_down [F, D]) of a dense MLP in the experts' layout; refuses non-zero biases."""
+    """(up.weight [U, D], down.weight [D, F]) of a dense MLP; refuses non-zero biases."""
     for name in ("up", "down"):
         bias = getattr(getattr(mlp, name), "bias", None)
         if bias is not None and bool(bias.detach().ne(0).any()):
             raise UpcycleError(f"use_bias_in_mlp: layer {layer}'s dense MLP has non-zero biases, which experts cannot "
                                "hold (an exact upcycle needs a dense model trained with use_bias_in_mlp: false)")
-    return mlp.up.weight.detach().T, mlp.down.weight.detach().T
+    return mlp.up.weight.detach(), mlp.down.weight.detach()
 
 
-def upcycle_weights(src: GPT, dst: GPT, router_std: float, generator: torch.Generator | None = None) -> list[str]:
+def cut_shards(up_UD: torch.Tensor, down_DF: torch.Tensor, granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The G shards of a dense MLP in the experts' layout: (up [G, D, U/G], down [G, F/G, D]). A gated up-projection
+    ([value; gate] rows, activations.py) gives each shard its value rows and its gate rows, in that order."""
+    width = down_DF.shape[1]
+    halves = up_UD.split(width, dim=0)  # (value,) or (value, gate), each [F, D]
+    up_GfD = torch.cat([h.reshape(granularity, width // granularity, -1) for h in halves], dim=1)
+    return up_GfD.transpose(1, 2), down_DF.T.reshape(granularity, width // granularity, -1)
+
+
+def _fill_from_dense(layer: MoELayer, mlp: nn.Module, i: int, router_std: float, generator: torch.Generator | None,
+                     allow_inexact: bool) -> list[str]:
+    """Layer `i`'s experts, shared expert and router from its dense MLP; returns the names filled."""
+    up_UD, down_DF = _dense_parts(mlp, i)
+    experts, router = layer.experts, layer.router
+    width, expert_width = down_DF.shape[1], experts.w_down_EFD.shape[1]
+    shared = layer.shared_experts
+    num_shared = 0 if shared is None else shared.down.weight.shape[1] // expert_width
+    plan = shard_plan(width, expert_width, layer.num_experts, num_shared)
+    if up_UD.shape[0] // width != experts.w_up_EDF.shape[2] // expert_width:
+        raise UpcycleError(f"layer {i}: the dense MLP and the experts differ in gating (activation)")
+    reasons = inexact_reasons(plan, router)
+    if reasons and not allow_inexact:
+        raise UpcycleError(f"{reasons[0]} (--allow-inexact upcycles anyway, with a step-0 gap)")
+    up_GDU, down_GFD = cut_shards(up_UD, down_DF, plan.granularity)
+    shard_of = plan.shared + torch.tensor(list(layer.local_experts)) % plan.routed  # expert e: shard S + e % R
+    experts.w_up_EDF.copy_(up_GDU[shard_of])
+    experts.w_down_EFD.copy_(down_GFD[shard_of] * (plan.routed / chosen_gate_sum(router)))
+    filled = ["experts.w_up_EDF", "experts.w_down_EFD", "router.gate.weight"]
+    if shared is not None:  # shards 0 .. S-1, side by side, as one MLP S f wide
+        f_shared = num_shared * expert_width
+        shared.up.weight.copy_(torch.cat([h[:f_shared] for h in up_UD.split(width, dim=0)]))
+        shared.down.weight.copy_(down_DF[:, :f_shared])
+        filled += ["shared_experts.up.weight", "shared_experts.down.weight"]
+    # one small random row per virtual group, repeated for its R experts: equal scores inside a group
+    rows = router.gate.weight.shape[0] // plan.routed
+    drawn = torch.empty(rows, router.gate.weight.shape[1]).normal_(0.0, router_std, generator=generator)
+    router.gate.weight.copy_(drawn.repeat_interleave(plan.routed, dim=0))
+    if router.gate.bias is not None:
+        router.gate.bias.zero_()
+        filled.append("router.gate.bias")
+    return filled
+
+
+def upcycle_weights(src: GPT, dst: GPT, router_std: float, generator: torch.Generator | None = None,
+                    allow_inexact: bool = False) -> list[str]:
     """Fills `dst` (an MoE/StructMoE GPT) from `src` (dense or MoE) in place; returns the tensors left
-    as initialised (routers of new MoE layers are redrawn with `router_std`, LoRE A and routers stay)."""
+    as initialised (routers of new MoE layers are drawn with `router_std`, LoRE A and routers stay).
+    Dense MLPs are cut into dst's experts' width (module docstring); a target whose step-0 function would
+    differ is refused unless `allow_inexact`."""
     src_state, dst_state = src.state_dict(), dst.state_dict()
     new = dict.fromkeys(dst_state, False)
     with torch.no_grad():
@@ -54,17 +183,8 @@ def upcycle_weights(src: GPT, dst: GPT, router_std: float, generator: torch.Gene
                 continue
             prefix = f"blocks.{i}.mlp."
             if not isinstance(src_block.mlp, MoELayer):
-                if not layer.router.renormalize:
-                    raise UpcycleError("moe_renormalize_weights: false; the top-k gates must sum to 1 for the copied "
-                                       "experts to give the dense MLP's output (expected true)")
-                up_DF, down_FD = _dense_parts(src_block.mlp, i)
-                for target, weight in ((layer.experts.w_up_EDF, up_DF), (layer.experts.w_down_EFD, down_FD)):
-                    if target.shape[1:] != weight.shape:
-                        raise UpcycleError(f"layer {i}: dense MLP {list(weight.shape)} cannot fill experts "
-                                           f"{list(target.shape)} (moe_ffn_hidden_size must be the dense width)")
-                    target.copy_(weight.expand_as(target))
-                torch.nn.init.normal_(layer.router.gate.weight, std=router_std, generator=generator)
-                new.update({f"{prefix}experts.w_up_EDF": True, f"{prefix}experts.w_down_EFD": True})
+                filled = _fill_from_dense(layer, src_block.mlp, i, router_std, generator, allow_inexact)
+                new.update({prefix + name: name != "router.gate.weight" for name in filled})
             if layer.lore is not None and not new[f"{prefix}lore.B"]:
                 layer.lore.B.zero_()  # the LoRE terms start at zero
                 new[f"{prefix}lore.B"] = True
@@ -75,9 +195,7 @@ def upcycle_weights(src: GPT, dst: GPT, router_std: float, generator: torch.Gene
 
 
 def check_exact(args) -> None:
-    """Target settings under which no upcycled model computes the source's function (the gate
-    normalisation is checked per layer, where a dense MLP is copied)."""
+    """Target settings under which no upcycled model computes the source's function (the layout and the gates
+    are checked per layer, where a dense MLP is cut)."""
     if getattr(args, "moe_router_type", "topk") != "topk":
         raise UpcycleError(f"moe_router_type: {args.moe_router_type}; upcycling needs the top-k router")
-    if getattr(args, "moe_num_shared_experts", 0):
-        raise UpcycleError("moe_num_shared_experts: shared experts would add a second copy of the MLP (expected 0)")

@@ -71,6 +71,10 @@ SETTINGS = {
         (["--moe_num_experts", "4", "--moe_top_k", "2"], MOE),
     "moe_router_score_function: softmax (sigmoid gates are always normalised over the chosen k)":
         ([*MOE, "--moe_router_score_function", "sigmoid"], MOE),
+    "moe_router_type: topk (group-limited choice is the top-k router's; Sinkhorn chooses by its own balancing)":
+        (["--moe_num_experts", "4", "--moe_top_k", "2"], MOE),
+    "moe_router_num_groups > 1 (the groups a token keeps are chosen among them)":
+        (MOE, [*MOE, "--moe_router_num_groups", "2"]),
     "moe_router_enable_expert_bias: true": (MOE, [*MOE, "--moe_router_enable_expert_bias", "true"]),
     "LoREs (lore_num_experts > 0)": (MOE, LORES),
     "a LoRE router (lore_mode entangled or standalone; router_free has none)":
@@ -78,6 +82,7 @@ SETTINGS = {
     "lore_router_enable_bias: true": (LORES, [*LORES, "--lore_router_enable_bias", "true"]),
     "lsh_compression: true": (MOE, [*MOE, "--lsh_compression", "true"]),
     "pos_emb: rotary": ([], ["--pos_emb", "rotary"]),
+    "activation: clamped_swiglu": ([], ["--activation", "clamped_swiglu"]),
     "sliding_window_width (the window of the pattern's sliding layers)": ([], ["--sliding_window_width", "4"]),
     "attention_impl: sdpa (flash-attn's kernel has no sink logit)": (["--attention_impl", "flash"], []),
     "multi-head latent attention (kv_lora_rank set)": ([], [*MLA]),
@@ -92,6 +97,7 @@ OTHER_VALUES = {"lsh_layers": "[0]", "rope_scaling": "{factor: 8.0}", "image_pat
                 "sliding_window_pattern": "[sliding, full]",
                 "remix_init_from": "x", "lsh_num_hashes": "3", "image_size": "8", "patch_size": "4",
                 "beta_start": "0.001", "beta_end": "0.03", "remix_num_experts": "8", "moe_top_k": "2",
+                "moe_router_num_groups": "2", "moe_router_group_top_k": "2",
                 "lore_rank": "3", "lore_top_k": "2", "diffusion_steps": "100", "moe_first_layer": "1",
                 "eval_tasks": "[x]", "eval_tasks_include_path": "[x]"}
 # what a key needs beside its table entry to be accepted

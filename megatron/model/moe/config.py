@@ -32,6 +32,11 @@ class MoEArchitecture:
     score_function: str = "softmax"  # topk router: softmax over experts, or sigmoid with normalised gates
     balancing: Balancing = Balancing()  # topk router: loss-free bias, the load-balancing loss's scope
     num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE), one MLP that wide
+    num_groups: int = 1  # topk router: group-limited choice (DeepSeek-V3's n_group); 1: none
+    group_top_k: int = 1  # ... the groups each token keeps (topk_group)
+    scaling_factor: float = 1.0  # the chosen gates multiplied by this (routed_scaling_factor)
+    router_bias: bool = False  # a learned bias in the router's linear (gpt-oss), not the loss-free expert bias
+    expert_biases: bool = False  # biases on both projections of every routed and shared expert (gpt-oss)
     lore: LoREConfig | None = None
 
     def is_moe_layer(self, layer_idx: int) -> bool:

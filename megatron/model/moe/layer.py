@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from megatron.model.activations import Activation
 from megatron.model.moe.config import MoEArchitecture, MoERuntime
 from megatron.model.moe.dispatcher import build_dispatcher
 from megatron.model.moe.experts import GroupedExperts, SharedExperts
@@ -77,7 +78,7 @@ class MoELayer(nn.Module):
         self,
         hidden_size: int,
         ffn_hidden_size: int,
-        activation: str,
+        activation: str | Activation,
         init_std: float,
         output_init_std: float,
         arch: MoEArchitecture,
@@ -95,7 +96,8 @@ class MoELayer(nn.Module):
         self.num_experts = num_experts
         self.local_experts = expert_parallel.local_experts(num_experts) if expert_parallel else range(num_experts)
         self.router = build_router(arch.router_type, hidden_size, num_experts, arch.top_k, arch.jitter_eps,
-                                   arch.renormalize, arch.lbl_in_fp32, init_std, arch.score_function, arch.balancing)
+                                   arch.renormalize, arch.lbl_in_fp32, init_std, arch.score_function, arch.balancing,
+                                   arch.num_groups, arch.group_top_k, arch.scaling_factor, arch.router_bias)
         # "auto" resolves here against this process's default device; a run passes the impl resolved for
         # its own device (build.py). An unknown name is a ValueError.
         impl = resolve_moe_impl(runtime.impl)
@@ -103,18 +105,20 @@ class MoELayer(nn.Module):
             from megatron.model.moe.megablocks import MegablocksExperts
 
             self.experts = MegablocksExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
-                                             output_init_std, self.local_experts)
+                                             output_init_std, self.local_experts, bias=arch.expert_biases)
         else:  # native: torch's grouped_mm; grouped_gemm: the same experts on grouped_gemm's gmm
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, init_std,
                                           output_init_std, runtime.use_grouped_mm, self.local_experts,
-                                          gmm=require_gmm() if impl == "grouped_gemm" else None)
+                                          gmm=require_gmm() if impl == "grouped_gemm" else None,
+                                          bias=arch.expert_biases)
         self.lore = (  # the LoRE B term runs on the experts' grouped kernel
             LoREBank.from_config(num_experts, hidden_size, ffn_hidden_size, arch.lore, init_std, self.local_experts,
                                  gmm=self.experts.gmm, activation=activation)
             if arch.lore else None
         )
         self.shared_experts = (SharedExperts(arch.num_shared_experts, hidden_size, ffn_hidden_size, activation,
-                                             init_std, output_init_std) if arch.num_shared_experts else None)
+                                             init_std, output_init_std, arch.expert_biases)
+                               if arch.num_shared_experts else None)
         self.dispatcher = build_dispatcher(expert_parallel, num_experts, hidden_size, runtime.lsh)
         self.capacity = runtime.capacity
 

@@ -17,17 +17,20 @@ when gated.
 The kernel is `grouped_gemm.ops.gmm`, which Megablocks re-exports as `megablocks.grouped_gemm_util.ops.gmm`:
 the grouped_gemm package alone is enough. It takes bf16 only (under bf16 autocast the operands are cast,
 see kernels.py); other dtypes run torch's grouped_mm on the same weights.
+
+Experts with biases (moe_use_bias_in_experts; Megablocks has none) keep the native `b_up_EU` [E, U] (value then
+gate) and `b_down_ED` [E, D] under the same names, added to the gmm rows by the row's expert as the native
+experts do; the conversions pass them through unchanged.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 
-from megatron.model.activations import activate, is_gated, up_width
+from megatron.model.activations import Activation, as_activation, is_gated, up_width
 from megatron.model.moe import kernels
+from megatron.model.moe.experts import expert_of_rows, with_bias
 from megatron.model.moe.init import normal_init_slice
 from megatron.model.moe.kernels import grouped_matmul
 
@@ -82,8 +85,8 @@ def megablocks_to_native(state: dict[str, torch.Tensor], num_experts: int) -> di
 class MegablocksExperts(nn.Module):
     """Experts in Megablocks' layout, run with the grouped GEMMs of its dMoE grouped MLP / GLU (`gmm`)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str,
-                 init_std: float, output_init_std: float, local_experts: range | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str | Activation,
+                 init_std: float, output_init_std: float, local_experts: range | None = None, bias: bool = False):
         super().__init__()
         self.gmm = kernels.load_gmm() if torch.cuda.is_available() else None
         if self.gmm is None:
@@ -97,7 +100,9 @@ class MegablocksExperts(nn.Module):
         self.w1 = nn.Parameter(_rows(w_up_EDU[:, :, -f:]))  # the gate when gated, else the whole up-projection
         self.v1 = nn.Parameter(_rows(w_up_EDU[:, :, :f])) if is_gated(activation) else None
         self.w2 = nn.Parameter(w_down_EFD.reshape(-1, hidden_size).contiguous())
-        self.act = partial(activate, activation)
+        self.b_up_EU = nn.Parameter(torch.zeros(len(local), w_up_EDU.shape[-1])) if bias else None
+        self.b_down_ED = nn.Parameter(torch.zeros(len(local), hidden_size)) if bias else None
+        self.act = as_activation(activation)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, lore=None, sources=None):
         view_EDF = lambda w: w.view(self.num_experts, -1, w.shape[-1]).transpose(1, 2)  # gmm(trans_b=True) on w
@@ -106,11 +111,13 @@ class MegablocksExperts(nn.Module):
         if kernels.gmm_available(x_ND, w1_EDF, kernels.compute_dtype(x_ND)):
             batch_sizes = tokens_per_expert_E.cpu()  # host sync: gmm takes the group sizes on the host
         grouped = lambda x, w: grouped_matmul(x, w, tokens_per_expert_E, gmm=self.gmm, gmm_batch_sizes_G=batch_sizes)
+        expert_N = None if self.b_up_EU is None else expert_of_rows(tokens_per_expert_E, x_ND.shape[0])
         if self.v1 is None:
-            up = lambda x: grouped(x, w1_EDF)
+            up_rows = lambda x: grouped(x, w1_EDF)
         else:  # [value, gate] rows, the order activations.py and the LoRE term expect
-            up = lambda x: torch.cat([grouped(x, view_EDF(self.v1)), grouped(x, w1_EDF)], dim=-1)
-        down = lambda h: grouped(h, w2_EFD)
+            up_rows = lambda x: torch.cat([grouped(x, view_EDF(self.v1)), grouped(x, w1_EDF)], dim=-1)
+        up = lambda x: with_bias(up_rows(x), self.b_up_EU, expert_N)
+        down = lambda h: with_bias(grouped(h, w2_EFD), self.b_down_ED, expert_N)
         if lore is None:
             return down(self.act(up(x_ND))), None
         # the LoRE term lands between the first gmm and the activation, as in the native experts

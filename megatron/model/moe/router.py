@@ -1,10 +1,12 @@
 """Token routers: top-k (Switch load-balancing loss, ST-MoE z-loss) and Sinkhorn (GPT-NeoX's default).
 
-Shape legend: T tokens, B sequences, S tokens per sequence, D hidden, E experts, K experts per token.
+Shape legend: T tokens, B sequences, S tokens per sequence, D hidden, E experts, K experts per token, X rows,
+G expert groups, P experts per group.
 
-Both are a linear D -> E without bias (`gate`) and hand the layer a `Routing`; `build_router` picks one by
-`moe_router_type`. Jitter (multiplicative input noise in training) and renormalising the chosen gates are
-options of either; GPT-NeoX has jitter on its top-k router only and renormalises neither.
+Both are a linear D -> E (`gate`; without bias unless `bias`, gpt-oss's router has one) and hand the layer a
+`Routing`; `build_router` picks one by `moe_router_type`. Jitter (multiplicative input noise in training),
+renormalising the chosen gates and scaling them by a constant (DeepSeek-V3's routed_scaling_factor) are options
+of either; GPT-NeoX has jitter on its top-k router only and renormalises neither.
 
 The top-k router also has what MoE models are trained with today (`Balancing`, shared with the LoRE router):
 - scores: a softmax over all experts, or a sigmoid per expert with the chosen k gates normalised to sum to 1
@@ -14,7 +16,10 @@ The top-k router also has what MoE models are trained with today (`Balancing`, s
   (`update_bias`, called by the trainer's `BalanceTracker`); no gradient;
 - the Switch loss's load fractions f_e over a micro-batch (as in Switch), per sequence (a sequence-level loss,
   DeepSeek-V3's complementary one) or over the global batch (all data-parallel ranks and the micro-batches of
-  the step so far; Qwen's global-batch balancing), its gradient always through this micro-batch's P_e.
+  the step so far; Qwen's global-batch balancing), its gradient always through this micro-batch's P_e;
+- group-limited choice (DeepSeek-V3): the E experts form G contiguous groups; a token keeps the `group_top_k`
+  groups whose two best choice scores (bias included) sum highest, and chooses its top-k among their experts.
+  Laid out one group per expert-parallel rank, it bounds the ranks a token is sent to by `group_top_k`.
 """
 
 from __future__ import annotations
@@ -102,15 +107,35 @@ def sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def choose_top_k(scores_XE: torch.Tensor, k: int, bias: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(gates, ids) of the top-k of `scores + bias` (bias may be [E] or per-row [X, E]); the gates are the unbiased
-    scores. With a bias, also the share of rows whose set of choices the bias changed, as the pair [rows changed,
-    rows]: pairs sum over micro-batches and ranks, so the logged share is the global batch's (not a mean of means)."""
-    if bias is None:
+def limit_to_groups(choice_XE: torch.Tensor, num_groups: int, group_top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited choice: the experts outside each row's `group_top_k` best groups set to -inf.
+
+    Experts form `num_groups` contiguous groups; a group's score is the sum of its two best choice scores (its one
+    score when a group holds one expert), as DeepSeek-V3 ranks groups."""
+    if num_groups == 1:
+        return choice_XE
+    X, E = choice_XE.shape
+    grouped_XGP = choice_XE.view(X, num_groups, E // num_groups)
+    group_score_XG = grouped_XGP.topk(min(2, E // num_groups), dim=-1).values.sum(dim=-1)
+    kept_XG = torch.zeros_like(group_score_XG, dtype=torch.bool).scatter_(
+        1, group_score_XG.topk(group_top_k, dim=-1).indices, True)
+    return grouped_XGP.masked_fill(~kept_XG.unsqueeze(-1), float("-inf")).view(X, E)
+
+
+def choose_top_k(scores_XE: torch.Tensor, k: int, bias: torch.Tensor | None, num_groups: int = 1,
+                 group_top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(gates, ids) of the top-k of `scores + bias` (bias may be [E] or per-row [X, E]), among the experts of each
+    row's `group_top_k` best groups when `num_groups` > 1 (`limit_to_groups`); the gates are the unbiased scores.
+    With a bias, also the share of rows whose set of choices the bias changed, as the pair [rows changed, rows]:
+    pairs sum over micro-batches and ranks, so the logged share is the global batch's (not a mean of means)."""
+    if bias is None and num_groups == 1:
         return *torch.topk(scores_XE, k, dim=-1), {}
-    ids_XK = torch.topk(scores_XE + bias, k, dim=-1).indices
-    unbiased_XK = torch.topk(scores_XE, k, dim=-1).indices
+    limit = lambda choice_XE: limit_to_groups(choice_XE, num_groups, group_top_k)
+    if bias is None:
+        ids_XK = torch.topk(limit(scores_XE), k, dim=-1).indices
+        return scores_XE.gather(-1, ids_XK), ids_XK, {}
+    ids_XK = torch.topk(limit(scores_XE + bias), k, dim=-1).indices
+    unbiased_XK = torch.topk(limit(scores_XE), k, dim=-1).indices
     changed_X = (ids_XK.sort(dim=-1).values != unbiased_XK.sort(dim=-1).values).any(dim=-1)
     changed_of_rows = torch.stack([changed_X.sum(), changed_X.new_tensor(changed_X.numel(), dtype=torch.long)])
     return scores_XE.gather(-1, ids_XK), ids_XK, {"bias_changed_fraction": changed_of_rows.detach()}
@@ -129,23 +154,43 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
+def check_groups(num_experts: int, top_k: int, num_groups: int, group_top_k: int) -> None:
+    """Group-limited routing's settings: one line naming the keys for any that cannot be built."""
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"moe_router_num_groups {num_groups} must divide moe_num_experts {num_experts}")
+    if not 1 <= group_top_k <= num_groups:
+        raise ValueError(f"moe_router_group_top_k {group_top_k} must be between 1 and moe_router_num_groups "
+                         f"{num_groups}")
+    reachable = group_top_k * (num_experts // num_groups)
+    if num_groups > 1 and top_k > reachable:
+        raise ValueError(f"moe_top_k {top_k} exceeds the experts of the groups a token keeps: moe_router_group_top_k "
+                         f"{group_top_k} x {num_experts // num_groups} experts per group = {reachable}")
+
+
 class Router(nn.Module):
     """The parts both routers share: the gate, the settings, and the jittered logits in fp32."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter_eps: float | None = None,
                  renormalize: bool = False, lbl_in_fp32: bool = False, init_std: float = 0.02,
-                 score_function: str = "softmax", balancing: Balancing | None = None):
+                 score_function: str = "softmax", balancing: Balancing | None = None, num_groups: int = 1,
+                 group_top_k: int = 1, scaling_factor: float = 1.0, bias: bool = False):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_top_k {top_k} must be between 1 and moe_num_experts {num_experts}")
+        check_groups(num_experts, top_k, num_groups, group_top_k)
+        if scaling_factor <= 0:
+            raise ValueError(f"moe_router_scaling_factor {scaling_factor} must be > 0")
         if score_function not in ("softmax", "sigmoid"):
             raise ValueError(f"moe_router_score_function: {score_function!r} is not softmax or sigmoid")
         if score_function == "sigmoid" and top_k == 1:
             raise ValueError("moe_router_score_function: sigmoid with moe_top_k 1: the normalised top-1 gate is "
                              "always 1, so the router would learn from the balancing loss only (use k >= 2)")
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=bias)  # gate.bias [E]: gpt-oss's router bias
         nn.init.normal_(self.gate.weight, std=init_std)
+        if bias:
+            nn.init.zeros_(self.gate.bias)
         self.top_k, self.jitter_eps = top_k, jitter_eps
+        self.num_groups, self.group_top_k, self.scaling_factor = num_groups, group_top_k, scaling_factor
         self.renormalize, self.lbl_in_fp32 = renormalize or score_function == "sigmoid", lbl_in_fp32
         self.score_function, self.balancing = score_function, balancing or Balancing()
         if self.balancing.bias:  # part of the model's state: checkpointed, equal on every rank
@@ -161,6 +206,8 @@ class Router(nn.Module):
     def chosen_gates(self, weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.scaling_factor != 1.0:
+            weights_TK = weights_TK * self.scaling_factor
         return weights_TK.to(dtype)
 
     def balancing_loss(self, probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, counts_E: torch.Tensor,
@@ -192,7 +239,8 @@ class TopKRouter(Router):
         else:
             scores_TE = probs_TE = F.softmax(logits_TE, dim=-1)
         bias_E = self.expert_bias_E if self.balancing.bias else None
-        weights_TK, expert_ids_TK, balance_stats = choose_top_k(scores_TE, self.top_k, bias_E)
+        weights_TK, expert_ids_TK, balance_stats = choose_top_k(scores_TE, self.top_k, bias_E, self.num_groups,
+                                                                self.group_top_k)
         lbl_probs = probs_TE if self.lbl_in_fp32 else probs_TE.to(x_TD.dtype)
         counts_E = count_ids(expert_ids_TK, probs_TE.shape[-1])
         lbl, global_counts_E = self.balancing_loss(lbl_probs, expert_ids_TK, counts_E, num_sequences)
@@ -270,7 +318,8 @@ def build_router(router_type: str, *args, **kwargs) -> Router:
     if router_type not in ROUTERS:
         raise ValueError(f"moe_router_type: {router_type!r} is not one of {', '.join(ROUTERS)}")
     router = ROUTERS[router_type](*args, **kwargs)
-    if router_type == "sinkhorn" and (router.balancing != Balancing() or router.score_function != "softmax"):
-        raise ValueError("moe_router_type sinkhorn balances by itself: the expert bias, the load-balancing scope "
-                         "and sigmoid scores are options of the topk router")
+    if router_type == "sinkhorn" and (router.balancing != Balancing() or router.score_function != "softmax"
+                                      or router.num_groups != 1):
+        raise ValueError("moe_router_type sinkhorn balances by itself: the expert bias, the load-balancing scope, "
+                         "sigmoid scores and expert groups are options of the topk router")
     return router
