@@ -69,6 +69,7 @@ NEEDS: tuple[Needs, ...] = (
     Needs(("eval_tasks",), lambda a: bool(a.eval_tasks_interval or a.eval_interval),
           "eval_tasks_interval or eval_interval > 0 (when to run the tasks)"),
     Needs(EVAL_TASKS_KEYS, lambda a: bool(a.eval_tasks), "eval_tasks (lm-eval task names)"),
+    Needs(("mtp_loss_coeff",), lambda a: a.mtp_num_modules > 0, "multi-token prediction (mtp_num_modules > 0)"),
     Needs(("straggler_window",), lambda a: a.straggler_factor > 0, "straggler_factor > 0 (0 switches the watch off)"),
 )
 

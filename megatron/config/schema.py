@@ -141,6 +141,10 @@ class ModelArgs(Strict):
     attention_impl: Literal["sdpa", "flash"] = "sdpa"
     use_bias_in_norms: bool = True
     use_bias_in_attn_linear: bool = True
+    # ours: multi-token prediction (DeepSeek-V3, megatron/model/mtp.py): D sequential modules after the model, module
+    # d predicting the token d + 1 places after the next one; training only (eval and generation use the main head)
+    mtp_num_modules: int = Field(0, ge=0)
+    mtp_loss_coeff: float = Field(0.1, ge=0)  # ours: weight of the modules' mean cross-entropy in the loss
 
     @field_validator("sliding_window_pattern")
     @classmethod
@@ -403,7 +407,7 @@ MODEL_KEYS = (
     "rotary_pct",
     "rotary_emb_base", "rope_scaling", "norm", "layernorm_epsilon", "rms_norm_epsilon", "activation", "mlp_multiple_of",
     "use_bias_in_mlp", "sliding_window_width", "qk_norm", "gpt_j_residual", "no_weight_tying", "intermediate_size",
-    "attention_sinks", "sliding_window_pattern",
+    "attention_sinks", "sliding_window_pattern", "mtp_num_modules",
     "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "use_bias_in_norms", "use_bias_in_attn_linear", "moe_num_experts", "moe_top_k", "moe_expert_interval",
     "moe_first_layer", "moe_router_type", "moe_router_score_function", "moe_router_enable_expert_bias",

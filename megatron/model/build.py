@@ -114,5 +114,6 @@ def gpt_config_from_args(args, padded_vocab_size: int) -> GPTConfig:
         mla=mla_config(args.kv_lora_rank, args.q_lora_rank, args.qk_nope_head_dim, args.qk_rope_head_dim,
                        args.v_head_dim),
         moe=moe_architecture_from_args(args),
+        mtp_num_modules=args.mtp_num_modules,
     )
 

@@ -1,7 +1,7 @@
 """The GPT-NeoX decoder: embeddings, pre-norm blocks (attention + MLP or MoE), final norm, LM head.
 
 Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H query heads,
-K key/value heads, Dh head dim, V vocabulary, F MLP width.
+K key/value heads, Dh head dim, V vocabulary, F MLP width, M multi-token prediction modules.
 
 Every feed-forward block (dense or MoE) returns `(y, aux)`; `aux` is None for a dense MLP and a
 `MoEAux` for an MoE layer. The model hands the per-layer aux objects back to its caller, which owns
@@ -25,6 +25,7 @@ from megatron.model.attention import Attention, KVCache, Padding
 from megatron.model.loss import lm_loss
 from megatron.model.mla import MLAConfig, MultiHeadLatentAttention
 from megatron.model.moe import MoEArchitecture, MoEAux, MoELayer, MoERuntime
+from megatron.model.mtp import MTPModule, mtp_losses
 from megatron.model.rope import Llama3RopeScaling, YarnRopeScaling
 
 
@@ -68,6 +69,7 @@ class GPTConfig:
     attention_impl: str = "sdpa"
     mla: MLAConfig | None = None  # multi-head latent attention (DeepSeek-V3) in place of Attention's projections
     moe: MoEArchitecture | None = field(default=None)  # how this run computes it is GPT's moe_runtime
+    mtp_num_modules: int = 0  # multi-token prediction modules after the last block (mtp.py); 0: none
 
     @property
     def ffn_size(self) -> int:
@@ -186,17 +188,25 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, std, out_std, self.moe_runtime) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._init_weights(std, out_std)
+        self._init_weights(self, std, out_std)
+        # multi-token prediction (mtp.py), built and drawn after the rest: the main model's weights are those of
+        # the same model without it; module d's block is layer num_layers + d - 1 (MoE by the MoE layer rule)
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg.hidden_size, lambda: make_norm(cfg), Block(cfg, cfg.num_layers + k, std, out_std,
+                                                                     self.moe_runtime))
+            for k in range(cfg.mtp_num_modules))
+        self._init_weights(self.mtp, std, out_std)
 
+    @staticmethod
     @torch.no_grad()
-    def _init_weights(self, std: float, out_std: float) -> None:
+    def _init_weights(root: nn.Module, std: float, out_std: float) -> None:
         """GPT-NeoX init: normal(std) for inputs, output projections use the output init method.
 
         MoE layers are left alone: they initialise their own weights with the stds they were given, drawn
         so that every expert-parallel layout gets the same weights (a draw here would depend on the layout).
         """
-        moe_layers = tuple(f"{name}." for name, module in self.named_modules() if isinstance(module, MoELayer))
-        for name, module in self.named_modules():
+        moe_layers = tuple(f"{name}." for name, module in root.named_modules() if isinstance(module, MoELayer))
+        for name, module in root.named_modules():
             if name.startswith(moe_layers):
                 continue
             if isinstance(module, nn.Linear):
@@ -208,14 +218,21 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
 
     def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, loss_chunk_tokens: int = 0,
-                cache: KVCache | None = None,
-                attention_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEAux]]:
+                cache: KVCache | None = None, attention_mask_BT: torch.Tensor | None = None, mtp: bool = False
+                ) -> tuple[torch.Tensor, list[MoEAux]] | tuple[torch.Tensor, list[MoEAux], torch.Tensor]:
         """Returns logits [B, S, V] and the aux outputs of every MoE layer, in layer order. With `targets_BS`, the
         mean cross-entropy instead of the logits, `loss_chunk_tokens` at a time so the full logits never exist
         (megatron/model/loss.py); inside the forward, so a sharded (FSDP2) head weight is gathered for it.
         With `cache`, the tokens follow the ones it holds (their positions start there) and are added to it.
         With `attention_mask_BT` (T = cached + new tokens, 0 for padding), positions count each row's tokens
-        and padding is not attended to; the logits at padded positions mean nothing."""
+        and padding is not attended to; the logits at padded positions mean nothing.
+        With `mtp` (training with targets, no cache or padding): (the main head's loss, the aux of every MoE layer,
+        the MTP modules' after the main model's, each MTP module's loss [mtp_num_modules]) (megatron/model/mtp.py);
+        without it the MTP modules do not run, and the model is the main model alone."""
+        if mtp and (targets_BS is None or cache is not None or attention_mask_BT is not None
+                    or not self.cfg.mtp_num_modules):
+            raise ValueError(f"mtp: multi-token prediction needs targets, no cache and no attention mask, and "
+                             f"mtp_num_modules > 0 (got {self.cfg.mtp_num_modules})")
         start = 0 if cache is None else cache.length()
         padding = None
         if attention_mask_BT is not None and not bool(attention_mask_BT.all()):
@@ -241,8 +258,14 @@ class GPT(nn.Module):
                 x_BSD, aux = block(x_BSD, cache, padding)
             if aux is not None:
                 moe_aux.append(aux)
+        h_BSD = x_BSD  # the last block's output: what the first MTP module reads
         x_BSD = self.final_norm(x_BSD)
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        if targets_BS is not None:
-            return lm_loss(x_BSD.flatten(0, 1), weight_VD, targets_BS.flatten(), loss_chunk_tokens), moe_aux
-        return F.linear(x_BSD, weight_VD), moe_aux
+        if targets_BS is None:
+            return F.linear(x_BSD, weight_VD), moe_aux
+        loss = lm_loss(x_BSD.flatten(0, 1), weight_VD, targets_BS.flatten(), loss_chunk_tokens)
+        if not mtp:
+            return loss, moe_aux
+        mtp_loss_M, mtp_aux = mtp_losses(self.mtp, h_BSD, tokens_BS, targets_BS, self.embed, weight_VD,
+                                         loss_chunk_tokens, self.cfg.checkpoint_activations and self.training)
+        return loss, moe_aux + mtp_aux, mtp_loss_M

@@ -178,6 +178,6 @@ def shard_with_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward:
     for module, _ in expert_modules(model).values():
         fully_shard(module, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
                     shard_placement_fn=lambda p: Shard(expert_shard_dim(p.shape, expert_mesh.size())))
-    for block in getattr(model, "blocks", []):
+    for block in [*getattr(model, "blocks", []), *getattr(model, "mtp", [])]:  # an MTP module is one unit too
         fully_shard(block, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=dims.world_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)

@@ -1,6 +1,7 @@
-"""Language modelling as a `Task`: GPT-NeoX data in, next-token loss (+ MoE aux losses) out.
+"""Language modelling as a `Task`: GPT-NeoX data in, next-token loss (+ MoE aux losses, + multi-token prediction's) out.
 
-Shape legend: B sequences, S sequence, V vocabulary, E experts, M LoREs per expert.
+Shape legend: B sequences, S sequence, V vocabulary, E experts, M LoREs per expert, P multi-token prediction
+modules.
 """
 
 from __future__ import annotations
@@ -213,13 +214,24 @@ class LMTask:
     # -- loss ------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, tokens_BS1: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.balance.before_forward()
-        if self.args.loss_chunk_tokens:  # the head and loss in chunks: the full logits never exist
+        mtp_loss_P = None
+        if self.args.mtp_num_modules:  # multi-token prediction: the model's loss path, its modules' losses too
+            lm_loss, moe_aux, mtp_loss_P = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], self.args.loss_chunk_tokens,
+                                                 mtp=True)
+        elif self.args.loss_chunk_tokens:  # the head and loss in chunks: the full logits never exist
             lm_loss, moe_aux = model(tokens_BS1[:, :-1], tokens_BS1[:, 1:], self.args.loss_chunk_tokens)
         else:
             logits_BSV, moe_aux = model(tokens_BS1[:, :-1])
             lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), tokens_BS1[:, 1:].flatten())
-        metrics = {"loss": lm_loss.detach()}
+        metrics = {"loss": lm_loss.detach()}  # the main head's, as val/loss
         total = lm_loss
+        if mtp_loss_P is not None:  # the modules' mean, unweighted (and each module's where there are several)
+            mtp_loss = mtp_loss_P.mean()
+            metrics["mtp_loss"] = mtp_loss.detach()
+            if len(mtp_loss_P) > 1:
+                metrics |= {f"mtp/module{d}_loss": loss.detach() for d, loss in enumerate(mtp_loss_P, start=1)}
+            total = total + self.args.mtp_loss_coeff * mtp_loss
+            metrics["total_loss"] = total.detach()
         if moe_aux:
             for name, coeff in self.aux_coeffs.items():
                 summed = sum(getattr(aux, name) for aux in moe_aux)  # summed over layers

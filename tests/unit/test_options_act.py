@@ -91,6 +91,7 @@ SETTINGS = {
     "model_type: gpt (lm-eval evaluates language models)": (["--model_type", "dit"], []),
     "eval_tasks_interval or eval_interval > 0 (when to run the tasks)": (["--eval_interval", "0"], []),
     "eval_tasks (lm-eval task names)": ([], ["--eval_tasks", "[x]"]),
+    "multi-token prediction (mtp_num_modules > 0)": ([], ["--mtp_num_modules", "1"]),
 }
 # a valid value other than the default, where the type alone does not give one
 OTHER_VALUES = {"lsh_layers": "[0]", "rope_scaling": "{factor: 8.0}", "image_path": "x", "image_labels_path": "x",

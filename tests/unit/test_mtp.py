@@ -1,0 +1,128 @@
+"""Multi-token prediction (megatron/model/mtp.py): each module's inputs and targets against a loop over the token
+rows, its loss against a reference written out from the same weights, where its gradients go, and a model with MTP
+modules that evaluates and generates exactly as the same model without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.model.generation import generate
+from megatron.model.gpt import GPT, GPTConfig
+from megatron.model.moe import MoEArchitecture
+from megatron.model.mtp import module_inputs
+
+V, D = 64, 32
+MOE = MoEArchitecture(num_experts=4, top_k=2, first_layer=1)  # layer 0 dense, layer 1 and the MTP blocks MoE
+VARIANTS = {
+    "dense_rmsnorm": dict(norm="rmsnorm", mtp_num_modules=1),
+    "moe_untied_two_modules": dict(moe=MOE, tie_embeddings=False, mtp_num_modules=2),
+    "moe_chunked_recompute": dict(moe=MOE, mtp_num_modules=3, checkpoint_activations=True),
+}
+CHUNKS = {"dense_rmsnorm": 0, "moe_untied_two_modules": 0, "moe_chunked_recompute": 7}
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=V, num_layers=2, hidden_size=D, num_attention_heads=4, max_position_embeddings=16)
+    return GPTConfig(**{**base, **overrides})
+
+
+def test_module_inputs_and_targets_are_the_tokens_d_and_d_plus_one_after_the_next():
+    rows = torch.randint(0, V, (3, 13))
+    tokens_BS, targets_BS = rows[:, :-1], rows[:, 1:]
+    S = tokens_BS.shape[1]
+    for depth in (1, 2, 3):
+        inputs, targets = module_inputs(tokens_BS, targets_BS, depth)
+        expected_inputs = [[row[i + depth] for i in range(S - depth)] for row in rows.tolist()]
+        expected_targets = [[row[i + depth + 1] for i in range(S - depth)] for row in rows.tolist()]
+        assert inputs.tolist() == expected_inputs and targets.tolist() == expected_targets
+
+
+def reference_losses(model: GPT, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The main loss and each module's, written out: shifted tokens by a loop over the rows, the projection as its
+    two halves (embedding columns first), and the cross-entropy token by token."""
+    tokens_BS = rows[:, :-1]
+    S = tokens_BS.shape[1]
+    weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    h_BSD = model.embed(tokens_BS)
+    for block in model.blocks:
+        h_BSD, _ = block(h_BSD)
+
+    def mean_nll(hidden_BRD: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        logprobs_BRV = F.log_softmax(hidden_BRD @ weight_VD.T, dim=-1)
+        terms = [-logprobs_BRV[b, i, t] for b, row in enumerate(targets) for i, t in enumerate(row)]
+        return torch.stack(terms).mean()
+
+    main = mean_nll(model.final_norm(h_BSD), [[row[i + 1] for i in range(S)] for row in rows.tolist()])
+    losses = []
+    for depth, module in enumerate(model.mtp, start=1):
+        R = S - depth
+        ahead_BR = torch.tensor([[row[i + depth] for i in range(R)] for row in rows.tolist()])
+        w_e, w_h = module.eh_proj.weight[:, :D], module.eh_proj.weight[:, D:]
+        u_BRD = module.enorm(model.embed(ahead_BR)) @ w_e.T + module.hnorm(h_BSD[:, :R]) @ w_h.T
+        h_BSD, _ = module.block(u_BRD)
+        losses.append(mean_nll(module.final_norm(h_BSD), [[row[i + depth + 1] for i in range(R)]
+                                                          for row in rows.tolist()]))
+    return main, losses
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_losses_equal_a_reference_from_the_same_weights(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(**VARIANTS[variant]))  # training mode: activation checkpointing acts
+    rows = torch.randint(0, V, (2, 13))
+    loss, moe_aux, mtp_loss_M = model(rows[:, :-1], rows[:, 1:], CHUNKS[variant], mtp=True)
+    main, expected = reference_losses(model, rows)
+    torch.testing.assert_close(loss, main, atol=1e-5, rtol=0)
+    assert mtp_loss_M.shape == (model.cfg.mtp_num_modules,)
+    torch.testing.assert_close(mtp_loss_M, torch.stack(expected), atol=1e-5, rtol=0)
+    moe_layers = sum(model.cfg.moe.is_moe_layer(i) for i in range(2 + model.cfg.mtp_num_modules)) if model.cfg.moe \
+        else 0
+    assert len(moe_aux) == moe_layers  # the MTP blocks' aux after the main layers'
+
+
+def test_gradient_reaches_every_mtp_parameter_the_shared_embedding_and_head_and_the_main_blocks():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=False, mtp_num_modules=2))
+    rows = torch.randint(0, V - 1, (2, 13))
+    rows[0, -2] = V - 1  # the last input token of row 0, and nowhere else: only module 1's embedding lookup reads it
+    _, _, mtp_loss_M = model(rows[:, :-1], rows[:, 1:], mtp=True)
+    mtp_loss_M.mean().backward()  # the MTP loss alone
+    for name, param in model.named_parameters():
+        if name.startswith(("mtp.", "lm_head.", "blocks.0.")):
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert model.embed.weight.grad[V - 1].abs().sum() > 0  # through the MTP modules' own use of the embedding
+    assert model.final_norm.weight.grad is None  # the modules read the last block's output before the final norm
+
+
+@pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
+def test_evaluation_and_generation_equal_the_same_model_without_mtp(moe):
+    torch.manual_seed(0)
+    with_mtp = GPT(tiny_config(moe=moe, mtp_num_modules=2)).eval()
+    torch.manual_seed(0)
+    without = GPT(tiny_config(moe=moe)).eval()
+    main = {k: v for k, v in with_mtp.state_dict().items() if not k.startswith("mtp.")}
+    assert main.keys() == without.state_dict().keys() and len(main) < len(with_mtp.state_dict())
+    for name, value in without.state_dict().items():  # the MTP modules are drawn after the rest
+        assert torch.equal(main[name], value), name
+    rows = torch.randint(0, V, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(with_mtp(rows[:, :-1])[0], without(rows[:, :-1])[0])
+        assert torch.equal(with_mtp(rows[:, :-1], rows[:, 1:])[0], without(rows[:, :-1], rows[:, 1:])[0])
+        assert len(with_mtp(rows[:, :-1])[1]) == len(without(rows[:, :-1])[1])  # no MTP aux either
+    for use_cache in (True, False):
+        got = generate(with_mtp, rows[:, :4], 6, temperature=0.0, use_cache=use_cache)
+        expected = generate(without, rows[:, :4], 6, temperature=0.0, use_cache=use_cache)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_mtp_names_what_it_needs():
+    model = GPT(tiny_config(mtp_num_modules=2))
+    rows = torch.randint(0, V, (2, 13))
+    with pytest.raises(ValueError, match="mtp: multi-token prediction needs targets"):
+        model(rows, mtp=True)
+    with pytest.raises(ValueError, match=r"mtp_num_modules > 0 \(got 0\)"):
+        GPT(tiny_config())(rows[:, :-1], rows[:, 1:], mtp=True)
+    with pytest.raises(ValueError, match="a sequence needs more than 2 tokens; got 2"):
+        model(rows[:, :2], rows[:, 1:3], mtp=True)
