@@ -76,8 +76,8 @@ class YarnRopeScalingArgs(Strict):
 
     @model_validator(mode="after")
     def fast_above_slow(self) -> YarnRopeScalingArgs:
-        if self.beta_fast <= self.beta_slow:
-            raise ValueError(f"expected beta_fast above beta_slow, got {self.beta_fast} and {self.beta_slow}")
+        if self.beta_fast < self.beta_slow:  # equal is a step at that pair (Kimi-K2: both 1)
+            raise ValueError(f"expected beta_fast at least beta_slow, got {self.beta_fast} and {self.beta_slow}")
         return self
 
 

@@ -4,8 +4,9 @@ Conventions (PaLM's, so figures compare with published MFU): a matmul of an [m, 
 training step costs 3x the forward (backward = 2x forward); activation checkpointing's recomputation is not
 counted (model FLOPs, not hardware FLOPs); attention scores count the full sequence (QK^T and AV: 4 S d per
 token and layer, as PaLM's 12 L d S for training), not the causal half nor a sliding window's band (sdpa computes
-the full scores and masks them); per query head, so grouped-query attention costs the same. Elementwise work
-(norms, activations, softmax, AdamW) is left out.
+the full scores and masks them); per query head, so grouped-query attention costs the same; multi-head latent
+attention's scores count its query/key head dim (nope + rope) and its values v_head_dim. Elementwise work
+(norms, activations, softmax, attention sinks' extra logit, AdamW) is left out.
 
 The walk reads the modules, so new block kinds built from nn.Linear (gated MLPs, grouped-query attention,
 shared experts: dense, every token runs them) count with no change here. Routed weights count at their
@@ -32,10 +33,11 @@ class FlopsPerToken:
     experts: float = 0.0  # routed experts' active share
     lores: float = 0.0  # LoREs' active share
     head: float = 0.0  # the LM head (tied or not)
+    mtp: float = 0.0  # multi-token prediction modules (training only): all of their kinds, their heads included
 
     @property
     def forward(self) -> float:
-        return self.dense + self.attention + self.experts + self.lores + self.head
+        return self.dense + self.attention + self.experts + self.lores + self.head + self.mtp
 
     @property
     def training(self) -> float:
@@ -43,21 +45,12 @@ class FlopsPerToken:
 
 
 def flops_per_token(model: nn.Module, seq_length: int) -> FlopsPerToken:
-    """Forward FLOPs per token of a GPT (megatron/model/gpt.py) or any model made of nn.Linear and MoE layers."""
-    from megatron.model.moe import MoELayer
+    """Forward FLOPs per token of a GPT (megatron/model/gpt.py) or any model made of nn.Linear and MoE layers.
 
-    flops = FlopsPerToken()
-    routed: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            flops.experts += _expert_flops(module)
-            flops.lores += _lore_flops(module)
-            routed |= {id(p) for name, p in module.named_parameters() if name.startswith(("experts.", "lore."))}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in routed:
-            flops.dense += 2.0 * module.in_features * module.out_features
-        if name.endswith("attention") and hasattr(module, "num_heads") and hasattr(module, "head_dim"):
-            flops.attention += 4.0 * seq_length * module.num_heads * module.head_dim
+    Multi-token prediction modules (`model.mtp`, megatron/model/mtp.py) go to `mtp`: each module's projection,
+    block and pass through the shared head, per token (module d runs on S - d positions of S: counted as S)."""
+    modules = getattr(model, "mtp", None) or []
+    flops = _walk(model, seq_length, skip="mtp")
     embed = getattr(model, "embed", None)
     if isinstance(embed, nn.Embedding) and getattr(model, "lm_head", None) is None:  # tied: the head is a matmul
         flops.head = 2.0 * embed.num_embeddings * embed.embedding_dim
@@ -65,6 +58,39 @@ def flops_per_token(model: nn.Module, seq_length: int) -> FlopsPerToken:
         head = model.lm_head
         flops.dense -= 2.0 * head.in_features * head.out_features
         flops.head = 2.0 * head.in_features * head.out_features
+    for module in modules:
+        part = _walk(module, seq_length)
+        flops.mtp += part.dense + part.attention + part.experts + part.lores + flops.head
+    return flops
+
+
+def attention_flops(module: nn.Module, seq_length: int) -> float:
+    """Scores (2 S per query/key dim) and weighted values (2 S per value dim), per token and query head: the same
+    head dim for both, or multi-head latent attention's (nope + rope for the scores, v_head_dim for the values)."""
+    mla = getattr(module, "mla", None)
+    if mla is not None:
+        return 2.0 * seq_length * module.num_heads * (mla.qk_head_dim + mla.v_head_dim)
+    return 4.0 * seq_length * module.num_heads * module.head_dim
+
+
+def _walk(model: nn.Module, seq_length: int, skip: str | None = None) -> FlopsPerToken:
+    """Every nn.Linear, attention and MoE layer of `model`, but those under the submodule named `skip`."""
+    from megatron.model.moe import MoELayer
+
+    modules = [(name, m) for name, m in model.named_modules() if skip is None or not name.startswith(f"{skip}.")]
+    flops = FlopsPerToken()
+    routed: set[int] = set()
+    for _, module in modules:
+        if isinstance(module, MoELayer):
+            flops.experts += _expert_flops(module)
+            flops.lores += _lore_flops(module)
+            routed |= {id(p) for name, p in module.named_parameters() if name.startswith(("experts.", "lore."))}
+    for name, module in modules:
+        if isinstance(module, nn.Linear) and id(module.weight) not in routed:
+            flops.dense += 2.0 * module.in_features * module.out_features
+        if name.endswith("attention") and hasattr(module, "num_heads") and (
+                hasattr(module, "head_dim") or hasattr(module, "mla")):
+            flops.attention += attention_flops(module, seq_length)
     return flops
 
 

@@ -93,3 +93,58 @@ def test_training_logs_tflops_and_mfu(tmp_path, data_prefix):
 ])
 def test_data_sheet_peaks_tell_the_h100_boards_apart(name, precision, expected):
     assert data_sheet_peak(name, precision) == expected
+
+
+MLA = ["--kv_lora_rank", "16", "--qk_nope_head_dim", "8", "--qk_rope_head_dim", "4", "--v_head_dim", "6",
+       "--pos_emb", "rotary", "--rotary_pct", "1.0", "--use_bias_in_attn_linear", "false"]
+NEW_ATTENTION = {
+    "mla_query_latent": [*MLA, "--q_lora_rank", "12"],
+    "mla_direct_query": MLA,
+    "wide_heads_sinks_windows": ["--head_dim", "24", "--num_kv_heads", "2", "--attention_sinks", "true",
+                                 "--sliding_window_width", "5", "--sliding_window_pattern", '["sliding", "full"]',
+                                 "--pos_emb", "rotary"],
+}
+
+
+@pytest.mark.parametrize("variant", NEW_ATTENTION)
+def test_new_attention_flops_equal_the_counted_forward(variant):
+    """Multi-head latent attention (scores over nope + rope dims, values over v_head_dim, which differ), heads
+    wider than hidden / heads, sinks and alternating windows, on an MoE config: the walk against FlopCounterMode,
+    and MLA's attention term by hand."""
+    args = load_config(["configs/tiny_moe.yml"], NEW_ATTENTION[variant])
+    model = build_gpt(args, 384)
+    tokens = torch.randint(384, (2, args.seq_length))
+    counter = FlopCounterMode(display=False, custom_mapping=COUNTED)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(tokens)
+    flops = flops_per_token(model, args.seq_length)
+    assert flops.forward == pytest.approx(counter.get_total_flops() / tokens.numel(), rel=1e-9)
+    if args.kv_lora_rank:
+        S, H = args.seq_length, args.num_attention_heads
+        assert flops.attention == args.num_layers * 2 * S * H * ((8 + 4) + 6)
+
+
+def test_mtp_modules_flops_equal_the_counted_training_forward():
+    """With multi-token prediction (an MoE block per module, MLA), the training forward's FLOPs: the main model's
+    kinds as without MTP, `mtp` the modules' projections, blocks and head passes (module d on S - d positions;
+    the counted forward is compared with each module's share scaled by its positions)."""
+    args = load_config(["configs/tiny_moe.yml"], [*MLA, "--mtp_num_modules", "2", "--moe_expert_interval", "1",
+                                                  "--moe_router_type", "topk"])
+    model = build_gpt(args, 384).train()
+    plain = flops_per_token(build_gpt(load_config(["configs/tiny_moe.yml"], [
+        *MLA, "--moe_expert_interval", "1", "--moe_router_type", "topk"]), 384), args.seq_length)
+    flops = flops_per_token(model, args.seq_length)
+    assert (flops.dense, flops.attention, flops.experts, flops.head) == (
+        plain.dense, plain.attention, plain.experts, plain.head)
+    S, B = args.seq_length, 2
+    tokens = torch.randint(384, (B, S))
+    counter = FlopCounterMode(display=False, custom_mapping=COUNTED)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(tokens, targets_BS=tokens, mtp=True)
+    per_module = flops.mtp / 2
+    # a module on R = S - d positions: its linear and expert work scales with R, its attention with R^2
+    attention_per_token = plain.attention / args.num_layers
+    expected = B * S * (plain.forward) + sum(
+        B * (S - d) * (per_module - attention_per_token) + B * (S - d) ** 2 / S * attention_per_token
+        for d in (1, 2))
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
