@@ -20,8 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_megatron_gpt import MegatronGPTConfig
 from .megatron_modules import __name__ as _shipped  # noqa: F401  (makes transformers copy every module)
-from .model_attention import Attention
-from .model_gpt import GPT
+from .model_gpt import GPT, make_attention
 from .model_moe_config import MoERuntime
 from .model_rope import Rotary
 
@@ -66,11 +65,12 @@ class MegatronGPTForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Every weight comes from model.safetensors; only the rotary tables (buffers that are not saved)
-        are filled here, from an attention block our code builds on the CPU."""
+        are filled here, from an attention block our code builds on the CPU (the kind the config chooses:
+        multi-head latent attention rotates only its rope dims)."""
         if isinstance(module, Rotary):
             if "rotary" not in self._reference:  # a dict, not a submodule: modules are being iterated
                 with torch.device("cpu"):
-                    self._reference["rotary"] = Attention(self.model.cfg).rotary
+                    self._reference["rotary"] = make_attention(self.model.cfg).rotary
             reference = self._reference["rotary"]
             for name, buffer in reference.named_buffers():
                 getattr(module, name).copy_(buffer)

@@ -5,7 +5,7 @@ costs (kv_lora_rank + qk_rope_head_dim) numbers per layer instead of 2 x H x hea
 
 Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H heads,
 C kv_lora_rank (the key/value latent), Q q_lora_rank (the query latent), N qk_nope_head_dim,
-R qk_rope_head_dim, V v_head_dim.
+R qk_rope_head_dim, V v_head_dim, E a query/key head (N + R), W a head of kv_up's output (N + V).
 
 Parameters (torch Linear weights are [out, in]):
     q_proj   [H (N + R), D]           the query, when q_lora_rank is None; no bias
@@ -26,7 +26,6 @@ are interleaved pairs (megatron/hf/deepseek_v3.py permutes them into ours).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron.model.attention import KVCache, Padding, band_mask
+from megatron.model.attention import KVCache, Padding, band_mask, layer_window
 from megatron.model.rope import Rotary
 
 if TYPE_CHECKING:
@@ -111,16 +110,10 @@ def check_mla_settings(settings: Any) -> None:
 
 
 def softmax_scale(qk_head_dim: int, rope_scaling: Any) -> float:
-    """(N + R)^-1/2, times YaRN's attention correction squared when the scaling sets mscale_all_dim (DeepSeek-V3):
-    0.1 mscale_all_dim ln(factor) + 1 for factor > 1 (transformers' yarn_get_mscale; the rotary tables carry
-    mscale / mscale_all_dim's ratio, 1 in DeepSeek-V3)."""
-    scale = qk_head_dim ** -0.5
-    mscale_all_dim = getattr(rope_scaling, "mscale_all_dim", 0.0) or 0.0
-    factor = getattr(rope_scaling, "factor", 1.0)
-    if mscale_all_dim and factor > 1:
-        correction = 0.1 * mscale_all_dim * math.log(factor) + 1.0
-        scale *= correction * correction
-    return scale
+    """(N + R)^-1/2, times what the rope scaling asks of MLA: YaRN's mscale(factor, mscale_all_dim)^2 when it sets
+    mscale_all_dim (DeepSeek-V3; rope.py), as transformers' DeepseekV3Attention scales its softmax."""
+    correction = getattr(rope_scaling, "mla_softmax_scale_factor", None)
+    return qk_head_dim ** -0.5 * (correction() if correction is not None else 1.0)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -148,7 +141,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = Rotary(mla.qk_rope_head_dim, 1.0, cfg.rotary_emb_base, cfg.max_position_embeddings,
                              cfg.rope_scaling)
         self.scale = softmax_scale(mla.qk_head_dim, cfg.rope_scaling)
-        self.window = cfg.sliding_window_width
+        self.window = layer_window(cfg, layer_idx)  # sliding_window_width, by sliding_window_pattern if set
         self.dropout_p = cfg.attention_dropout
 
     def query(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -160,8 +153,8 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None,
                 padding: Padding | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        H, C, N, R, V = self.num_heads, self.mla.kv_lora_rank, self.mla.qk_nope_head_dim, self.mla.qk_rope_head_dim, \
-            self.mla.v_head_dim
+        mla, H = self.mla, self.num_heads
+        C, N, R, V = mla.kv_lora_rank, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         q_BHSE = self.query(x_BSD).view(B, S, H, N + R).transpose(1, 2)
         q_nope_BHSN, q_rope_BHSR = q_BHSE.split([N, R], dim=-1)
         latent_BSC, k_rope_BSR = self.kv_down(x_BSD).split([C, R], dim=-1)
@@ -170,12 +163,13 @@ class MultiHeadLatentAttention(nn.Module):
         positions_BS = None if padding is None else padding.positions_BS
         q_rope_BHSR = self.rotary(q_rope_BHSR, start, positions_BS)
         k_rope_B1SR = self.rotary(k_rope_B1SR, start, positions_BS)
-        if cache is not None:  # from here on T keys: the cached ones, then these S
-            latent_B1SC, k_rope_B1SR = cache.extend(self.layer_idx, latent_B1SC, k_rope_B1SR)
-        T = latent_B1SC.shape[2]
-        kv_BHTE = self.kv_up(latent_B1SC[:, 0]).view(B, T, H, N + V).transpose(1, 2)
-        k_nope_BHTN, v_BHTV = kv_BHTE.split([N, V], dim=-1)
-        k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1SR.expand(B, H, T, R)], dim=-1)
+        latent_B1TC, k_rope_B1TR = latent_B1SC, k_rope_B1SR  # T keys: the cached ones, then these S
+        if cache is not None:
+            latent_B1TC, k_rope_B1TR = cache.extend(self.layer_idx, latent_B1SC, k_rope_B1SR)
+        T = latent_B1TC.shape[2]
+        kv_BHTW = self.kv_up(latent_B1TC[:, 0]).view(B, T, H, N + V).transpose(1, 2)
+        k_nope_BHTN, v_BHTV = kv_BHTW.split([N, V], dim=-1)
+        k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, R)], dim=-1)
         q_BHSE = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
         mask_ST = band_mask(S, T, self.window, x_BSD.device, padding)
         out_BHSV = F.scaled_dot_product_attention(q_BHSE, k_BHTE, v_BHTV, attn_mask=mask_ST,
