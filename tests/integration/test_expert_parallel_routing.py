@@ -89,6 +89,6 @@ def _compare_every_case(rank: int, world: int) -> None:
             raise AssertionError(f"{name}: {err}") from err
 
 
-@pytest.mark.slow  # two spawned processes and six layouts: about 15 s on an idle 2-core machine
+@pytest.mark.slow  # two spawned processes and six layouts: longer than the default suite allows
 def test_groups_and_biases_on_two_ranks_equal_one_rank():
     run_on_ranks(_compare_every_case, 2)

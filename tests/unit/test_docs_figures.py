@@ -335,3 +335,28 @@ def test_the_study_pair_task_table_is_the_json():
         assert row in page, row
     loss = groups["tiny_structmoe"]["minus_baseline"]
     assert f"{loss['mean']:+.4f} ({loss['ci_low']:+.4f} to {loss['ci_high']:+.4f})" in page
+
+
+def test_group_routing_ranks_table_and_figures_are_the_json():
+    """docs/architectures.md's destination-rank table and the figures its prose quotes, from the benchmark's JSON."""
+    import group_routing_ranks
+
+    result = json.loads(read("docs/results/group_routing_ranks.json"))
+    doc = read("docs/architectures.md")
+    assert generated_block(doc, "python benchmarks/group_routing_ranks.py --markdown "
+                                "docs/results/group_routing_ranks.json") == group_routing_ranks.markdown(result)
+    assert result["command"] in " ".join(doc.split())
+    # the 4-rank part's bytes are the layer's own, equal to the ones counted from the routing
+    for variant in result["measured"]["variants"]:
+        assert variant["measured_bytes_sent_per_token"] == variant["slot_bytes_sent_per_token"]
+    # independently of markdown(): the prose's figures, and the bound the limit guarantees
+    sim = {v["group_top_k"]: v for v in result["simulated"]["variants"]}
+    assert all(v["max_ranks_per_token"] <= (k or result["simulated"]["shape"]["ranks"]) for k, v in sim.items())
+    kib = lambda key, keep: f"{sim[keep][key] / 1024:.1f} KiB"
+    prose = " ".join(doc.split())
+    assert (f"take a token to {sim[4]['ranks_per_token']:.2f} ranks instead of {sim[None]['ranks_per_token']:.2f}"
+            in prose)
+    assert f"{kib('slot_bytes_sent_per_token', None)} a token with or without groups" in prose
+    assert kib("slot_bytes_sent_per_token", None) == kib("slot_bytes_sent_per_token", 4)
+    assert (f"it would send {kib('rank_bytes_sent_per_token', 4)} a token with 8 groups keeping 4 against "
+            f"{kib('rank_bytes_sent_per_token', None)} without") in prose
