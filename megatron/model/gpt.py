@@ -258,14 +258,13 @@ class GPT(nn.Module):
                 x_BSD, aux = block(x_BSD, cache, padding)
             if aux is not None:
                 moe_aux.append(aux)
-        h_BSD = x_BSD  # the last block's output: what the first MTP module reads
-        x_BSD = self.final_norm(x_BSD)
+        x_BSD = self.final_norm(x_BSD)  # what the head and the first MTP module read
         weight_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if targets_BS is None:
             return F.linear(x_BSD, weight_VD), moe_aux
         loss = lm_loss(x_BSD.flatten(0, 1), weight_VD, targets_BS.flatten(), loss_chunk_tokens)
         if not mtp:
             return loss, moe_aux
-        mtp_loss_M, mtp_aux = mtp_losses(self.mtp, h_BSD, tokens_BS, targets_BS, self.embed, weight_VD,
+        mtp_loss_M, mtp_aux = mtp_losses(self.mtp, x_BSD, tokens_BS, targets_BS, self.embed, weight_VD,
                                          loss_chunk_tokens, self.cfg.checkpoint_activations and self.training)
         return loss, moe_aux + mtp_aux, mtp_loss_M

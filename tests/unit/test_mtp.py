@@ -1,13 +1,17 @@
 """Multi-token prediction (megatron/model/mtp.py): each module's inputs and targets against a loop over the token
-rows, its loss against a reference written out from the same weights, where its gradients go, and a model with MTP
-modules that evaluates and generates exactly as the same model without them."""
+rows, its loss against a reference written out from the same weights and against transformers' own MTP drafter
+(MtpModel) with copied weights, where its gradients go, and a model with MTP modules that evaluates and generates
+exactly as the same model without them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from transformers.modeling_layers import MtpModel
 
+from megatron.hf.llama import llama_config, ours_to_llama
 from megatron.model.generation import generate
 from megatron.model.gpt import GPT, GPTConfig
 from megatron.model.moe import MoEArchitecture
@@ -41,7 +45,8 @@ def test_module_inputs_and_targets_are_the_tokens_d_and_d_plus_one_after_the_nex
 
 def reference_losses(model: GPT, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The main loss and each module's, written out: shifted tokens by a loop over the rows, the projection as its
-    two halves (embedding columns first), and the cross-entropy token by token."""
+    two halves (embedding columns first), each depth reading the previous one's final-normed state, and the
+    cross-entropy token by token."""
     tokens_BS = rows[:, :-1]
     S = tokens_BS.shape[1]
     weight_VD = model.embed.weight if model.lm_head is None else model.lm_head.weight
@@ -54,16 +59,16 @@ def reference_losses(model: GPT, rows: torch.Tensor) -> tuple[torch.Tensor, list
         terms = [-logprobs_BRV[b, i, t] for b, row in enumerate(targets) for i, t in enumerate(row)]
         return torch.stack(terms).mean()
 
-    main = mean_nll(model.final_norm(h_BSD), [[row[i + 1] for i in range(S)] for row in rows.tolist()])
+    h_BSD = model.final_norm(h_BSD)
+    main = mean_nll(h_BSD, [[row[i + 1] for i in range(S)] for row in rows.tolist()])
     losses = []
     for depth, module in enumerate(model.mtp, start=1):
         R = S - depth
         ahead_BR = torch.tensor([[row[i + depth] for i in range(R)] for row in rows.tolist()])
         w_e, w_h = module.eh_proj.weight[:, :D], module.eh_proj.weight[:, D:]
         u_BRD = module.enorm(model.embed(ahead_BR)) @ w_e.T + module.hnorm(h_BSD[:, :R]) @ w_h.T
-        h_BSD, _ = module.block(u_BRD)
-        losses.append(mean_nll(module.final_norm(h_BSD), [[row[i + depth + 1] for i in range(R)]
-                                                          for row in rows.tolist()]))
+        h_BSD = module.final_norm(module.block(u_BRD)[0])
+        losses.append(mean_nll(h_BSD, [[row[i + depth + 1] for i in range(R)] for row in rows.tolist()]))
     return main, losses
 
 
@@ -82,6 +87,54 @@ def test_losses_equal_a_reference_from_the_same_weights(variant):
     assert len(moe_aux) == moe_layers  # the MTP blocks' aux after the main layers'
 
 
+def test_two_modules_equal_transformers_mtp_drafter_with_copied_weights():
+    """transformers' MtpModel (generate(use_mtp=True)'s drafter) on a Llama-shaped model with our weights: the main
+    model's last hidden state into layer 0, each layer's output into the next, the shared head; its cross-entropy
+    per depth equals ours."""
+    torch.manual_seed(0)
+    cfg = tiny_config(norm="rmsnorm", activation="swiglu", intermediate_size=192, use_bias_in_mlp=False,
+                      use_bias_in_attn_linear=False, tie_embeddings=False, mtp_num_modules=2)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so that which state each one scales matters
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    state = model.state_dict()
+    hf_config = transformers.LlamaConfig(**llama_config(cfg))
+    hf_config.num_mtp_layers = 2
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict(ours_to_llama({k: v for k, v in state.items() if not k.startswith("mtp.")}, cfg))
+    drafter = MtpModel(hf, 2).eval()
+    # the MTP blocks converted as if they were layers 0 and 1 of a Llama model
+    as_blocks = {k.replace(f"mtp.{d}.block.", f"blocks.{d}."): v for d in range(2) for k, v in state.items()
+                 if k.startswith(f"mtp.{d}.block.")}
+    layers = ours_to_llama(as_blocks | {k: state[k] for k in ("embed.weight", "final_norm.weight", "lm_head.weight")},
+                           cfg)
+    theirs = {}
+    for d in range(2):
+        theirs |= {k.replace(f"model.layers.{d}.", f"layers.{d}.mtp_block."): v for k, v in layers.items()
+                   if k.startswith(f"model.layers.{d}.")}
+        theirs |= {f"layers.{d}.{name}.weight": state[f"mtp.{d}.{ours}.weight"] for name, ours in
+                   (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("post_norm", "final_norm"))}
+    missing, unexpected = drafter.load_state_dict(theirs, strict=False)
+    assert sorted(missing) == ["embed_tokens.weight", "shared_head.weight"] and not unexpected  # the main model's
+    rows = torch.randint(0, V, (2, 13))
+    tokens_BS, targets_BS = rows[:, :-1], rows[:, 1:]
+    S = tokens_BS.shape[1]
+    with torch.no_grad():
+        loss, _, mtp_loss_M = model(tokens_BS, targets_BS, mtp=True)
+        h_BSD = hf.model(tokens_BS).last_hidden_state
+        expected = []
+        for d in (1, 2):
+            positions = torch.arange(d, S)[None].expand(2, -1)  # as drafting shifts them (rotary: only distances)
+            h_BSD = drafter.forward_layer(d - 1, h_BSD[:, :S - d], positions, None, input_ids=tokens_BS[:, d:])
+            logits_BRV = drafter._project_to_logits(h_BSD)
+            expected.append(F.cross_entropy(logits_BRV.flatten(0, 1), targets_BS[:, d:].flatten()))
+        torch.testing.assert_close(loss, F.cross_entropy(hf(tokens_BS).logits.flatten(0, 1), targets_BS.flatten()),
+                                   atol=1e-5, rtol=0)
+    torch.testing.assert_close(mtp_loss_M, torch.stack(expected), atol=1e-5, rtol=0)
+
+
 def test_gradient_reaches_every_mtp_parameter_the_shared_embedding_and_head_and_the_main_blocks():
     torch.manual_seed(0)
     model = GPT(tiny_config(tie_embeddings=False, mtp_num_modules=2))
@@ -93,7 +146,7 @@ def test_gradient_reaches_every_mtp_parameter_the_shared_embedding_and_head_and_
         if name.startswith(("mtp.", "lm_head.", "blocks.0.")):
             assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert model.embed.weight.grad[V - 1].abs().sum() > 0  # through the MTP modules' own use of the embedding
-    assert model.final_norm.weight.grad is None  # the modules read the last block's output before the final norm
+    assert model.final_norm.weight.grad.abs().sum() > 0  # the first module reads the final-normed state
 
 
 @pytest.mark.parametrize("moe", [None, MOE], ids=["dense", "moe"])
