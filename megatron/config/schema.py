@@ -70,7 +70,7 @@ class YarnRopeScalingArgs(Strict):
     original_max_position_embeddings: int = Field(ge=1)
     beta_fast: float = Field(32.0, gt=0)
     beta_slow: float = Field(1.0, gt=0)
-    mscale: float = Field(1.0, ge=0)
+    mscale: float = Field(1.0, gt=0)  # acts only with mscale_all_dim > 0 (transformers' rule)
     mscale_all_dim: float = Field(0.0, ge=0)
     truncate: bool = True  # the ramp's ends rounded out to whole dims (gpt-oss: false)
 
@@ -78,6 +78,9 @@ class YarnRopeScalingArgs(Strict):
     def fast_above_slow(self) -> YarnRopeScalingArgs:
         if self.beta_fast < self.beta_slow:  # equal is a step at that pair (Kimi-K2: both 1)
             raise ValueError(f"expected beta_fast at least beta_slow, got {self.beta_fast} and {self.beta_slow}")
+        if self.mscale != 1.0 and not self.mscale_all_dim:
+            raise ValueError(f"mscale {self.mscale} acts only with mscale_all_dim > 0 (transformers then scales by "
+                             "mscale(factor) alone); expected mscale 1.0 or mscale_all_dim set")
         return self
 
 
@@ -116,9 +119,6 @@ class ModelArgs(Strict):
     num_kv_heads: int | None = Field(None, ge=1)  # NeoX: grouped-query attention; None: num_attention_heads
     sliding_window_width: int | None = Field(None, ge=1)  # NeoX: a query sees itself + the w keys before it
     qk_norm: bool = False  # ours: per-head RMSNorm of queries and keys before rotary (Qwen3)
-    attention_sinks: bool = False  # ours: a learned logit per query head that takes softmax mass, no value (gpt-oss)
-    # ours: "sliding"/"full" per layer, repeated over the layers (gpt-oss: [sliding, full]); None: every layer slides
-    sliding_window_pattern: list[Literal["sliding", "full"]] | None = Field(None, min_length=1)
     # ours: multi-head latent attention (DeepSeek-V2/V3, megatron/model/mla.py): kv_lora_rank set switches it on;
     # q_lora_rank None: the query is one projection; the three head dims are required with it
     kv_lora_rank: int | None = Field(None, ge=1)
@@ -126,6 +126,9 @@ class ModelArgs(Strict):
     qk_nope_head_dim: int | None = Field(None, ge=1)
     qk_rope_head_dim: int | None = Field(None, ge=2)
     v_head_dim: int | None = Field(None, ge=1)
+    attention_sinks: bool = False  # ours: a learned logit per query head that takes softmax mass, no value (gpt-oss)
+    # ours: "sliding"/"full" per layer, repeated over the layers (gpt-oss: [sliding, full]); None: every layer slides
+    sliding_window_pattern: list[Literal["sliding", "full"]] | None = Field(None, min_length=1)
     gpt_j_residual: bool = False
     no_weight_tying: bool = False
     make_vocab_size_divisible_by: int = Field(128, ge=1)

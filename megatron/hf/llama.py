@@ -17,9 +17,10 @@ What maps where:
   layout, `block_sparse_moe.experts.E.wN`; transformers 5's fused `gate_up_proj` is read too);
 - Mistral's sliding_window w counts the query itself; ours (sliding_window_width, GPT-NeoX's) counts the keys
   before it, so ours is w - 1;
-- rope_theta is our rotary_emb_base, and Llama-3.1's rope scaling (rope_type llama3) our `rope_scaling`; other
-  scaled RoPEs (linear, dynamic, yarn, longrope) are not computed here: such a folder is refused, naming the
-  field, never converted into another model.
+- rope_theta is our rotary_emb_base, and Llama-3.1's rope scaling (rope_type llama3) or YaRN's (rope_type yarn,
+  every field of transformers' but an explicit attention_factor) our `rope_scaling`; other scaled RoPEs (linear,
+  dynamic, longrope) are not computed here: such a folder is refused, naming the field, never converted into
+  another model.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
+from megatron.model.rope import YarnRopeScaling
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe")
 # each MoE family's names in its files: (the MoE module, expert e's gate, up and down projections)
@@ -42,10 +44,12 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
     """Our config keys for a transformers LlamaConfig; a field we would compute differently is a ConfigError."""
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "llama3"):
-        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE and Llama-3.1's "
-                          "llama3 scaling are computed here")
+    if rope_type not in ("default", "llama3", "yarn"):
+        raise ConfigError(f"{where}: rope_parameters.rope_type {rope_type!r}: only the default RoPE, Llama-3.1's "
+                          "llama3 scaling and yarn are computed here")
     scaling = None
+    if rope_type == "yarn":
+        scaling = yarn_keys(where, rope, hf.max_position_embeddings)
     if rope_type == "llama3":
         scaling = {"type": "llama3", "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
                    "high_freq_factor": float(rope["high_freq_factor"]), "original_max_position_embeddings":
@@ -96,6 +100,22 @@ def llama_keys(where: str, hf: Any) -> dict[str, Any]:
         "hidden_dropout": 0.0, "attention_dropout": float(getattr(hf, "attention_dropout", 0.0)),
         "init_method_std": hf.initializer_range,
     }
+
+
+def yarn_keys(where: str, rope: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
+    """Our rope_scaling block for transformers' yarn rope_parameters, with transformers' defaults and rules: factor
+    unset is max_position_embeddings / original; mscale acts only beside a non-zero mscale_all_dim."""
+    if rope.get("attention_factor") is not None:
+        raise ConfigError(f"{where}: rope_parameters.attention_factor {rope['attention_factor']}: not converted (ours "
+                          "derives it from factor, mscale and mscale_all_dim, as transformers does when it is unset)")
+    original = int(rope.get("original_max_position_embeddings") or max_position_embeddings)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):  # transformers then scales by mscale(factor) alone: ours with (1, 0)
+        mscale, mscale_all_dim = 1.0, 0.0
+    return {"type": "yarn", "factor": float(rope.get("factor") or max_position_embeddings / original),
+            "original_max_position_embeddings": original, "beta_fast": float(rope.get("beta_fast") or 32.0),
+            "beta_slow": float(rope.get("beta_slow") or 1.0), "mscale": float(mscale),
+            "mscale_all_dim": float(mscale_all_dim), "truncate": bool(rope.get("truncate", True))}
 
 
 def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
@@ -163,6 +183,8 @@ LLAMA_FIELDS = {
     "max_position_embeddings": ANY, "pos_emb": ("rotary",), "rotary_pct": (1.0,), "rotary_emb_base": ANY,
     "rope_scaling": ANY, "rope_scaling.factor": ANY, "rope_scaling.low_freq_factor": ANY,
     "rope_scaling.high_freq_factor": ANY, "rope_scaling.original_max_position_embeddings": ANY,
+    "rope_scaling.beta_fast": ANY, "rope_scaling.beta_slow": ANY, "rope_scaling.mscale": ANY,  # yarn
+    "rope_scaling.mscale_all_dim": ANY, "rope_scaling.truncate": ANY,
     "norm": ("rmsnorm",), "norm_eps": ANY, "activation": ("swiglu",), "gpt_j_residual": (False,),
     "tie_embeddings": ANY,
     # Mixtral and Qwen3-MoE: the top-k of a softmax over the experts' gate logits, no bias, no shared experts, no
@@ -238,10 +260,11 @@ def hf_window(cfg: Any) -> int | None:
 
 
 def rope_parameters(cfg: Any) -> dict[str, Any]:
-    """transformers' rope_parameters for our rotary settings (plain, or Llama-3.1's llama3 scaling)."""
+    """transformers' rope_parameters for our rotary settings (plain, Llama-3.1's llama3 scaling or yarn)."""
     if cfg.rope_scaling is None:
         return {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
-    return {"rope_type": "llama3", "rope_theta": float(cfg.rotary_emb_base)} | dataclasses.asdict(cfg.rope_scaling)
+    rope_type = "yarn" if isinstance(cfg.rope_scaling, YarnRopeScaling) else "llama3"
+    return {"rope_type": rope_type, "rope_theta": float(cfg.rotary_emb_base)} | dataclasses.asdict(cfg.rope_scaling)
 
 
 def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:

@@ -72,10 +72,30 @@ def test_llama3_scaling_blends_the_middle_band():
     torch.testing.assert_close(scaling.scale(inv_freq), expected)
 
 
+# YaRN on a 16-token original context (head_dim 8: pair 0 kept, the others interpolated), as gpt-oss writes it
+# (truncate false) and with DeepSeek's mscale pair (both act: cos and sin scaled by their ratio)
+YARN_ROPES = {"gpt_oss_style": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+              "mscale_pair": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                              "mscale": 1.0, "mscale_all_dim": 0.5}}
+
+
+@pytest.mark.parametrize("rope", YARN_ROPES.values(), ids=YARN_ROPES)
+def test_yarn_scaled_rope_converts_with_equal_logits(tmp_path, rope):
+    hf = llama_folder(tmp_path / "hf", rope_parameters={"rope_theta": 10000.0, **rope}, **LLAMA2)
+    convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
+    args, model, _ = load_pretrained(tmp_path / "ours")
+    assert args.rope_scaling.type == "yarn" and args.rope_scaling.truncate == rope.get("truncate", True)
+    plain = llama_folder(tmp_path / "plain", **LLAMA2)  # the same weights with the plain RoPE: other logits
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS)[0], hf(TOKENS).logits, atol=1e-4, rtol=0)
+        assert (model(TOKENS)[0] - plain(TOKENS).logits).abs().max() > 1e-3
+
+
 def test_a_rope_we_do_not_compute_is_refused_naming_the_field(tmp_path):
-    llama_folder(tmp_path / "hf", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0,
-                                                   "original_max_position_embeddings": 32}, **LLAMA3)
-    with pytest.raises(SystemExit, match=r"rope_parameters\.rope_type 'yarn': only the default RoPE"):
+    llama_folder(tmp_path / "hf", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500000.0},
+                 **LLAMA3)
+    with pytest.raises(SystemExit, match=r"rope_parameters\.rope_type 'linear': only the default RoPE"):
         convert_from_hf.main([str(tmp_path / "hf"), str(tmp_path / "ours")])
     assert not (tmp_path / "ours" / "latest").exists()
 
@@ -143,7 +163,11 @@ def test_a_llama_shaped_model_exports_as_plain_llama(tmp_path, data_prefix, over
     ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 16}}, "LlamaForCausalLM"),
     ({"qk_norm": True, "no_weight_tying": True}, "Qwen3ForCausalLM"),
-], ids=["mistral_window", "llama31_rope", "qwen3_dense"])
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "truncate": False,
+                       "mscale": 1.0, "mscale_all_dim": 0.5}}, "LlamaForCausalLM"),
+    ({"qk_norm": True, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+     "Qwen3ForCausalLM"),
+], ids=["mistral_window", "llama31_rope", "qwen3_dense", "llama_yarn", "qwen3_yarn"])
 def test_dense_variants_export_natively(tmp_path, data_prefix, overrides, class_name):
     save, model = saved_model(tmp_path / "run", data_prefix, **LLAMA_SHAPED, **overrides)
     assert_native_export(tmp_path, save, model, class_name)
