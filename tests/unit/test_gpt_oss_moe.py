@@ -285,3 +285,16 @@ def test_biased_experts_on_the_gmm_layouts_match_native(monkeypatch, impl):
             y_other, y_native = other(x_TD)[0], native(x_TD)[0]
     assert gmm.calls >= 2  # bf16: the stand-in ran the experts' projections
     torch.testing.assert_close(y_other.float(), y_native.float(), rtol=5e-2, atol=5e-2 * float(y_native.abs().max()))
+
+
+@pytest.mark.parametrize(("gated", "shared", "lore"), [(True, 0, None), (True, 2, LoREConfig(3, 2)),
+                                                       (False, 1, None)])
+def test_closed_form_counts_hold_the_biases(gated, shared, lore):
+    from megatron.model.moe import moe_param_counts
+
+    layer = MoELayer.build(16, 8, 4, 2, CLAMPED if gated else "gelu", router_bias=True, expert_biases=True,
+                           num_shared_experts=shared, lore=lore)
+    counts = moe_param_counts(16, 8, 4, lore, gated, shared, biases=True, router_bias=True)
+    assert sum(counts.values()) == sum(p.numel() for p in layer.parameters())
+    if shared:
+        assert counts["shared"] == sum(p.numel() for p in layer.shared_experts.parameters())

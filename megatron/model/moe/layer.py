@@ -57,13 +57,17 @@ class BalanceCounts:
 
 def moe_param_counts(
     hidden_size: int, ffn_hidden_size: int, num_experts: int, lore: LoREConfig | None, gated: bool = False,
-    shared: int = 0,
+    shared: int = 0, biases: bool = False, router_bias: bool = False,
 ) -> dict[str, int]:
     """Closed-form parameter counts of one MoE layer: routed experts, LoREs, routers and `shared` shared
-    experts (one MLP `shared` x F wide). Gated: the up-projections, and entangled LoREs' B, are 2x as wide."""
+    experts (one MLP `shared` x F wide). Gated: the up-projections, and entangled LoREs' B, are 2x as wide.
+    `biases`: every expert's two projections have biases (moe_use_bias_in_experts), the shared experts' too;
+    `router_bias`: the router's linear has one (moe_router_bias)."""
     d, f, e = hidden_size, ffn_hidden_size, num_experts
     up = 2 * f if gated else f
-    counts = {"experts": e * d * (up + f), "lores": 0, "routers": d * e, "shared": shared * d * (up + f)}
+    counts = {"experts": e * (d * (up + f) + (up + d if biases else 0)), "lores": 0,
+              "routers": d * e + (e if router_bias else 0),
+              "shared": shared * d * (up + f) + (shared * up + d if biases and shared else 0)}
     if lore is not None:
         m, r = lore.num_lores, lore.rank
         out = up if lore.mode != "standalone" else d
