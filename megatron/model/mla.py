@@ -150,6 +150,16 @@ class MultiHeadLatentAttention(nn.Module):
             return self.q_proj(x_BSD)
         return self.q_up(self.q_norm(self.q_down(x_BSD)))
 
+    def expand(self, latent_B1TC: torch.Tensor, k_rope_B1TR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's keys [B, H, T, N + R] and values [B, H, T, V] from what the cache holds: the latent's
+        up-projection, and the shared rotated key beside each head's nope part."""
+        mla, H = self.mla, self.num_heads
+        B, _, T, _ = latent_B1TC.shape
+        N, R, V = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        kv_BHTW = self.kv_up(latent_B1TC[:, 0]).view(B, T, H, N + V).transpose(1, 2)
+        k_nope_BHTN, v_BHTV = kv_BHTW.split([N, V], dim=-1)
+        return torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, R)], dim=-1), v_BHTV
+
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None,
                 padding: Padding | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -166,12 +176,9 @@ class MultiHeadLatentAttention(nn.Module):
         latent_B1TC, k_rope_B1TR = latent_B1SC, k_rope_B1SR  # T keys: the cached ones, then these S
         if cache is not None:
             latent_B1TC, k_rope_B1TR = cache.extend(self.layer_idx, latent_B1SC, k_rope_B1SR)
-        T = latent_B1TC.shape[2]
-        kv_BHTW = self.kv_up(latent_B1TC[:, 0]).view(B, T, H, N + V).transpose(1, 2)
-        k_nope_BHTN, v_BHTV = kv_BHTW.split([N, V], dim=-1)
-        k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, R)], dim=-1)
+        k_BHTE, v_BHTV = self.expand(latent_B1TC, k_rope_B1TR)
         q_BHSE = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
-        mask_ST = band_mask(S, T, self.window, x_BSD.device, padding)
+        mask_ST = band_mask(S, k_BHTE.shape[2], self.window, x_BSD.device, padding)
         out_BHSV = F.scaled_dot_product_attention(q_BHSE, k_BHTE, v_BHTV, attn_mask=mask_ST,
                                                   dropout_p=self.dropout_p if self.training else 0.0,
                                                   is_causal=mask_ST is None, scale=self.scale)

@@ -39,3 +39,25 @@ def test_lm_eval_speed_reports_both_models_and_the_training_steps(tmp_path):
     recorded = json.loads(figures.read_text())["results"][0]
     assert recorded["total"]["ours_tokens_per_s"] > 0 and recorded["total"]["hflm_tokens_per_s"] > 0
     assert recorded["training"]["evaluation_in_steps"] > 0 and "all four" in result.stdout
+
+
+@pytest.mark.parametrize("transformers_too", [
+    False, pytest.param(True, marks=pytest.mark.slow)],  # about 10 s more: the export and transformers' generate()
+    ids=["ours", "with_transformers"])
+def test_mla_cache_measures_the_latent_and_rope_key_per_token(tmp_path, transformers_too):
+    figures = tmp_path / "mla_cache.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/mla_cache.py"), "--batch", "2", "--prompt", "4", "--new-tokens", "3",
+         "--dtype", "float32", "--json", str(figures), *([] if transformers_too else ["--skip-transformers"])],
+        capture_output=True, text=True, timeout=600, check=True)
+    recorded = json.loads(figures.read_text())
+    tiny = recorded["tiny"]
+    shape, ours = tiny["shape"], tiny["ours"]
+    latent = (shape["kv_lora_rank"] + shape["qk_rope_head_dim"]) * shape["num_layers"] * 4  # fp32 numbers
+    heads = shape["num_attention_heads"] * (shape["qk_nope_head_dim"] + shape["qk_rope_head_dim"] + shape["v_head_dim"])
+    assert ours["tokens_held"] == 2 * (4 + 3 - 1)  # the last drawn token is never run
+    assert ours["mla_bytes_per_token"] == latent and ours["full_kv_bytes_per_token"] == heads * shape["num_layers"] * 4
+    if transformers_too:
+        assert tiny["transformers"]["mla_bytes_per_token"] == latent
+    else:
+        assert tiny["transformers"] is None

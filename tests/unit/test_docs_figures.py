@@ -360,3 +360,35 @@ def test_group_routing_ranks_table_and_figures_are_the_json():
     assert kib("slot_bytes_sent_per_token", None) == kib("slot_bytes_sent_per_token", 4)
     assert (f"it would send {kib('rank_bytes_sent_per_token', 4)} a token with 8 groups keeping 4 against "
             f"{kib('rank_bytes_sent_per_token', None)} without") in prose
+
+
+def test_mla_cache_table_and_ratio_are_the_json():
+    """docs/architectures.md's MLA cache table is benchmarks/mla_cache.py's, and its figures are the closed forms of
+    the recorded shapes (DeepSeek-V3's as configs/families/deepseek_v3.yml has it)."""
+    import mla_cache
+
+    from megatron.config import load_config
+
+    recorded = json.loads(read("docs/results/mla_cache.json"))
+    page = read("docs/architectures.md")
+    block = generated_block(page, "benchmarks/mla_cache.py --markdown docs/results/mla_cache.json")
+    assert block == mla_cache.markdown(recorded)
+    assert recorded["command"] in page and recorded["dtype"] == "bfloat16"  # "in bf16"
+
+    def numbers(shape: dict) -> tuple[int, int]:  # per token and layer: latent + rope key, every head's K and V
+        heads = shape["num_attention_heads"] * (shape["qk_nope_head_dim"] + shape["qk_rope_head_dim"] +
+                                                shape["v_head_dim"])
+        return shape["kv_lora_rank"] + shape["qk_rope_head_dim"], heads
+
+    tiny = recorded["tiny"]
+    latent, heads = numbers(tiny["shape"])
+    layers = tiny["shape"]["num_layers"]
+    assert tiny["ours"]["mla_bytes_per_token"] == tiny["transformers"]["mla_bytes_per_token"] == latent * layers * 2
+    assert tiny["ours"]["full_kv_bytes_per_token"] == heads * layers * 2
+    family = load_config([str(REPO / "configs/families/deepseek_v3.yml")])
+    shape = recorded["deepseek_v3"]["shape"]
+    assert all(getattr(family, key) == value for key, value in shape.items())
+    latent, heads = numbers(shape)
+    mla, full = latent * shape["num_layers"] * 2, heads * shape["num_layers"] * 2
+    assert (f"DeepSeek-V3's cache holds {mla:,} bytes per token in bf16, against {full:,} for full keys and "
+            f"values: **{full / mla:.1f}x smaller**") in " ".join(page.split())
