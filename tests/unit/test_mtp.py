@@ -179,3 +179,20 @@ def test_mtp_names_what_it_needs():
         GPT(tiny_config())(rows[:, :-1], rows[:, 1:], mtp=True)
     with pytest.raises(ValueError, match="a sequence needs more than 2 tokens; got 2"):
         model(rows[:, :2], rows[:, 1:3], mtp=True)
+
+
+def test_under_bf16_autocast_the_mtp_residual_stream_stays_fp32():
+    """As the main model's (gpt.py): the blocks' input in fp32 whatever autocast computes the projections in."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(norm="rmsnorm", moe=MOE, mtp_num_modules=2, checkpoint_activations=True))
+    rows = torch.randint(0, V, (2, 13))
+    expected = model(rows[:, :-1], rows[:, 1:], 5, mtp=True)[2]
+    seen = []
+    for module in model.mtp:
+        module.block.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, mtp_loss_M = model(rows[:, :-1], rows[:, 1:], 5, mtp=True)
+    (loss + mtp_loss_M.mean()).backward()
+    assert seen == [torch.float32] * 4  # two modules, each run again by the recompute
+    torch.testing.assert_close(mtp_loss_M, expected, atol=0.02, rtol=0)
+    assert all(torch.isfinite(p.grad).all() for name, p in model.named_parameters() if name.startswith("mtp."))
