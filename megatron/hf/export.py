@@ -15,6 +15,7 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
+from megatron.hf.gpt_oss import gpt_oss_blockers, gpt_oss_config, ours_to_gpt_oss
 from megatron.hf.llama import llama_blockers, llama_config, ours_to_llama
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
 from megatron.hf.remote import write_remote_folder
@@ -57,6 +58,8 @@ NATIVE_FORMATS = (
     NativeFormat("GPT-NeoX", lambda model: neox_blockers(model.cfg), neox_config, ours_to_neox),
     NativeFormat("Llama family", lambda model: llama_blockers(model.cfg, model.moe_runtime), llama_config,
                  ours_to_llama),
+    NativeFormat("gpt-oss", lambda model: gpt_oss_blockers(model.cfg, model.moe_runtime), gpt_oss_config,
+                 ours_to_gpt_oss),
 )
 
 

@@ -29,6 +29,7 @@ from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import parse_overrides, set_dotted
 from megatron.config.schema import MODEL_KEYS
 from megatron.data.tokenizer import Tokenizer, build_tokenizer, padded_vocab_size, tokenizer_of
+from megatron.hf.gpt_oss import gpt_oss_keys, gpt_oss_to_ours
 from megatron.hf.llama import LLAMA_MODEL_TYPES, llama_keys, llama_to_ours
 from megatron.hf.neox import ACTIVATIONS, neox_to_ours, rotary_dims
 from megatron.model.build import build_gpt
@@ -83,6 +84,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family(neox_keys, neox_to_ours, "gpt_neox.embed_in.weight", ("lm_head.weight", "embed_out.weight")),
     **{model_type: Family(llama_keys, llama_to_ours, "model.embed_tokens.weight", ("lm_head.weight",))
        for model_type in LLAMA_MODEL_TYPES},
+    "gpt_oss": Family(gpt_oss_keys, gpt_oss_to_ours, "model.embed_tokens.weight", ("lm_head.weight",)),
 }
 
 
