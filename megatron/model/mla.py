@@ -1,7 +1,8 @@
 """Multi-head latent attention (MLA, DeepSeek-V2/V3): keys and values come from one small per-token latent, and
 each head's query and key are split into a part without position (`nope`) and a rotary part whose key is one
 vector shared by all heads. Generation caches only the normalised latent and the rotated shared key, so a token
-costs (kv_lora_rank + qk_rope_head_dim) numbers per layer instead of 2 x H x head_dim.
+costs (kv_lora_rank + qk_rope_head_dim) numbers per layer instead of every head's key and value,
+H (qk_nope_head_dim + qk_rope_head_dim + v_head_dim).
 
 Shape legend: B batch, S sequence (the new tokens), T keys (cached and new), D hidden, H heads,
 C kv_lora_rank (the key/value latent), Q q_lora_rank (the query latent), N qk_nope_head_dim,
@@ -62,10 +63,6 @@ class MLAConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    def cache_width(self) -> int:
-        """Numbers a token adds to one layer's cache: its latent and its shared rope key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 def mla_config(kv_lora_rank: int | None, q_lora_rank: int | None, qk_nope_head_dim: int | None,
