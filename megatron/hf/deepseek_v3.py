@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`, model_type deepseek_v3: DeepSeek-V3, Kimi-K2, Moonlight)
+"""Hugging Face DeepSeek-V3 (`DeepseekV3ForCausalLM`, model_type deepseek_v3, and models published in its format)
 as our model, and back.
 
 Shape legend: E experts, D hidden, F an expert's width, H heads, N qk_nope_head_dim, R qk_rope_head_dim.
@@ -28,17 +28,14 @@ naming the field.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import math
 from typing import Any
 
 import torch
 
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
+from megatron.hf.llama import rope_parameters, yarn_keys
 
-log = logging.getLogger("megatron.hf")
 State = dict[str, torch.Tensor]
 MODEL_TYPE = "deepseek_v3"
 LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default, always
@@ -71,38 +68,6 @@ def rope_rows_half_to_interleaved(t: torch.Tensor, block: int, rope: int) -> tor
 
 
 # --- config.json -> our keys --------------------------------------------------------------------------------------
-
-def yarn_keys(where: str, rope: dict[str, Any], max_positions: int) -> dict[str, Any]:
-    """Our rope_scaling block for transformers' yarn rope_parameters (None values read as transformers reads them:
-    beta_fast 32, beta_slow 1, factor from the context ratio, mscale and mscale_all_dim off)."""
-    original = rope.get("original_max_position_embeddings")
-    if not original:
-        raise ConfigError(f"{where}: rope_parameters.original_max_position_embeddings missing (YaRN needs the "
-                          "pre-trained context)")
-    factor = rope.get("factor") or max_positions / original
-    scaling = {"type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
-               "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
-               "mscale": float(rope.get("mscale") or 0.0), "mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0),
-               "truncate": bool(rope.get("truncate", True))}
-    given = rope.get("attention_factor")
-    if given is not None:
-        derived = yarn_attention_factor(scaling)
-        if not math.isclose(float(given), derived, rel_tol=1e-12):
-            raise ConfigError(f"{where}: rope_parameters.attention_factor {given} (ours derives it from factor, mscale "
-                              f"and mscale_all_dim: {derived}; expected that or none)")
-    return scaling
-
-
-def yarn_attention_factor(scaling: dict[str, Any]) -> float:
-    """transformers' YaRN attention factor (what cos and sin are multiplied by), for the check above."""
-    def mscale(factor: float, m: float = 1.0) -> float:
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-    factor = scaling["factor"]
-    if scaling["mscale"] and scaling["mscale_all_dim"]:
-        return mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
-    return mscale(factor)
-
 
 def deepseek_keys(where: str, hf: Any) -> dict[str, Any]:
     """Our config keys for a transformers DeepseekV3Config; what we would compute differently is a ConfigError
@@ -160,7 +125,7 @@ def deepseek_keys(where: str, hf: Any) -> dict[str, Any]:
         "moe_num_experts": hf.n_routed_experts, "moe_top_k": hf.num_experts_per_tok,
         "moe_ffn_hidden_size": hf.moe_intermediate_size, "moe_num_shared_experts": hf.n_shared_experts,
         "moe_expert_interval": 1, "moe_first_layer": first_dense, "moe_router_type": "topk",
-        "moe_router_score_function": "sigmoid", "moe_renormalize_weights": True,
+        "moe_router_score_function": "sigmoid",  # sigmoid gates are always normalised (norm_topk_prob)
         "moe_router_enable_expert_bias": True, "moe_router_num_groups": hf.n_group,
         "moe_router_group_top_k": hf.topk_group, "moe_router_scaling_factor": float(hf.routed_scaling_factor),
         # DeepSeek's config.json (not transformers') names the sequence-wise balance loss's weight aux_loss_alpha
@@ -176,19 +141,28 @@ def mtp_layers_in(state: State, num_layers: int) -> int:
     return count
 
 
-def deepseek_state_keys(where: str, hf: Any, state: State) -> dict[str, Any]:
-    """The keys the weights decide: the MTP modules they hold (transformers' own save_pretrained writes none,
-    whatever num_nextn_predict_layers says, so the config alone cannot tell)."""
+def deepseek_prepare(where: str, hf: Any, state: State) -> tuple[dict[str, Any], State]:
+    """What the weights decide and the weights as deepseek_to_ours reads them: the MTP modules they hold
+    (transformers' own save_pretrained writes none, whatever num_nextn_predict_layers says, so config.json alone
+    cannot tell), and with rope_interleave every layer's rope rows in our rotate-half order. `where`: the weights'
+    file, for the errors."""
     scales = sorted(name for name in state if name.endswith("weight_scale_inv"))
     if scales:
-        raise ConfigError(f"{where}: the weights hold FP8 scales ({scales[0]}, {len(scales)} such): quantized "
-                          "checkpoints are not converted; expected bf16 or fp32 weights (dequantize them first)")
+        raise ConfigError(f"{where}: holds FP8 scales ({scales[0]}, {len(scales)} such): quantized checkpoints are "
+                          "not converted; expected bf16 or fp32 weights (dequantize them first)")
     modules = mtp_layers_in(state, hf.num_hidden_layers)
     declared = getattr(hf, "num_nextn_predict_layers", 0) or 0
     if modules > declared:
-        raise ConfigError(f"{where}: num_nextn_predict_layers {declared}, but the weights hold {modules} modules after "
-                          f"the last layer (model.layers.{hf.num_hidden_layers}..); expected at most {declared}")
-    return {"mtp_num_modules": modules} if modules else {}
+        raise ConfigError(f"{where}: holds {modules} multi-token prediction modules after the last layer "
+                          f"(model.layers.{hf.num_hidden_layers}..), but config.json's num_nextn_predict_layers is "
+                          f"{declared}; expected at most that many")
+    if hf.rope_interleave:
+        N, R, C = hf.qk_nope_head_dim, hf.qk_rope_head_dim, hf.kv_lora_rank
+        blocks = {"self_attn.q_proj.weight": N + R, "self_attn.q_b_proj.weight": N + R,
+                  "self_attn.kv_a_proj_with_mqa.weight": C + R, "self_attn.kv_a_proj_with_mqa.bias": C + R}
+        state = {name: next((rope_rows_interleaved_to_half(t, block, R) for suffix, block in blocks.items()
+                             if name.endswith(f".{suffix}")), t) for name, t in state.items()}
+    return ({"mtp_num_modules": modules} if modules else {}), state
 
 
 # --- weights -------------------------------------------------------------------------------------------------------
@@ -212,29 +186,22 @@ class Taker:
         return sorted(set(self.state) - self.used)
 
 
-def attention_to_ours(take: Taker, hf: str, ours: str, cfg: Any, interleaved: bool) -> State:
-    """One layer's DeepseekV3Attention -> our MultiHeadLatentAttention (rope rows to rotate-half order)."""
+def attention_to_ours(take: Taker, hf: str, ours: str, cfg: Any) -> State:
+    """One layer's DeepseekV3Attention -> our MultiHeadLatentAttention (rope rows already in rotate-half order:
+    deepseek_prepare)."""
     mla = cfg.mla
-    N, R, C = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
-
-    def query(t: torch.Tensor) -> torch.Tensor:
-        return rope_rows_interleaved_to_half(t, N + R, R) if interleaved else t
-
-    def shared_key(t: torch.Tensor) -> torch.Tensor:
-        return rope_rows_interleaved_to_half(t, C + R, R) if interleaved else t
-
-    out = {f"{ours}.kv_down.weight": shared_key(take(f"{hf}.kv_a_proj_with_mqa.weight")),
+    out = {f"{ours}.kv_down.weight": take(f"{hf}.kv_a_proj_with_mqa.weight"),
            f"{ours}.kv_norm.weight": take(f"{hf}.kv_a_layernorm.weight"),
            f"{ours}.kv_up.weight": take(f"{hf}.kv_b_proj.weight"),
            f"{ours}.dense.weight": take(f"{hf}.o_proj.weight")}
     if mla.q_lora_rank is None:
-        out[f"{ours}.q_proj.weight"] = query(take(f"{hf}.q_proj.weight"))
+        out[f"{ours}.q_proj.weight"] = take(f"{hf}.q_proj.weight")
     else:
         out |= {f"{ours}.q_down.weight": take(f"{hf}.q_a_proj.weight"),
                 f"{ours}.q_norm.weight": take(f"{hf}.q_a_layernorm.weight"),
-                f"{ours}.q_up.weight": query(take(f"{hf}.q_b_proj.weight"))}
+                f"{ours}.q_up.weight": take(f"{hf}.q_b_proj.weight")}
     if cfg.use_bias_in_attn_linear:  # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj
-        out |= {f"{ours}.kv_down.bias": shared_key(take(f"{hf}.kv_a_proj_with_mqa.bias")),
+        out |= {f"{ours}.kv_down.bias": take(f"{hf}.kv_a_proj_with_mqa.bias"),
                 f"{ours}.dense.bias": take(f"{hf}.o_proj.bias")}
         if mla.q_lora_rank is not None:
             out[f"{ours}.q_down.bias"] = take(f"{hf}.q_a_proj.bias")
@@ -268,12 +235,12 @@ def feedforward_to_ours(take: Taker, hf: str, ours: str, moe_layer: bool, num_ex
     return out
 
 
-def block_to_ours(take: Taker, hf: str, ours: str, cfg: Any, moe_layer: bool, interleaved: bool) -> State:
+def block_to_ours(take: Taker, hf: str, ours: str, cfg: Any, moe_layer: bool) -> State:
     """One decoder layer (norms, attention, feed-forward)."""
     num_experts = cfg.moe.num_experts if cfg.moe is not None else 0
     return {f"{ours}.input_norm.weight": take(f"{hf}.input_layernorm.weight"),
             f"{ours}.post_attention_norm.weight": take(f"{hf}.post_attention_layernorm.weight"),
-            **attention_to_ours(take, f"{hf}.self_attn", f"{ours}.attention", cfg, interleaved),
+            **attention_to_ours(take, f"{hf}.self_attn", f"{ours}.attention", cfg),
             **feedforward_to_ours(take, f"{hf}.mlp", f"{ours}.mlp", moe_layer, num_experts)}
 
 
@@ -281,24 +248,17 @@ def is_moe_layer(cfg: Any, layer: int) -> bool:
     return cfg.moe is not None and cfg.moe.is_moe_layer(layer)
 
 
-def same_tensor(take: Taker, name: str, expected: torch.Tensor, what: str) -> None:
-    """An MTP module's copy of the embedding or head must be the model's own (ours shares them)."""
-    if take.has(name) and not torch.equal(take(name), expected):
-        raise ValueError(f"{name}: differs from {what} (ours shares it with the model; expected a copy)")
-
-
-def deepseek_to_ours(state: State, cfg: Any, interleaved: bool = True) -> State:
-    """DeepseekV3ForCausalLM's state dict -> ours; every tensor is used exactly once (an MTP module's copies of
-    the embedding and head are checked equal to the model's). `interleaved`: config.json's rope_interleave."""
+def deepseek_to_ours(state: State, cfg: Any) -> State:
+    """DeepseekV3ForCausalLM's state dict (prepared by deepseek_prepare) -> ours; every tensor is used exactly once
+    (an MTP module's copies of the embedding and head are checked equal to the model's)."""
     take = Taker(state, "DeepSeek-V3")
     out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
     for i in range(cfg.num_layers):
-        out |= block_to_ours(take, f"model.layers.{i}", f"blocks.{i}", cfg, is_moe_layer(cfg, i), interleaved)
+        out |= block_to_ours(take, f"model.layers.{i}", f"blocks.{i}", cfg, is_moe_layer(cfg, i))
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
-    head = out["embed.weight"] if cfg.tie_embeddings else out["lm_head.weight"]
     for d in range(cfg.mtp_num_modules):
-        out |= mtp_to_ours(take, cfg, d, head, interleaved)
+        out |= mtp_to_ours(take, cfg, d, out)
     skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
     unused = sorted(set(take.unused()) - skipped - {k for k in state if k.endswith("rotary_emb.inv_freq")})
     if unused:
@@ -306,9 +266,20 @@ def deepseek_to_ours(state: State, cfg: Any, interleaved: bool = True) -> State:
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def mtp_to_ours(take: Taker, cfg: Any, d: int, head: torch.Tensor, interleaved: bool) -> State:
-    """MTP module d, stored as model.layers.{L + d}, -> ours (filled in when megatron/model/mtp.py lands)."""
-    raise ValueError(f"model.layers.{cfg.num_layers + d}: multi-token prediction modules are not mapped yet")
+def mtp_to_ours(take: Taker, cfg: Any, d: int, main: State) -> State:
+    """MTP module d, stored as model.layers.{L + d}, -> our mtp.{d} (mtp.py): its norms, projection, decoder layer
+    and shared_head.norm (our final_norm); its copies of the embedding and head must be the model's (ours shares
+    them), else this is one line naming the copy."""
+    hf, ours = f"model.layers.{cfg.num_layers + d}", f"mtp.{d}"
+    head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+    for name, what in ((f"{hf}.shared_head.head.weight", head), (f"{hf}.embed_tokens.weight", "embed.weight")):
+        if take.has(name) and not torch.equal(take(name), main[what]):
+            theirs = {"embed.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}[what]
+            raise ValueError(f"{name}: differs from {theirs} (ours shares the model's; expected a copy of it)")
+    return {f"{ours}.enorm.weight": take(f"{hf}.enorm.weight"), f"{ours}.hnorm.weight": take(f"{hf}.hnorm.weight"),
+            f"{ours}.eh_proj.weight": take(f"{hf}.eh_proj.weight"),
+            f"{ours}.final_norm.weight": take(f"{hf}.shared_head.norm.weight"),
+            **block_to_ours(take, hf, f"{ours}.block", cfg, is_moe_layer(cfg, cfg.num_layers + d))}
 
 
 # --- ours -> DeepSeek-V3 -------------------------------------------------------------------------------------------
@@ -333,7 +304,7 @@ DEEPSEEK_FIELDS = {
     "moe": ANY, "moe.num_experts": ANY, "moe.top_k": ANY, "moe.expert_interval": (1,), "moe.first_layer": ANY,
     "moe.ffn_hidden_size": ANY, "moe.renormalize": ANY, "moe.router_type": ("topk",),
     "moe.score_function": ("sigmoid",), "moe.num_shared_experts": ANY, "moe.balancing": ANY,
-    "moe.balancing.bias": ANY,
+    "moe.balancing.bias": ANY, "moe.num_groups": ANY, "moe.group_top_k": ANY, "moe.scaling_factor": ANY,
     "mtp_num_modules": ANY,
 }
 
@@ -377,13 +348,6 @@ def deepseek_config(cfg: Any) -> dict[str, Any]:
         "n_group": moe.num_groups, "topk_group": moe.group_top_k, "routed_scaling_factor": moe.scaling_factor,
         "output_router_logits": False,
     }
-
-
-def rope_parameters(cfg: Any) -> dict[str, Any]:
-    """transformers' rope_parameters: plain RoPE, or YaRN with our rope_scaling's fields."""
-    if cfg.rope_scaling is None:
-        return {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
-    return {"rope_type": "yarn", "rope_theta": float(cfg.rotary_emb_base)} | dataclasses.asdict(cfg.rope_scaling)
 
 
 def attention_to_deepseek(take: Taker, ours: str, hf: str, cfg: Any) -> State:
@@ -448,13 +412,31 @@ def ours_to_deepseek(state: State, cfg: Any) -> State:
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     for d in range(cfg.mtp_num_modules):
-        out |= mtp_to_deepseek(take, cfg, d)
+        out |= mtp_to_deepseek(take, cfg, d, out)
     unused = take.unused()
     if unused:
         raise ValueError(f"{unused[0]}: a tensor of ours the DeepSeek-V3 layout has no place for ({len(unused)} such)")
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def mtp_to_deepseek(take: Taker, cfg: Any, d: int) -> State:
-    """Our MTP module d -> model.layers.{L + d} (filled in when megatron/model/mtp.py lands)."""
-    raise ValueError(f"mtp.{d}: multi-token prediction modules are not mapped yet")
+def mtp_to_deepseek(take: Taker, cfg: Any, d: int, main: State) -> State:
+    """Our mtp.{d} -> model.layers.{L + d}, DeepSeek-V3's layout (with copies of the embedding and head, as its
+    release has them; copies, so that safetensors writes each once)."""
+    hf, ours = f"model.layers.{cfg.num_layers + d}", f"mtp.{d}"
+    head = main["model.embed_tokens.weight"] if cfg.tie_embeddings else main["lm_head.weight"]
+    return {f"{hf}.enorm.weight": take(f"{ours}.enorm.weight"), f"{hf}.hnorm.weight": take(f"{ours}.hnorm.weight"),
+            f"{hf}.eh_proj.weight": take(f"{ours}.eh_proj.weight"),
+            f"{hf}.shared_head.norm.weight": take(f"{ours}.final_norm.weight"),
+            f"{hf}.shared_head.head.weight": head.clone(),
+            f"{hf}.embed_tokens.weight": main["model.embed_tokens.weight"].clone(),
+            **block_to_deepseek(take, f"{ours}.block", hf, cfg, is_moe_layer(cfg, cfg.num_layers + d))}
+
+
+def deepseek_notes(cfg: Any) -> list[str]:
+    """The export report's line on the MTP modules: in the folder, not computed by the class it names."""
+    if not cfg.mtp_num_modules:
+        return []
+    last = cfg.num_layers + cfg.mtp_num_modules - 1
+    return [f"{cfg.mtp_num_modules} multi-token prediction module(s) written as model.layers.{cfg.num_layers}"
+            f"{'' if last == cfg.num_layers else f'..{last}'} (DeepSeek-V3's layout, read back by convert_from_hf); "
+            "DeepseekV3ForCausalLM skips them on load and computes the main model alone"]

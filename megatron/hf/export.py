@@ -1,6 +1,6 @@
-"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, or a Llama-family model (Llama, Mistral,
-Qwen3, Mixtral, Qwen3-MoE), when one of them computes exactly our model (every field of its config, by the rule
-of fields.py), else our own code as remote code. Tokenizer files come from the run's tokenizer."""
+"""A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, a Llama-family model (Llama, Mistral,
+Qwen3, Mixtral, Qwen3-MoE) or DeepSeek-V3, when one of them computes exactly our model (every field of its config,
+by the rule of fields.py), else our own code as remote code. Tokenizer files come from the run's tokenizer."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.data.tokenizer import HFTokenizer, SPMTokenizer, Tokenizer, tokenizer_of
+from megatron.hf.deepseek_v3 import deepseek_blockers, deepseek_config, deepseek_notes, ours_to_deepseek
 from megatron.hf.gpt_oss import gpt_oss_blockers, gpt_oss_config, ours_to_gpt_oss
 from megatron.hf.llama import llama_blockers, llama_config, ours_to_llama
 from megatron.hf.neox import neox_blockers, neox_config, ours_to_neox
@@ -52,6 +53,7 @@ class NativeFormat:
     blockers: Callable[[GPT], list[str]]  # why it cannot hold this model; [] when it computes exactly it
     config: Callable[[Any], dict[str, Any]]  # config.json (its `architectures` names the class)
     weights: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]
+    notes: Callable[[Any], list[str]] = lambda cfg: []  # what the report should say about this model's folder
 
 
 NATIVE_FORMATS = (
@@ -60,6 +62,8 @@ NATIVE_FORMATS = (
                  ours_to_llama),
     NativeFormat("gpt-oss", lambda model: gpt_oss_blockers(model.cfg, model.moe_runtime), gpt_oss_config,
                  ours_to_gpt_oss),
+    NativeFormat("DeepSeek-V3", lambda model: deepseek_blockers(model.cfg, model.moe_runtime), deepseek_config,
+                 ours_to_deepseek, deepseek_notes),
 )
 
 
@@ -98,4 +102,4 @@ def convert_to_hf(load: str | Path, out: str | Path) -> dict:
         files = write_tokenizer_files(tokenizer, args.vocab_file, staging, cfg.max_position_embeddings)
     return {"checkpoint": str(path), "format": "remote_code" if native is None else "native",
             "class": config["architectures"][0], "model_type": config["model_type"], "because": because,
-            "tokenizer_files": files}
+            "notes": [] if native is None else native.notes(cfg), "tokenizer_files": files}

@@ -1,6 +1,6 @@
-"""A Hugging Face folder as our step-0 checkpoint, to continue pretraining or upcycle: GPT-NeoX (Pythia) or a
-Llama-family model (Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE; mapping in megatron/hf/llama.py); FAMILIES below
-is the list.
+"""A Hugging Face folder as our step-0 checkpoint, to continue pretraining or upcycle: GPT-NeoX (Pythia), a
+Llama-family model (Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE; mapping in megatron/hf/llama.py) or DeepSeek-V3
+(megatron/hf/deepseek_v3.py); FAMILIES below is the list.
 
 OUTPUT gets `global_step0/` + `latest` (the trainer's own format), `model.yml` (the model's keys and
 tokenizer, to put before a data/optimizer config: `python train.py OUTPUT/model.yml run.yml --load OUTPUT`;
@@ -29,6 +29,7 @@ from megatron.config import ConfigError, NeoXArgs, load_config
 from megatron.config.loader import parse_overrides, set_dotted
 from megatron.config.schema import MODEL_KEYS
 from megatron.data.tokenizer import Tokenizer, build_tokenizer, padded_vocab_size, tokenizer_of
+from megatron.hf.deepseek_v3 import deepseek_keys, deepseek_prepare, deepseek_to_ours
 from megatron.hf.gpt_oss import gpt_oss_keys, gpt_oss_to_ours
 from megatron.hf.llama import LLAMA_MODEL_TYPES, llama_keys, llama_to_ours
 from megatron.hf.neox import ACTIVATIONS, neox_to_ours, rotary_dims
@@ -76,6 +77,9 @@ class Family(NamedTuple):
     to_ours: Callable[[State, Any], State]
     embedding: str
     heads: tuple[str, ...]  # the output layer's names in its files (transformers 4's GPT-NeoX: embed_out)
+    # (weights file, config, weights) -> the keys the weights decide (DeepSeek-V3's MTP modules) and the weights as
+    # to_ours reads them; None: config.json decides every key
+    prepare: Callable[[str, Any, State], tuple[dict[str, Any], State]] | None = None
 
 
 # config.json's model_type -> its conversion: the one table that decides what converts, so the refusal of any other
@@ -85,6 +89,8 @@ FAMILIES: dict[str, Family] = {
     **{model_type: Family(llama_keys, llama_to_ours, "model.embed_tokens.weight", ("lm_head.weight",))
        for model_type in LLAMA_MODEL_TYPES},
     "gpt_oss": Family(gpt_oss_keys, gpt_oss_to_ours, "model.embed_tokens.weight", ("lm_head.weight",)),
+    "deepseek_v3": Family(deepseek_keys, deepseek_to_ours, "model.embed_tokens.weight", ("lm_head.weight",),
+                          deepseek_prepare),
 }
 
 
@@ -274,6 +280,9 @@ def convert_from_hf(folder: str | Path, out: str | Path, overrides: list[str] | 
         keys = family.keys(where, hf)
         refuse_model_overrides(given, keys, where)
         state, source = read_weights(folder)
+        if family.prepare is not None:
+            weights_keys, state = family.prepare(str(source), hf, state)
+            keys |= weights_keys
         if not keys["no_weight_tying"] and unties(state, family):
             log.warning("%s: tie_word_embeddings is true but the weights' lm_head differs from the embedding: "
                         "converted untied (no_weight_tying: true), as transformers computes it", where)

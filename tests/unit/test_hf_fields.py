@@ -8,17 +8,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron.hf.deepseek_v3 import DEEPSEEK_FIELDS, deepseek_blockers
 from megatron.hf.export import choose_format
 from megatron.hf.fields import ANY, TRAINING_ONLY, unrepresented
 from megatron.hf.llama import LLAMA_FIELDS, llama_blockers
 from megatron.hf.neox import NEOX_FIELDS, neox_blockers
 from megatron.model.gpt import GPT, GPTConfig
+from megatron.model.mla import MLAConfig
 from megatron.model.moe import MoEArchitecture, MoERuntime
 from megatron.model.moe.lore import LoREConfig
 from megatron.model.moe.router import Balancing
-from megatron.model.rope import Llama3RopeScaling
+from megatron.model.rope import Llama3RopeScaling, YarnRopeScaling
 
-FAMILIES = {"gpt_neox": NEOX_FIELDS, "llama": LLAMA_FIELDS}
+FAMILIES = {"gpt_neox": NEOX_FIELDS, "llama": LLAMA_FIELDS, "deepseek_v3": DEEPSEEK_FIELDS}
 NEOX_SHAPED = GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4)
 LLAMA_SHAPED = dataclasses.replace(NEOX_SHAPED, norm="rmsnorm", activation="swiglu", use_bias_in_mlp=False,
                                    use_bias_in_attn_linear=False, num_kv_heads=2, intermediate_size=96)
@@ -26,6 +28,12 @@ MIXTRAL_SHAPED = dataclasses.replace(LLAMA_SHAPED, moe=MoEArchitecture(4, top_k=
 # every nested part present, so that every field of every config class has a path
 EVERYTHING = dataclasses.replace(MIXTRAL_SHAPED, rope_scaling=Llama3RopeScaling(), moe=dataclasses.replace(
     MIXTRAL_SHAPED.moe, lore=LoREConfig(4, 2)))
+# ... and the nested parts that exclude those: YaRN's scaling, multi-head latent attention
+EVERYTHING_ELSE = dataclasses.replace(EVERYTHING, rope_scaling=YarnRopeScaling(4.0, 16), mla=MLAConfig(16, 8, 4, 6, 12))
+DEEPSEEK_SHAPED = dataclasses.replace(LLAMA_SHAPED, num_kv_heads=None, norm_eps=1e-6, mla=MLAConfig(16, 8, 4, 6, 12),
+                                      moe=MoEArchitecture(8, top_k=2, first_layer=1, score_function="sigmoid",
+                                                          balancing=Balancing(bias=True), num_shared_experts=1,
+                                                          num_groups=4, group_top_k=2, scaling_factor=2.5))
 FOREIGN = object()  # a value no family holds
 
 
@@ -64,21 +72,23 @@ def ancestors(path: str) -> list[str]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_field_is_held_by_the_family_or_blocks_it(family):
     represents = FAMILIES[family]
-    all_paths = paths(EVERYTHING)
-    assert set(represents) <= set(all_paths), "a declared field that no config has"
-    assert TRAINING_ONLY <= set(all_paths), "a training-only field that no config has"
-    for path in all_paths:
-        reasons = unrepresented(with_value(EVERYTHING, path, FOREIGN), represents)
-        if represents.get(path) == ANY or path in TRAINING_ONLY:
-            assert not named(reasons, path), (path, reasons)
-        else:  # named, or inside a config the family does not hold at all (GPT-NeoX and `moe`)
-            assert any(named(reasons, p) for p in ancestors(path)), (path, reasons)
+    all_paths = set(paths(EVERYTHING)) | set(paths(EVERYTHING_ELSE))
+    assert set(represents) <= all_paths, "a declared field that no config has"
+    assert TRAINING_ONLY <= all_paths, "a training-only field that no config has"
+    for everything in (EVERYTHING, EVERYTHING_ELSE):
+        for path in paths(everything):
+            reasons = unrepresented(with_value(everything, path, FOREIGN), represents)
+            if represents.get(path) == ANY or path in TRAINING_ONLY:
+                assert not named(reasons, path), (path, reasons)
+            else:  # named, or inside a config the family does not hold at all (GPT-NeoX and `moe`)
+                assert any(named(reasons, p) for p in ancestors(path)), (path, reasons)
 
 
 @pytest.mark.parametrize("family, base, blockers", [
     ("gpt_neox", NEOX_SHAPED, neox_blockers),
     ("mixtral", MIXTRAL_SHAPED, llama_blockers),
     ("llama", LLAMA_SHAPED, llama_blockers),
+    ("deepseek_v3", DEEPSEEK_SHAPED, deepseek_blockers),
 ])
 def test_a_field_added_later_blocks_the_family(family, base, blockers):
     """A new field of GPTConfig or of MoEArchitecture, set away from its default, blocks the family by name;
