@@ -1,6 +1,7 @@
 """A trained checkpoint as a Hugging Face folder: GPTNeoXForCausalLM, a Llama-family model (Llama, Mistral,
-Qwen3, Mixtral, Qwen3-MoE) or DeepSeek-V3, when one of them computes exactly our model (every field of its config,
-by the rule of fields.py), else our own code as remote code. Tokenizer files come from the run's tokenizer."""
+Qwen3, Mixtral, Qwen3-MoE), gpt-oss or DeepSeek-V3, when one of them computes exactly our model (every field of
+its config, by the rule of fields.py), else our own code as remote code. Tokenizer files come from the run's
+tokenizer."""
 
 from __future__ import annotations
 

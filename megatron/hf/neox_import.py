@@ -1,6 +1,6 @@
 """A Hugging Face folder as our step-0 checkpoint, to continue pretraining or upcycle: GPT-NeoX (Pythia), a
-Llama-family model (Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE; mapping in megatron/hf/llama.py) or DeepSeek-V3
-(megatron/hf/deepseek_v3.py); FAMILIES below is the list.
+Llama-family model (Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE; mapping in megatron/hf/llama.py), DeepSeek-V3
+(megatron/hf/deepseek_v3.py) or gpt-oss; FAMILIES below is the list.
 
 OUTPUT gets `global_step0/` + `latest` (the trainer's own format), `model.yml` (the model's keys and
 tokenizer, to put before a data/optimizer config: `python train.py OUTPUT/model.yml run.yml --load OUTPUT`;
