@@ -23,7 +23,12 @@ if str(REPO) not in sys.path:  # run as a script: the package is the repo's
 
 from megatron.config import ConfigError, load_config  # noqa: E402
 from megatron.parallel.expert_parallel import check_ep_layout  # noqa: E402
-from megatron.sizing.memory import MemoryEstimate, ddp_overhead_bytes, estimate_memory  # noqa: E402
+from megatron.sizing.memory import (  # noqa: E402
+    MemoryEstimate,
+    ddp_overhead_bytes,
+    estimate_memory,
+    kv_cache_bytes_per_token,
+)
 from megatron.sizing.params import count_parameters  # noqa: E402
 
 GIB = 1024**3
@@ -104,9 +109,20 @@ def verdict(estimate: MemoryEstimate, extra: int, gpu_gb: float | None, reserve_
 def header(config, paths: list[str]) -> str:
     counts = count_parameters(config)
     experts = counts.experts + counts.lores
-    return (f"{' + '.join(paths)}: {counts.total / 1e9:.3f}B parameters ({experts / 1e9:.3f}B in experts and LoREs), "
-            f"precision {config.precision}, micro-batch {config.train_micro_batch_size_per_gpu} x seq "
-            f"{config.seq_length}, checkpoint_activations {str(config.checkpoint_activations).lower()}")
+    mtp = f" + {counts.mtp / 1e9:.3f}B in MTP modules" if counts.mtp else ""
+    return (f"{' + '.join(paths)}: {counts.total / 1e9:.3f}B parameters ({experts / 1e9:.3f}B in experts and LoREs)"
+            f"{mtp}, precision {config.precision}, micro-batch {config.train_micro_batch_size_per_gpu} x seq "
+            f"{config.seq_length}, checkpoint_activations {str(config.checkpoint_activations).lower()}\n"
+            f"{kv_cache_line(config)}")
+
+
+def kv_cache_line(config) -> str:
+    """What generation's cache costs per token and for one seq_length-long sequence, in bf16."""
+    per_token = kv_cache_bytes_per_token(config)
+    what = ("latent + shared rope key: multi-head latent attention" if config.kv_lora_rank is not None
+            else "keys + values")
+    return (f"KV cache for generation (bf16, {what}): {per_token:,} bytes per token over {config.num_layers} layers, "
+            f"{per_token * config.seq_length / GIB:.2f} GiB per {config.seq_length}-token sequence")
 
 
 def one_layout(args: argparse.Namespace) -> None:

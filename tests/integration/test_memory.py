@@ -18,7 +18,13 @@ from megatron.model.build import build_gpt
 from megatron.parallel import DistInfo
 from megatron.parallel.data_parallel import ParallelModel
 from megatron.parallel.mesh import build_parallel_dims
-from megatron.sizing.memory import block_activation_bytes, ddp_overhead_bytes, estimate_memory
+from megatron.sizing.memory import (
+    block_activation_bytes,
+    ddp_overhead_bytes,
+    estimate_memory,
+    kv_cache_bytes_per_token,
+    mtp_activation_bytes,
+)
 from megatron.sizing.params import count_parameters
 from megatron.training.optim import build_optimizer
 
@@ -133,6 +139,11 @@ BLOCK_VARIANTS = {
     "structmoe": LORES, "structmoe_l2_swiglu": [*LORES, "--lore_top_k", "2", "--activation", "swiglu"],
     "standalone_l2": [*LORES, "--lore_mode", "standalone", "--lore_top_k", "2"],
     "router_free": [*LORES, "--lore_mode", "router_free"],
+    "wide_heads_gqa": ["--head_dim", "24", "--num_kv_heads", "2"],
+    "sinks_gqa_windows": ["--attention_sinks", "true", "--head_dim", "24", "--num_kv_heads", "2",
+                          "--sliding_window_width", "7", "--sliding_window_pattern", '["sliding", "full"]'],
+    "clamped_swiglu_dense": ["--activation", "clamped_swiglu"],
+    "clamped_swiglu_moe_shared": [*MOE, "--activation", "clamped_swiglu", "--moe_num_shared_experts", "1"],
 }
 
 
@@ -174,6 +185,106 @@ def test_block_activations_are_what_autograd_saves(variant, precision):
         assert estimate == measured
     else:
         assert all(m <= e <= 1.08 * m for e, m in zip(estimate, measured)), (estimate, measured)
+
+
+MLA = ["--kv_lora_rank", "24", "--qk_nope_head_dim", "12", "--qk_rope_head_dim", "8", "--v_head_dim", "10",
+       "--use_bias_in_attn_linear", "false"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bfloat16"])
+@pytest.mark.parametrize("variant", {"direct_query": [], "query_latent_rmsnorm": ["--q_lora_rank", "20", "--norm",
+                                                                                  "rmsnorm"]})
+def test_mla_block_activations_are_what_autograd_saves(variant, precision):
+    """Multi-head latent attention's blocks against autograd, exact in both precisions once the kernel is accounted
+    for: the estimate counts what the fused (memory-efficient) kernel keeps, the query and key (2aH(N + R)), the
+    up-projection's output the values view (aH(N + V)), the output (aHV) and the logsumexp (4H); on a CPU, whose
+    fused kernel needs equal query and value head dims, torch's math path keeps the query and key, a copy of the
+    values and the probabilities instead, all fp32 (4(2H(N + R) + HV + HT))."""
+    args = load_config([], [*BLOCKS, *MLA, *{"direct_query": [], "query_latent_rmsnorm": [
+        "--q_lora_rank", "20", "--norm", "rmsnorm"]}[variant], "--precision", precision])
+    batch, bf16 = args.train_micro_batch_size_per_gpu, precision == "bfloat16"
+    measured = [b - a for a, b in zip(saved_bytes_per_block(args, batch, bf16),
+                                      saved_bytes_per_block(args, 2 * batch, bf16))]
+    a, H, T = (2 if bf16 else 4), args.num_attention_heads, args.seq_length
+    fused = a * (2 * H * (12 + 8) + H * (12 + 10) + H * 10) + 4 * H
+    math_path = 4 * (2 * H * (12 + 8) + H * 10 + H * T)
+    tokens = batch * args.seq_length
+    assert [e - tokens * fused + tokens * math_path for e in block_activation_bytes(args)] == measured
+
+
+def saved_bytes_of_training_forward(args, batch: int, bf16: bool, mtp: bool) -> int:
+    """The bytes autograd saves in one training forward with the loss (with or without the MTP modules), unique
+    storages, weights and buffers left out; the saved tensors are held so that no storage is reused."""
+    torch.manual_seed(0)
+    model = build_gpt(args, vocab_size_of(args)).train()
+    tokens = torch.randint(vocab_size_of(args), (batch, args.seq_length))
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages, held = {}, []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        held.append(t)
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16), torch.autograd.graph.saved_tensors_hooks(
+            pack, lambda t: t):
+        model(tokens, targets_BS=tokens, loss_chunk_tokens=args.loss_chunk_tokens, **({"mtp": True} if mtp else {}))
+    return sum(n for ptr, n in storages.items() if ptr not in weights)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bfloat16"])
+@pytest.mark.parametrize("variant", {"dense": [], "moe_rmsnorm": [*MOE, "--norm", "rmsnorm"],
+                                     "chunked_loss": ["--loss_chunk_tokens", "16"]})
+def test_mtp_activations_are_what_autograd_saves(variant, precision):
+    """Two MTP modules (on S - 1 and S - 2 positions) against autograd: the training forward's saved bytes with the
+    modules less without them, grown from B to 2B sequences; the estimate's logits terms hold, besides what autograd
+    saves (the fp32 log-softmax), the two gradients backward makes at its start (8 bytes per logit), or one chunk's
+    fp32 logits with loss_chunk_tokens. Exact in fp32; under bf16 autocast within 4%."""
+    extra = {"dense": [], "moe_rmsnorm": [*MOE, "--norm", "rmsnorm"], "chunked_loss": ["--loss_chunk_tokens", "16"]}
+    args = load_config([], [*BLOCKS, *extra[variant], "--mtp_num_modules", "2", "--precision", precision])
+    batch, bf16, vocab = args.train_micro_batch_size_per_gpu, precision == "bfloat16", vocab_size_of(args)
+    grown = [saved_bytes_of_training_forward(args, b, bf16, True)
+             - saved_bytes_of_training_forward(args, b, bf16, False) for b in (batch, 2 * batch)]
+    measured = grown[1] - grown[0]
+    tokens = sum(batch * (args.seq_length - depth) for depth in (1, 2))
+    transient = 2 * 4 * args.loss_chunk_tokens * vocab if args.loss_chunk_tokens else 8 * vocab * tokens
+    estimate = mtp_activation_bytes(args) - transient
+    if bf16:
+        assert measured <= estimate <= 1.04 * measured, (estimate, measured)
+    else:
+        assert estimate == measured
+
+
+@pytest.mark.parametrize("variant", {"mha": [], "gqa_wide_heads": ["--head_dim", "24", "--num_kv_heads", "2"],
+                                     "mla_query_latent": [*MLA, "--q_lora_rank", "20"]})
+def test_kv_cache_bytes_are_the_caches(variant):
+    """kv_cache_bytes_per_token against the generation cache the model fills (fp32 on a CPU): keys and values,
+    2 K Dh per layer, or multi-head latent attention's latent and shared rope key, C + R per layer."""
+    from megatron.model.attention import KVCache
+
+    args = load_config([], [*BLOCKS, *{"mha": [], "gqa_wide_heads": ["--head_dim", "24", "--num_kv_heads", "2"],
+                                       "mla_query_latent": [*MLA, "--q_lora_rank", "20"]}[variant]])
+    model = build_gpt(args, vocab_size_of(args)).eval()
+    cache = KVCache(args.num_layers)
+    with torch.no_grad():
+        model(torch.randint(vocab_size_of(args), (3, 10)), cache=cache)
+        model(torch.randint(vocab_size_of(args), (3, 1)), cache=cache)
+    held = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+    assert kv_cache_bytes_per_token(args, element_bytes=4) * 3 * 11 == held
+    if variant == "mla_query_latent":
+        assert kv_cache_bytes_per_token(args) == args.num_layers * (24 + 8) * 2
+
+
+def test_mtp_modules_are_fsdp_units_of_their_own():
+    """With MTP modules the parameter shapes add up to the total and the MTP line, each module is gathered as one
+    unit after the blocks (stage 3 holds the largest adjacent pair), and DDP holds everything."""
+    args = hand_args("--mtp_num_modules", "2", world=2)
+    counts = count_parameters(args)
+    ddp = estimate_memory(args, 2, 1, 0)
+    assert ddp.params_bytes == 4 * counts.total_with_mtp and counts.mtp > 0
+    stage3 = estimate_memory(args, 2, 1, 3)
+    plain = estimate_memory(hand_args(world=2), 2, 1, 3)
+    assert stage3.params_bytes > plain.params_bytes and stage3.gathered_params_bytes >= plain.gathered_params_bytes
 
 
 def test_ddp_overhead_is_the_buckets_and_autocast_copies():
