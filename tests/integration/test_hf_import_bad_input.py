@@ -159,7 +159,7 @@ def test_an_unsupported_architecture_lists_every_accepted_model_type(llama, tmp_
     hf = copy_of(llama, tmp_path)
     edit_config(hf, model_type="gpt2")
     message = refused(tmp_path, hf)
-    assert set(FAMILIES) == {"gpt_neox", "llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "gpt_oss"}
+    assert set(FAMILIES) == {"gpt_neox", "llama", "mistral", "mixtral", "qwen3", "qwen3_moe", "gpt_oss", "deepseek_v3"}
     assert message.endswith(f"(expected one of: {', '.join(FAMILIES)})")
 
 
