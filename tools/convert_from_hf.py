@@ -1,5 +1,5 @@
-"""A Hugging Face GPT-NeoX (Pythia), Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE or DeepSeek-V3 folder as our
-checkpoint, to continue pretraining or upcycle.
+"""A Hugging Face GPT-NeoX (Pythia), Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE, DeepSeek-V3 or gpt-oss
+folder as our checkpoint, to continue pretraining or upcycle.
 
     python tools/convert_from_hf.py pythia-160m ckpt/pythia-160m [--key value ...]
     python train.py ckpt/pythia-160m/model.yml my_data.yml --load ckpt/pythia-160m --save runs/pythia
