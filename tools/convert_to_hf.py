@@ -3,8 +3,8 @@
     python tools/convert_to_hf.py runs/tiny hf/tiny          # SAVE folder (its latest) or a global_stepN folder
 
 A model that GPT-NeoX, a Llama-family class (Llama, Mistral, Qwen3, Mixtral, Qwen3-MoE), DeepSeek-V3 or gpt-oss
-computes exactly, by every field of its config, becomes a plain folder of that class; anything else (StructMoE, LoREs, a
-sigmoid router without DeepSeek-V3's attention, ...) ships this project's model code, loaded with
+computes exactly, by every field of its config, becomes a plain folder of that class; anything else (StructMoE,
+LoREs, a sigmoid router without DeepSeek-V3's attention, ...) ships this project's model code, loaded with
 trust_remote_code=True. Prints a JSON report: `format` (native or remote_code), `class` (the transformers class
 written), `because` (why not native) and `notes` (e.g. DeepSeek-V3's MTP modules, in the folder but not computed
 by the class).
