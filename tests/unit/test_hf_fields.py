@@ -11,6 +11,7 @@ import torch
 from megatron.hf.deepseek_v3 import DEEPSEEK_FIELDS, deepseek_blockers
 from megatron.hf.export import choose_format
 from megatron.hf.fields import ANY, TRAINING_ONLY, unrepresented
+from megatron.hf.gpt_oss import GPT_OSS_FIELDS, gpt_oss_blockers
 from megatron.hf.llama import LLAMA_FIELDS, llama_blockers
 from megatron.hf.neox import NEOX_FIELDS, neox_blockers
 from megatron.model.gpt import GPT, GPTConfig
@@ -20,7 +21,7 @@ from megatron.model.moe.lore import LoREConfig
 from megatron.model.moe.router import Balancing
 from megatron.model.rope import Llama3RopeScaling, YarnRopeScaling
 
-FAMILIES = {"gpt_neox": NEOX_FIELDS, "llama": LLAMA_FIELDS, "deepseek_v3": DEEPSEEK_FIELDS}
+FAMILIES = {"gpt_neox": NEOX_FIELDS, "llama": LLAMA_FIELDS, "deepseek_v3": DEEPSEEK_FIELDS, "gpt_oss": GPT_OSS_FIELDS}
 NEOX_SHAPED = GPTConfig(vocab_size=64, num_layers=2, hidden_size=32, num_attention_heads=4)
 LLAMA_SHAPED = dataclasses.replace(NEOX_SHAPED, norm="rmsnorm", activation="swiglu", use_bias_in_mlp=False,
                                    use_bias_in_attn_linear=False, num_kv_heads=2, intermediate_size=96)
@@ -34,6 +35,11 @@ DEEPSEEK_SHAPED = dataclasses.replace(LLAMA_SHAPED, num_kv_heads=None, norm_eps=
                                       moe=MoEArchitecture(8, top_k=2, first_layer=1, score_function="sigmoid",
                                                           balancing=Balancing(bias=True), num_shared_experts=1,
                                                           num_groups=4, group_top_k=2, scaling_factor=2.5))
+GPT_OSS_SHAPED = dataclasses.replace(LLAMA_SHAPED, head_dim=16, use_bias_in_attn_linear=True, attention_sinks=True,
+                                     sliding_window_width=5, sliding_window_pattern=("sliding", "full"),
+                                     activation="clamped_swiglu", rope_scaling=YarnRopeScaling(32.0, 4096),
+                                     moe=MoEArchitecture(4, top_k=2, renormalize=True, router_bias=True,
+                                                         expert_biases=True))
 FOREIGN = object()  # a value no family holds
 
 
@@ -89,6 +95,7 @@ def test_every_field_is_held_by_the_family_or_blocks_it(family):
     ("mixtral", MIXTRAL_SHAPED, llama_blockers),
     ("llama", LLAMA_SHAPED, llama_blockers),
     ("deepseek_v3", DEEPSEEK_SHAPED, deepseek_blockers),
+    ("gpt_oss", GPT_OSS_SHAPED, gpt_oss_blockers),
 ])
 def test_a_field_added_later_blocks_the_family(family, base, blockers):
     """A new field of GPTConfig or of MoEArchitecture, set away from its default, blocks the family by name;
