@@ -21,6 +21,9 @@ G = 1 is classic sparse upcycling (every expert a copy of the MLP, R = 1, no sca
 multiple of R a token sees only part of its MLP, and with a raw softmax (gates not renormalised) s is not
 fixed; both upcycle only when asked (`allow_inexact`), with s taken as k / E, its value at a uniform router
 (the paper's scaling), and the step-0 gap is measured (benchmarks/upcycle_granular.py).
+Biases: a dense MLP's non-zero biases need experts with biases (moe_use_bias_in_experts); each shard then takes
+its slice of the up-projection's bias, and the down-projection's bias is added once, by the shared expert or as
+b / s on every routed expert (the chosen gates sum to s). Without expert biases they are refused.
 
 MoE -> StructMoE: the LoREs are added with B = 0, so every LoRE term `pi (x A) B` is zero at step 0. Then
 dL/dB = pi (x A)^T dL/dH is non-zero (A is random), while dL/dA and dL/d(LoRE router) both carry a factor
@@ -97,8 +100,8 @@ def inexact_reasons(plan: Shards, router: nn.Module) -> list[str]:
                        "group, so a token would miss part of its MLP")
     groups = getattr(router, "num_groups", 1)
     if groups > 1 and (plan.num_experts // groups) % plan.routed:
-        reasons.append(f"moe_router_num_groups {groups}: a router group of {plan.num_experts // groups} experts splits "
-                       f"the virtual groups of {plan.routed}")
+        reasons.append(f"moe_router_num_groups {groups}: router groups of {plan.num_experts // groups} expert(s) split "
+                       f"the virtual groups of {plan.routed} (expected a multiple of {plan.routed} experts per group)")
     return reasons
 
 
@@ -109,32 +112,43 @@ def chosen_gate_sum(router: nn.Module) -> float:
     return scaling if router.renormalize else scaling * router.top_k / router.gate.weight.shape[0]
 
 
-def _dense_parts(mlp: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up.weight [U, D], down.weight [D, F]) of a dense MLP; refuses non-zero biases."""
-    for name in ("up", "down"):
-        bias = getattr(getattr(mlp, name), "bias", None)
-        if bias is not None and bool(bias.detach().ne(0).any()):
-            raise UpcycleError(f"use_bias_in_mlp: layer {layer}'s dense MLP has non-zero biases, which experts cannot "
-                               "hold (an exact upcycle needs a dense model trained with use_bias_in_mlp: false)")
-    return mlp.up.weight.detach(), mlp.down.weight.detach()
+def _dense_parts(mlp: nn.Module, layer: int, biases: bool) -> tuple[torch.Tensor, ...]:
+    """(up.weight [U, D], down.weight [D, F], up.bias [U], down.bias [D]) of a dense MLP (absent biases as zeros);
+    non-zero biases are refused unless the experts have biases (`biases`) to hold them."""
+    up, down = mlp.up, mlp.down
+    parts = [up.weight.detach(), down.weight.detach()]
+    for linear in (up, down):
+        bias = linear.bias.detach() if linear.bias is not None else linear.weight.new_zeros(linear.weight.shape[0])
+        if not biases and bool(bias.ne(0).any()):
+            raise UpcycleError(f"use_bias_in_mlp: layer {layer}'s dense MLP has non-zero biases, which the experts "
+                               "cannot hold (expected moe_use_bias_in_experts: true, or a dense model trained with "
+                               "use_bias_in_mlp: false)")
+        parts.append(bias)
+    return tuple(parts)
 
 
 def cut_shards(up_UD: torch.Tensor, down_DF: torch.Tensor, granularity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The G shards of a dense MLP in the experts' layout: (up [G, D, U/G], down [G, F/G, D]). A gated up-projection
-    ([value; gate] rows, activations.py) gives each shard its value rows and its gate rows, in that order."""
+    ([value; gate] rows, activations.py) gives each shard its value rows and its gate rows, in that order; an
+    up-projection's bias [U] is cut the same way as `up_UD[:, None]`."""
     width = down_DF.shape[1]
     halves = up_UD.split(width, dim=0)  # (value,) or (value, gate), each [F, D]
     up_GfD = torch.cat([h.reshape(granularity, width // granularity, -1) for h in halves], dim=1)
     return up_GfD.transpose(1, 2), down_DF.T.reshape(granularity, width // granularity, -1)
 
 
+def first_shards(up_UD: torch.Tensor, width: int, columns: int) -> torch.Tensor:
+    """The rows of an up-projection (or its bias) for the first `columns` of the width: value rows, then gate rows."""
+    return torch.cat([h[:columns] for h in up_UD.split(width, dim=0)])
+
+
 def _fill_from_dense(layer: MoELayer, mlp: nn.Module, i: int, router_std: float, generator: torch.Generator | None,
                      allow_inexact: bool) -> list[str]:
     """Layer `i`'s experts, shared expert and router from its dense MLP; returns the names filled."""
-    up_UD, down_DF = _dense_parts(mlp, i)
-    experts, router = layer.experts, layer.router
+    experts, router, shared = layer.experts, layer.router, layer.shared_experts
+    biases = getattr(experts, "b_up_EU", None) is not None
+    up_UD, down_DF, b_up_U, b_down_D = _dense_parts(mlp, i, biases)
     width, expert_width = down_DF.shape[1], experts.w_down_EFD.shape[1]
-    shared = layer.shared_experts
     num_shared = 0 if shared is None else shared.down.weight.shape[1] // expert_width
     plan = shard_plan(width, expert_width, layer.num_experts, num_shared)
     if up_UD.shape[0] // width != experts.w_up_EDF.shape[2] // expert_width:
@@ -142,16 +156,28 @@ def _fill_from_dense(layer: MoELayer, mlp: nn.Module, i: int, router_std: float,
     reasons = inexact_reasons(plan, router)
     if reasons and not allow_inexact:
         raise UpcycleError(f"{reasons[0]} (--allow-inexact upcycles anyway, with a step-0 gap)")
+    gate_sum = chosen_gate_sum(router)
     up_GDU, down_GFD = cut_shards(up_UD, down_DF, plan.granularity)
     shard_of = plan.shared + torch.tensor(list(layer.local_experts)) % plan.routed  # expert e: shard S + e % R
     experts.w_up_EDF.copy_(up_GDU[shard_of])
-    experts.w_down_EFD.copy_(down_GFD[shard_of] * (plan.routed / chosen_gate_sum(router)))
+    experts.w_down_EFD.copy_(down_GFD[shard_of] * (plan.routed / gate_sum))
     filled = ["experts.w_up_EDF", "experts.w_down_EFD", "router.gate.weight"]
+    if biases:  # up: each shard's slice; down: added once, by the shared expert or spread over gates summing to s
+        experts.b_up_EU.copy_(cut_shards(b_up_U[:, None], down_DF, plan.granularity)[0][shard_of, 0])
+        share = 0.0 if shared is not None else 1.0 / gate_sum
+        experts.b_down_ED.copy_((b_down_D * share).expand_as(experts.b_down_ED))
+        filled += ["experts.b_up_EU", "experts.b_down_ED"]
     if shared is not None:  # shards 0 .. S-1, side by side, as one MLP S f wide
-        f_shared = num_shared * expert_width
-        shared.up.weight.copy_(torch.cat([h[:f_shared] for h in up_UD.split(width, dim=0)]))
-        shared.down.weight.copy_(down_DF[:, :f_shared])
+        columns = num_shared * expert_width
+        shared.up.weight.copy_(first_shards(up_UD, width, columns))
+        shared.down.weight.copy_(down_DF[:, :columns])
         filled += ["shared_experts.up.weight", "shared_experts.down.weight"]
+        if shared.up.bias is not None:
+            shared.up.bias.copy_(first_shards(b_up_U, width, columns))
+            shared.down.bias.copy_(b_down_D)
+            filled += ["shared_experts.up.bias", "shared_experts.down.bias"]
+        elif bool(b_up_U.ne(0).any() or b_down_D.ne(0).any()):
+            raise UpcycleError(f"layer {i}: the shared expert has no biases to hold the dense MLP's")
     # one small random row per virtual group, repeated for its R experts: equal scores inside a group
     rows = router.gate.weight.shape[0] // plan.routed
     drawn = torch.empty(rows, router.gate.weight.shape[1]).normal_(0.0, router_std, generator=generator)
