@@ -241,7 +241,8 @@ def block_activation_bytes(args, layers: range | None = None) -> list[int]:
       (8E), the top-k expert ids (8K) and the z-loss's logsumexp (4); per routed row (K per token, balanced
       routing assumed) the dispatched row (aD: the dispatcher casts it to the compute dtype), the expert's activation
       tensors (2aF, 4aF or 7aF as above), its output (aD) and its gate-weighted fp32 copy (4D, which the combine's
-      index_add keeps), the gate (4) and two int64 row indices (16); with
+      index_add keeps), the gate (4) and two int64 row indices (16), with the experts' biases (moe_use_bias_in_experts)
+      each row's expert (8) that adds them; with
       routed LoREs the LoRE router's fp32 probabilities (4M) and per chosen LoRE (l per row) x A and its
       pi-weighted copy (2aR) and pi (4); for l = 1 the rows regrouped by LoRE (aD), the output put back in
       expert order (aD) and int64 ids and orders (24); for l > 1 per slot the row's copy (aD), the LoRE term
@@ -250,7 +251,9 @@ def block_activation_bytes(args, layers: range | None = None) -> list[int]:
       token (2aSF, 4aSF or 7aSF), and under autocast their own half-precision copy of the input (aD);
     - dropout masks (1 byte each, 2D per layer) when hidden_dropout > 0.
     Not counted: the expert-parallel exchange buffers, routing imbalance, autocast's half-precision copies
-    of rows gathered in fp32. tests/integration/test_memory.py checks these sums against the tensors autograd saves.
+    of rows gathered in fp32, the few router tensors of sigmoid scores and group-limited routing beyond the softmax
+    router's (tens of bytes per token, a row's expert activations are thousands).
+    tests/integration/test_memory.py checks these sums against the tensors autograd saves.
     """
     tokens = args.train_micro_batch_size_per_gpu * args.seq_length
     d = args.hidden_size
@@ -268,7 +271,7 @@ def block_activation_bytes(args, layers: range | None = None) -> list[int]:
             mlp = FP32 * d + stats + a * d + act(dense_width)
         else:
             expert_width = moe.ffn_hidden_size or dense_width
-            row = a * d + act(expert_width) + a * d + FP32 * d + FP32 + 16
+            row = a * d + act(expert_width) + a * d + FP32 * d + FP32 + 16 + (8 if moe.expert_biases else 0)
             lore = moe.lore
             if lore is not None and lore.mode == "router_free":
                 row += a * lore.num_lores * lore.rank  # x A of the one always-on LoRE

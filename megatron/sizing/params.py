@@ -131,10 +131,10 @@ def add_block(counts: ParamCounts, args, moe: MoEArchitecture | None, layer: int
         return
     expert_ffn = moe.ffn_hidden_size or args.intermediate_size or 4 * d
     per_layer = moe_param_counts(d, expert_ffn, moe.num_experts, moe.lore, is_gated(args.activation),
-                                 moe.num_shared_experts)
+                                 moe.num_shared_experts, moe.expert_biases, moe.router_bias)
     counts.experts += per_layer["experts"]
     counts.lores += per_layer["lores"]
-    counts.routers += per_layer["routers"] + (moe.num_experts if getattr(args, "moe_router_bias", False) else 0)
+    counts.routers += per_layer["routers"]
     counts.shared_experts += per_layer["shared"]
     counts.active_experts += moe.top_k * per_layer["experts"] // moe.num_experts
     if moe.lore is not None:

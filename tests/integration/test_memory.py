@@ -144,6 +144,8 @@ BLOCK_VARIANTS = {
                           "--sliding_window_width", "7", "--sliding_window_pattern", '["sliding", "full"]'],
     "clamped_swiglu_dense": ["--activation", "clamped_swiglu"],
     "clamped_swiglu_moe_shared": [*MOE, "--activation", "clamped_swiglu", "--moe_num_shared_experts", "1"],
+    "expert_and_router_biases_top2": [*MOE, "--moe_top_k", "2", "--moe_use_bias_in_experts", "true",
+                                      "--moe_router_bias", "true", "--moe_num_shared_experts", "1"],
 }
 
 

@@ -30,10 +30,11 @@ SWITCHES = {
     "wide_heads_gqa_biases": ["--head_dim", "16", "--num_kv_heads", "2", "--use_bias_in_attn_linear", "true"],
     "sinks_alternating_window": ["--attention_sinks", "true", "--sliding_window_width", "3",
                                  "--sliding_window_pattern", '["sliding", "full"]', "--num_kv_heads", "2"],
-    "router_and_expert_biases": [*MOE, "--moe_router_bias", "true", "--use_bias_in_mlp", "true"],
+    "router_and_expert_biases": [*MOE, "--moe_router_bias", "true", "--moe_use_bias_in_experts", "true",
+                                 "--moe_num_shared_experts", "2"],
     "clamped_swiglu_experts": [*MOE, "--activation", "clamped_swiglu", "--moe_router_bias", "true",
-                               "--intermediate_size", "48"],
-    "group_routing_shared": [*MOE, *GROUPS, "--moe_num_shared_experts", "1", "--use_bias_in_mlp", "false"],
+                               "--moe_use_bias_in_experts", "true", "--intermediate_size", "48"],
+    "group_routing_shared": [*MOE, *GROUPS, "--moe_num_shared_experts", "1"],
     "mtp_dense": ["--mtp_num_modules", "2"],
     "mtp_mla_moe": [*MLA, *MOE, *GROUPS, "--mtp_num_modules", "1", "--activation", "swiglu", "--intermediate_size",
                     "48", "--norm", "rmsnorm"],
@@ -95,10 +96,9 @@ def test_each_switch_changes_the_count_by_its_own_parameters():
     assert sinks.attention - plain.attention == layers * heads
     router_bias = count_parameters(load_config([], [*base, "--moe_router_bias", "true"]))
     assert router_bias.routers - plain.routers == experts  # layer 1 only: layer 0 is dense
-    expert_bias = count_parameters(load_config([], [*base, "--use_bias_in_mlp", "true"]))
-    dense_bias = 4 * d + d  # layer 0's dense MLP: the up (4 d, gelu) and down biases
-    assert expert_bias.total - plain.total == experts * (f + d) + dense_bias
-    assert expert_bias.active - plain.active == 2 * (f + d) + dense_bias  # top-2 of the experts' biases
+    expert_bias = count_parameters(load_config([], [*base, "--moe_use_bias_in_experts", "true"]))
+    assert expert_bias.total - plain.total == experts * (f + d)  # layer 1's experts: up (F, gelu) and down biases
+    assert expert_bias.active - plain.active == 2 * (f + d)  # top-2 of them
     mtp = count_parameters(load_config([], [*base, "--mtp_num_modules", "1"]))
-    block = plain.total - count_parameters(load_config([], [*base, "--num_layers", "1"])).total
-    assert mtp.total == plain.total and mtp.mtp == block + 3 * d + 2 * d * d  # layer 2 is an MoE block, like layer 1
+    block = count_parameters(load_config([], [*base, "--num_layers", "3"])).total - plain.total  # layer 2: MoE
+    assert mtp.total == plain.total and mtp.mtp == block + 3 * d + 2 * d * d  # the module's block is layer 2's
