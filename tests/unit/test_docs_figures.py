@@ -392,3 +392,26 @@ def test_mla_cache_table_and_ratio_are_the_json():
     mla, full = latent * shape["num_layers"] * 2, heads * shape["num_layers"] * 2
     assert (f"DeepSeek-V3's cache holds {mla:,} bytes per token in bf16, against {full:,} for full keys and "
             f"values: **{full / mla:.1f}x smaller**") in " ".join(page.split())
+
+
+def test_family_sizes_table_is_the_json_and_the_json_is_the_tool():
+    """docs/architectures.md's sizes of the published models: the generated table is count_params' markdown of the
+    committed JSON, the JSON is what the tool counts now, and the prose's figures are the JSON's."""
+    import count_params
+
+    recorded = json.loads(read("docs/results/family_sizes.json"))
+    page = read("docs/architectures.md")
+    assert generated_block(page, "python tools/count_params.py --markdown docs/results/family_sizes.json") == \
+        count_params.markdown(recorded)
+    assert count_params.family_sizes() == recorded
+    assert recorded["command"] in page
+    models, prose = recorded["models"], " ".join(page.split())
+    for name, label in [("deepseek_v3", "DeepSeek-V3"), ("kimi_k2", "Kimi-K2"), ("moonlight_16b_a3b", "Moonlight"),
+                        ("gpt_oss_120b", "gpt-oss-120b"), ("gpt_oss_20b", "gpt-oss-20b")]:
+        assert f"{label} {models[name]['total']:,}" in prose, label
+    rounded = [models[n]["active_without_input_embeddings"] / 1e9
+               for n in ("deepseek_v3", "gpt_oss_120b", "gpt_oss_20b")]
+    assert "ours below round to {:.1f}B, {:.2f}B and {:.2f}B".format(*rounded) in prose
+    mtp = models["deepseek_v3"]["mtp"]
+    assert f"MTP module adds {mtp:,} ({count_params.format_count(mtp)}) in training" in prose
+
