@@ -38,7 +38,6 @@ from megatron.hf.llama import rope_parameters, yarn_keys
 
 State = dict[str, torch.Tensor]
 MODEL_TYPE = "deepseek_v3"
-LATENT_NORM_EPS = 1e-6  # transformers' q_a_layernorm and kv_a_layernorm: DeepseekV3RMSNorm's default, always
 
 
 # --- rotary rows: DeepSeek's interleaved pairs <-> our rotate-half pairs ---------------------------------------
@@ -94,10 +93,6 @@ def deepseek_keys(where: str, hf: Any) -> dict[str, Any]:
     if hf.num_key_value_heads != hf.num_attention_heads:
         raise ConfigError(f"{where}: num_key_value_heads {hf.num_key_value_heads} (expected num_attention_heads "
                           f"{hf.num_attention_heads}: MLA gives every head its own key and value)")
-    if hf.rms_norm_eps != LATENT_NORM_EPS:
-        raise ConfigError(f"{where}: rms_norm_eps {hf.rms_norm_eps} (expected {LATENT_NORM_EPS}: transformers "
-                          f"normalises MLA's latents with {LATENT_NORM_EPS} whatever rms_norm_eps, ours with "
-                          "rms_norm_eps)")
     keys = {
         "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size,
         "num_attention_heads": hf.num_attention_heads,
@@ -295,7 +290,7 @@ DEEPSEEK_FIELDS = {
     "rope_scaling": ANY, "rope_scaling.factor": ANY, "rope_scaling.original_max_position_embeddings": ANY,
     "rope_scaling.beta_fast": ANY, "rope_scaling.beta_slow": ANY, "rope_scaling.mscale": ANY,
     "rope_scaling.mscale_all_dim": ANY, "rope_scaling.truncate": ANY,  # YaRN only (deepseek_blockers)
-    "norm": ("rmsnorm",), "norm_eps": (LATENT_NORM_EPS,), "activation": ("swiglu",), "gpt_j_residual": (False,),
+    "norm": ("rmsnorm",), "norm_eps": ANY, "activation": ("swiglu",), "gpt_j_residual": (False,),
     "tie_embeddings": ANY,
     "mla": ANY, "mla.kv_lora_rank": ANY, "mla.qk_nope_head_dim": ANY, "mla.qk_rope_head_dim": ANY,
     "mla.v_head_dim": ANY, "mla.q_lora_rank": ANY,

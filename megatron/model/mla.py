@@ -12,10 +12,10 @@ Parameters (torch Linear weights are [out, in]):
     q_proj   [H (N + R), D]           the query, when q_lora_rank is None; no bias
     q_down   [Q, D]                   the query's down-projection, when q_lora_rank is set; bias with
                                       use_bias_in_attn_linear
-    q_norm   [Q]                      RMSNorm of the query latent (eps: the model's norm_eps)
+    q_norm   [Q]                      RMSNorm of the query latent (eps: LATENT_NORM_EPS)
     q_up     [H (N + R), Q]           the query's up-projection; no bias
     kv_down  [C + R, D]               rows [latent (C) | shared rope key (R)]; bias with use_bias_in_attn_linear
-    kv_norm  [C]                      RMSNorm of the latent (eps: the model's norm_eps)
+    kv_norm  [C]                      RMSNorm of the latent (eps: LATENT_NORM_EPS)
     kv_up    [H (N + V), C]           rows per head [key nope part (N) | value (V)]; no bias
     dense    [D, H V]                 the output projection; bias with use_bias_in_attn_linear
 Each head's query rows are [nope (N) | rope (R)], and the rope rows (of the query and of kv_down) are in the
@@ -36,6 +36,10 @@ import torch.nn.functional as F
 
 from megatron.model.attention import KVCache, Padding, band_mask, layer_window
 from megatron.model.rope import Rotary
+
+# the latents' RMSNorm epsilon, whatever the model's norm_eps: DeepSeek's own code and transformers' DeepseekV3 use
+# this for q_a_layernorm and kv_a_layernorm in every model (Moonlight's rms_norm_eps is 1e-5, its latents' 1e-6)
+LATENT_NORM_EPS = 1e-6
 
 if TYPE_CHECKING:
     from megatron.model.gpt import GPTConfig
@@ -129,10 +133,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(d, H * mla.qk_head_dim, bias=False)
         else:
             self.q_down = nn.Linear(d, mla.q_lora_rank, bias=bias)
-            self.q_norm = nn.RMSNorm(mla.q_lora_rank, eps=cfg.norm_eps)
+            self.q_norm = nn.RMSNorm(mla.q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_up = nn.Linear(mla.q_lora_rank, H * mla.qk_head_dim, bias=False)
         self.kv_down = nn.Linear(d, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=bias)
-        self.kv_norm = nn.RMSNorm(mla.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = nn.RMSNorm(mla.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_up = nn.Linear(mla.kv_lora_rank, H * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.dense = nn.Linear(H * mla.v_head_dim, d, bias=bias)
         self.rotary = Rotary(mla.qk_rope_head_dim, 1.0, cfg.rotary_emb_base, cfg.max_position_embeddings,
