@@ -78,8 +78,18 @@ def markdown(sizes: dict) -> str:
     return "\n".join(lines)
 
 
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value after `flag`, None without the flag; a flag without a value is one line."""
+    if flag not in argv:
+        return None
+    at = argv.index(flag) + 1
+    if at >= len(argv) or argv[at].startswith("--"):
+        sys.exit(f"count_params: {flag} needs a file name")
+    return argv[at]
+
+
 def families(argv: list[str]) -> None:
-    out = argv[argv.index("--json-out") + 1] if "--json-out" in argv else None
+    out = flag_value(argv, "--json-out")
     sizes = family_sizes()
     if out:
         Path(out).write_text(json.dumps(sizes, indent=2) + "\n")
@@ -91,8 +101,11 @@ def main(argv: list[str]) -> None:
         families(argv)
         return
     if "--markdown" in argv:
-        path = argv[argv.index("--markdown") + 1]
-        print(markdown(json.loads(Path(path).read_text())))
+        path = flag_value(argv, "--markdown")
+        try:
+            print(markdown(json.loads(Path(path).read_text())))
+        except (OSError, ValueError, KeyError) as err:
+            sys.exit(f"count_params: --markdown {path}: expected a JSON file written by --families --json-out ({err})")
         return
     as_json = "--json" in argv
     argv = [a for a in argv if a != "--json"]

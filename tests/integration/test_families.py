@@ -120,3 +120,12 @@ def test_tiny_family_configs_train(config, tmp_path, data_prefix):
                         "--data_path", data_prefix, "--save", run, "--load", run, "--log_dir", f"{run}/logs",
                         "--tensorboard_dir", "null", "--checkpoint_factor", "3"])
     assert result.final_step == 3 and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_family_table_flags_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--markdown needs a file name"):
+        count_params.main(["--markdown"])
+    with pytest.raises(SystemExit, match="expected a JSON file written by --families --json-out"):
+        count_params.main(["--markdown", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="--json-out needs a file name"):
+        count_params.main(["--families", "--json-out"])
