@@ -414,4 +414,6 @@ def test_family_sizes_table_is_the_json_and_the_json_is_the_tool():
     assert "ours below round to {:.1f}B, {:.2f}B and {:.2f}B".format(*rounded) in prose
     mtp = models["deepseek_v3"]["mtp"]
     assert f"MTP module adds {mtp:,} ({count_params.format_count(mtp)}) in training" in prose
+    readme = " ".join(read("README.md").split())
+    assert f"# DeepSeek-V3: {models['deepseek_v3']['total']:,} (+ its MTP module)" in readme
 
