@@ -2,7 +2,8 @@
 shipped, at a test's batch and length, on the bundled corpus: each sets its full-size family file's switches and
 builds every piece it names; through train.py the loss falls, a stop and resume repeats the straight run (every
 logged metric and every parameter), expert parallelism on 2 gloo ranks equals one rank, LoREs on their gated experts
-train and resume, and LSH compression runs under EP=2 and, with no two rows in a bucket, is the identity at EP=1."""
+train and resume, LSH compression runs under EP=2 and, with no two rows in a bucket, is the identity at EP=1; each
+exports as transformers' own class of its family with our logits."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from megatron.model.rope import YarnRopeScaling
 from megatron.training import checkpoint as ckpt
 from megatron.training.lm_task import LMTask
 from megatron.training.optim import build_optimizer
+from megatron.training.pretrained import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -332,3 +334,23 @@ def test_lsh_with_compensation_is_the_identity_without_collisions(name):
         assert torch.equal(y_comp, y_exact), f"layer {i}"
         for (param, _), want, got in zip([("x", x), *exact.named_parameters()], grads_exact, grads_comp):
             assert torch.equal(got, want), f"layer {i}: {param}"
+
+
+@pytest.mark.parametrize("name, hf_class", [("tiny_deepseek_v3.yml", "DeepseekV3ForCausalLM"),
+                                            ("tiny_gpt_oss.yml", "GptOssForCausalLM")])
+def test_trained_tiny_model_exports_as_its_family(tmp_path, corpus, name, hf_class):
+    """After 2 steps, tools/convert_to_hf.py writes transformers' own class (no remote code), whose logits equal
+    ours over 64 tokens: past gpt-oss's 31-key window and both configs' YaRN context of 32."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_to_hf
+
+    config = tiny_config(tmp_path, name, corpus, train_iters=2, eval_interval=0, checkpoint_factor=2)
+    train.run([str(config)])
+    report = convert_to_hf.main([str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    assert report["format"] == "native" and report["class"] == hf_class, report
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    _, model, _ = load_pretrained(tmp_path / "ckpt")
+    tokens = torch.randint(0, 8192, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model.eval()(tokens)[0], atol=1e-5, rtol=0)
