@@ -417,3 +417,42 @@ def test_family_sizes_table_is_the_json_and_the_json_is_the_tool():
     readme = " ".join(read("README.md").split())
     assert f"# DeepSeek-V3: {models['deepseek_v3']['total']:,} (+ its MTP module)" in readme
 
+
+
+def test_granular_upcycling_table_and_readings_are_the_json():
+    """docs/architectures.md's granular upcycling figures: the generated table is the benchmark's markdown of the
+    committed JSON; independently of it, a row is within 1e-5 exactly when it is exact by construction and no routing
+    split a group, the inexact rows with top-k off the routed shards split every routing, and the prose's figures
+    are the JSON's."""
+    import upcycle_granular
+
+    recorded = json.loads(read("docs/results/upcycle_granular.json"))
+    page = read("docs/architectures.md")
+    block = generated_block(page, "python benchmarks/upcycle_granular.py --markdown docs/results/upcycle_granular.json")
+    assert block == upcycle_granular.markdown(recorded)
+    assert recorded["command"] in page
+    rows = {r["name"]: r for r in recorded["rows"]}
+    for r in rows.values():
+        routed = r["granularity"] - r["shared"]
+        normalised = r["scores"] == "sigmoid" or "renormalize_weights false" not in r["options"]
+        assert r["exact"] == (r["top_k"] % routed == 0 and normalised), r["name"]
+        assert (r["max_abs_logit_diff"] <= 1e-5) == (r["exact"] and r["split_routings"] == 0), r["name"]
+        if r["top_k"] % routed:
+            assert r["split_routings"] == r["routings"], r["name"]
+    clean = max(r["max_abs_logit_diff"] for r in rows.values() if r["exact"] and not r["split_routings"])
+    [tied] = [r for r in rows.values() if r["exact"] and r["split_routings"]]
+    prose = " ".join(page.split())
+    assert f"the largest |logit difference| is {clean:.2e} over {recorded['eval']['tokens']:,} tokens" in prose
+    assert f"the source's {recorded['source']['val_loss']:.4f}, except for {tied['split_routings']} routing in " \
+           f"{tied['routings']:,} in the 8-shard sigmoid row" in prose and tied["name"].startswith("8 shards")
+    assert f"off by {tied['max_abs_logit_diff']:.3f}, the mean loss by {abs(tied['loss_minus_dense']):.1e}" in prose
+    for name, quoted in [("4 shards x 4, top-2 (half of each MLP)", "top-2 of 4 shards {:+.4f} nats"),
+                         ("8 shards x 4, top-4 (half of each MLP)", "top-4 of 8 shards {:+.4f}"),
+                         ("4 shards x 2, top-6 (one and a half groups)", "one and a half groups {:+.4f}"),
+                         ("DeepSeek overlay, top-2 (2 of 3 routed shards)", "beside the shared one {:+.4f}"),
+                         ("4 shards x 4, top-4, raw softmax (down x R E / k)", "comes close ({:+.4f},")]:
+        assert quoted.format(rows[name]["loss_minus_dense"]) in prose, name
+    raw = rows["4 shards x 4, top-4, raw softmax (down x R E / k)"]["max_abs_logit_diff"]
+    assert f"logits within {raw:.3f}) without being exact" in prose
+    assert f"trains `configs/tiny_llama.yml` for {recorded['source']['train_iters']} steps" in prose
+    assert "[architectures.md, Granular upcycling](architectures.md#granular-upcycling)" in read("docs/huggingface.md")
