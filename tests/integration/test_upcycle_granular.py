@@ -158,3 +158,27 @@ def test_dense_biases_go_to_experts_with_biases(tmp_path, data_prefix, request_)
     torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=0)
     with pytest.raises(SystemExit, match="use_bias_in_mlp: layer 0's dense MLP has non-zero biases"):
         upcycle.main([str(save), str(tmp_path / "plain"), *TOPK, *request_])
+
+
+@pytest.mark.slow
+def test_the_documented_granular_commands_run_as_written(tmp_path, data_prefix):
+    """docs/architectures.md's commands, word for word, from a folder laid out as the repo whose runs/tiny_llama is
+    a Llama-shaped checkpoint with tiny_llama's F (smaller otherwise): both upcycles keep the logits, and train.py
+    continues the DeepSeek-shaped one."""
+    from test_upcycle import documented_commands, run_as_written
+
+    for name in ("configs", "megatron", "tools", "train.py"):
+        (tmp_path / name).symlink_to(REPO / name)
+    save, dense = saved_model(tmp_path / "source", data_prefix, **LLAMA)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs/tiny_llama").symlink_to(save)
+    commands = documented_commands(REPO / "docs/architectures.md", "tools/upcycle.py")
+    page = REPO / "docs/architectures.md"
+    trains = [c for c in documented_commands(page, "train.py") if c[2].startswith("runs/tiny_llama_ds")]
+    assert len(commands) == 2 and len(trains) == 1
+    for command in commands:
+        run_as_written(command, tmp_path)
+        _, moe, _ = load_pretrained(tmp_path / command[3])
+        torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=0)
+    run_as_written(trains[0], tmp_path, "--train_iters", "1", "--eval_interval", "0")
+    assert (tmp_path / "runs/tiny_llama_ds/global_step1").is_dir()
