@@ -16,11 +16,13 @@ moe_router_scaling_factor where the router has one), a group's R equal gates sum
 
     routed(x) = sum over chosen groups (share_j / R) sum_{shard r} (R / s) shard_r(x) = sum_{r >= S} shard_r(x)
 
-once every routed down-projection is multiplied by R / s: the upcycled layer equals the dense MLP exactly.
-G = 1 is classic sparse upcycling (every expert a copy of the MLP, R = 1, no scaling). With top-k not a
-multiple of R a token sees only part of its MLP, and with a raw softmax (gates not renormalised) s is not
-fixed; both upcycle only when asked (`allow_inexact`), with s taken as k / E, its value at a uniform router
-(the paper's scaling), and the step-0 gap is measured (benchmarks/upcycle_granular.py).
+once every routed down-projection is multiplied by R / s: the upcycled layer equals the dense MLP exactly
+(with group-limited routing, when each router group holds whole virtual groups). The one exception is a tie
+between two groups' scores in fp32, where top-k may take part of each (benchmarks/upcycle_granular.py counts
+them). G = 1 is classic sparse upcycling (every expert a copy of the MLP, R = 1, no scaling). With top-k not a
+multiple of R a token sees only part of its MLP, and with a raw softmax (gates not renormalised) s varies by
+token (it is taken as k / E, its value at a uniform router: the paper's scaling); both upcycle only when asked
+(`allow_inexact`), and their step-0 gap is measured by the benchmark.
 Biases: a dense MLP's non-zero biases need experts with biases (moe_use_bias_in_experts); each shard then takes
 its slice of the up-projection's bias, and the down-projection's bias is added once, by the shared expert or as
 b / s on every routed expert (the chosen gates sum to s). Without expert biases they are refused.
