@@ -398,5 +398,7 @@ def test_tool_errors_name_the_flag(config, flags, message):
 def test_tool_layouts_table(capsys):
     memory_tool.main([str(REPO / "configs" / "125M_structmoe.yml"), "--layouts", "--worlds", "8", "--gpu-gb", "40"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split()[:4] == ["world", "ep", "stage", "params"]
-    assert len(lines) == 3 + 6  # DDP, stage 1, stage 3 with EP 1 and 8
+    kv_bytes = 2 * 768 * 12 * 2  # keys and values, d = 768, 12 layers, bf16
+    assert lines[1].startswith(f"KV cache for generation (bf16, keys + values): {kv_bytes:,} bytes per token")
+    assert lines[3].split()[:4] == ["world", "ep", "stage", "params"]
+    assert len(lines) == 4 + 6  # DDP, stage 1, stage 3 with EP 1 and 8
