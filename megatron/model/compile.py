@@ -17,23 +17,26 @@ import torch.nn as nn
 
 
 def compile_regions(model: nn.Module, dynamic: bool | None = None) -> list[str]:
-    """Compiles, in place, every block's attention, norms and dense MLP and every MoE router; returns their names.
+    """Compiles, in place, every block's attention, norms and dense MLP and every MoE router (the multi-token
+    prediction modules' blocks too); returns their names.
 
     `dynamic=None` lets torch mark a dimension dynamic once it has seen it change (evaluation batches).
     """
     from megatron.model.moe import MoELayer
 
+    blocks = [(f"blocks.{index}", block) for index, block in enumerate(model.blocks)]
+    blocks += [(f"mtp.{index}.block", module.block) for index, module in enumerate(getattr(model, "mtp", ()))]
     compiled = []
-    for index, block in enumerate(model.blocks):
+    for prefix, block in blocks:
         for name, child in block.named_children():
             if isinstance(child, MoELayer):
                 child.router.compile(dynamic=dynamic)
-                compiled.append(f"blocks.{index}.{name}.router")
+                compiled.append(f"{prefix}.{name}.router")
             elif isinstance(child, nn.Dropout) or not any(True for _ in child.parameters()):
                 continue
             else:
                 child.compile(dynamic=dynamic)
-                compiled.append(f"blocks.{index}.{name}")
+                compiled.append(f"{prefix}.{name}")
     return compiled
 
 

@@ -84,3 +84,33 @@ def test_changing_rows_per_expert_recompiles_nothing():
 def test_auto_compiles_on_cuda_only():
     assert compile_wanted("auto", torch.device("cuda")) and not compile_wanted("auto", torch.device("cpu"))
     assert compile_wanted("on", torch.device("cpu")) and not compile_wanted("off", torch.device("cuda"))
+
+
+def test_the_mtp_modules_blocks_are_compiled_like_the_models():
+    """A multi-token prediction module's block gets the regions every block gets (its router, not its experts)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=2,
+                          max_position_embeddings=SEQ, moe=MODELS["moe_top2"], mtp_num_modules=2),
+                MoERuntime(impl="native"))
+    regions = compile_regions(model)
+    for index in range(2):
+        for region in ("attention", "input_norm", "post_attention_norm", "mlp.router"):
+            assert f"mtp.{index}.block.{region}" in regions
+        assert f"mtp.{index}.block.mlp" not in regions
+    assert model.state_dict().keys() == GPT(model.cfg, MoERuntime(impl="native")).state_dict().keys()
+
+
+@pytest.mark.slow
+def test_compiled_mtp_training_matches_eager():
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(vocab_size=VOCAB, num_layers=2, hidden_size=32, num_attention_heads=2,
+                          max_position_embeddings=SEQ, mtp_num_modules=1), MoERuntime(impl="native"))
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled)
+    tokens = torch.randint(VOCAB, (3, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    for model in (eager, compiled):
+        model.zero_grad()
+        loss, _, mtp_M = model(tokens[:, :-1], tokens[:, 1:], mtp=True)
+        (loss + 0.1 * mtp_M.mean()).backward()
+    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
