@@ -35,6 +35,7 @@ import torch
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
 from megatron.hf.llama import rope_parameters, yarn_keys
+from megatron.hf.state import Taker
 
 State = dict[str, torch.Tensor]
 MODEL_TYPE = "deepseek_v3"
@@ -161,25 +162,6 @@ def deepseek_prepare(where: str, hf: Any, state: State) -> tuple[dict[str, Any],
 
 
 # --- weights -------------------------------------------------------------------------------------------------------
-
-class Taker:
-    """Reads each tensor of a state dict once, in fp32, and names what is missing or left over."""
-
-    def __init__(self, state: State, what: str):
-        self.state, self.what, self.used = state, what, set()
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.state:
-            raise ValueError(f"{name}: missing from the {self.what} weights")
-        self.used.add(name)
-        return self.state[name].to(torch.float32)
-
-    def has(self, name: str) -> bool:
-        return name in self.state
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.state) - self.used)
-
 
 def attention_to_ours(take: Taker, hf: str, ours: str, cfg: Any) -> State:
     """One layer's DeepseekV3Attention -> our MultiHeadLatentAttention (rope rows already in rotate-half order:
@@ -400,7 +382,7 @@ def block_to_deepseek(take: Taker, ours: str, hf: str, cfg: Any, moe_layer: bool
 
 def ours_to_deepseek(state: State, cfg: Any) -> State:
     """Our state dict -> DeepseekV3ForCausalLM's (the inverse of deepseek_to_ours); every tensor of ours is used."""
-    take = Taker(state, "our")
+    take = Taker(state, "checkpoint's")
     out = {"model.embed_tokens.weight": take("embed.weight"), "model.norm.weight": take("final_norm.weight")}
     for i in range(cfg.num_layers):
         out |= block_to_deepseek(take, f"blocks.{i}", f"model.layers.{i}", cfg, is_moe_layer(cfg, i))

@@ -34,6 +34,7 @@ import torch
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
 from megatron.hf.llama import rope_parameters, yarn_keys
+from megatron.hf.state import Taker
 from megatron.model.attention import layer_window
 
 KINDS = {"sliding_attention": "sliding", "full_attention": "full"}  # transformers' layer_types -> our pattern
@@ -165,13 +166,7 @@ def gpt_oss_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch
     if quantized:
         raise ValueError(f"{quantized[0]}: MXFP4-quantized experts ({len(quantized)} such tensors); dequantize "
                          "first (Mxfp4Config(dequantize=True), saved again)")
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise ValueError(f"{name}: missing from the gpt-oss weights")
-        used.add(name)
-        return state[name].to(torch.float32)
+    take = Taker(state, "gpt-oss")
 
     out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
     for i in range(cfg.num_layers):
@@ -187,7 +182,7 @@ def gpt_oss_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
-    unused = sorted(set(state) - used - skipped)
+    unused = sorted(set(take.unused()) - skipped)
     if unused:
         raise ValueError(f"{unused[0]}: a gpt-oss tensor this converter does not map ({len(unused)} such)")
     return {name: tensor.contiguous() for name, tensor in out.items()}
@@ -195,11 +190,7 @@ def gpt_oss_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch
 
 def ours_to_gpt_oss(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """Our state dict -> GptOssForCausalLM's (the inverse of gpt_oss_to_ours); every tensor of ours is used."""
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        used.add(name)
-        return state[name]
+    take = Taker(state, "checkpoint's", dtype=None)
 
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     q_width, kv_width = cfg.num_attention_heads * head_dim, (cfg.num_kv_heads or cfg.num_attention_heads) * head_dim
@@ -217,7 +208,7 @@ def ours_to_gpt_oss(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch
             out[theirs] = interleave(take(ours)) if ours.endswith(INTERLEAVED) else take(ours)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
-    unused = sorted(set(state) - used)
+    unused = take.unused()
     if unused:
         raise ValueError(f"{unused[0]}: a tensor of ours the gpt-oss layout has no place for ({len(unused)} such)")
     return {name: tensor.detach().to(torch.float32).contiguous() for name, tensor in out.items()}

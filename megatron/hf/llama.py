@@ -32,6 +32,7 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
+from megatron.hf.state import Taker
 from megatron.model.rope import YarnRopeScaling
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe")
@@ -120,13 +121,7 @@ def yarn_keys(where: str, rope: dict[str, Any], max_position_embeddings: int) ->
 
 def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's state dict -> ours; every Llama tensor is used exactly once."""
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise ValueError(f"{name}: missing from the Llama weights")
-        used.add(name)
-        return state[name].to(torch.float32)
+    take = Taker(state, "Llama")
 
     out = {"embed.weight": take("model.embed_tokens.weight"), "final_norm.weight": take("model.norm.weight")}
     for i in range(cfg.num_layers):
@@ -164,7 +159,7 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
-    unused = sorted(set(state) - used - skipped - {k for k in state if k.endswith("rotary_emb.inv_freq")})
+    unused = sorted(set(take.unused()) - skipped - {k for k in state if k.endswith("rotary_emb.inv_freq")})
     if unused:
         raise ValueError(f"{unused[0]}: a Llama tensor this converter does not map ({len(unused)} such)")
     return {name: tensor.contiguous() for name, tensor in out.items()}
@@ -269,11 +264,7 @@ def rope_parameters(cfg: Any) -> dict[str, Any]:
 
 def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """Our state dict -> LlamaForCausalLM's (the inverse of llama_to_ours); every tensor of ours is used."""
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        used.add(name)
-        return state[name]
+    take = Taker(state, "checkpoint's", dtype=None)
 
     d, heads = cfg.hidden_size, cfg.num_attention_heads
     kv_width = d * (cfg.num_kv_heads or heads) // heads
@@ -306,7 +297,7 @@ def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
                         f"{expert}.{down_name}.weight": down_EFD[e].T}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
-    unused = sorted(set(state) - used)
+    unused = take.unused()
     if unused:
         raise ValueError(f"{unused[0]}: a tensor of ours the Llama layout has no place for ({len(unused)} such)")
     return {name: tensor.contiguous() for name, tensor in out.items()}
