@@ -35,7 +35,7 @@ from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
 from megatron.hf.llama import rope_parameters, yarn_keys
 from megatron.hf.state import Taker
-from megatron.model.attention import layer_window
+from megatron.model.attention import head_width, layer_window
 
 KINDS = {"sliding_attention": "sliding", "full_attention": "full"}  # transformers' layer_types -> our pattern
 
@@ -192,7 +192,7 @@ def ours_to_gpt_oss(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch
     """Our state dict -> GptOssForCausalLM's (the inverse of gpt_oss_to_ours); every tensor of ours is used."""
     take = Taker(state, "checkpoint's", dtype=None)
 
-    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_width(cfg)
     q_width, kv_width = cfg.num_attention_heads * head_dim, (cfg.num_kv_heads or cfg.num_attention_heads) * head_dim
     out = {"model.embed_tokens.weight": take("embed.weight"), "model.norm.weight": take("final_norm.weight")}
     for i in range(cfg.num_layers):
@@ -257,7 +257,7 @@ def gpt_oss_config(cfg: Any) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_kv_heads or cfg.num_attention_heads,
-        "head_dim": cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads,
+        "head_dim": head_width(cfg),
         "intermediate_size": cfg.moe.ffn_hidden_size or cfg.ffn_size,
         "num_local_experts": cfg.moe.num_experts, "num_experts_per_tok": cfg.moe.top_k,
         "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],

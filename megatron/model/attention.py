@@ -77,6 +77,12 @@ def band_mask(num_queries: int, num_keys: int, window: int | None, device: torch
     return (allowed_ST & padding.keys_valid_BT[:, None, None, :]) | (key_1T == query_S1)
 
 
+def head_width(settings) -> int:
+    """Each attention head's width: head_dim, or hidden_size split over the heads when it is unset. `settings`: a
+    GPTConfig or the config's args (the fields have the same names in both)."""
+    return settings.head_dim or settings.hidden_size // settings.num_attention_heads
+
+
 class Attention(nn.Module):
     """Causal self-attention; with num_kv_heads < H, grouped-query: query head h reads K/V head h // (H / K).
 
@@ -90,7 +96,7 @@ class Attention(nn.Module):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads {self.num_heads} is not divisible by num_kv_heads "
                              f"{self.num_kv_heads}")
-        self.head_dim = cfg.head_dim or d // self.num_heads  # H Dh may differ from D (gpt-oss)
+        self.head_dim = head_width(cfg)  # H Dh may differ from D (gpt-oss)
         self.layer_idx = layer_idx  # its slot in a KVCache
         kv_width = self.num_kv_heads * self.head_dim
         q_width = self.num_heads * self.head_dim

@@ -41,6 +41,7 @@ import torch
 
 from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
+from megatron.model.attention import head_width
 from megatron.model.build import gpt_config_from_args, moe_architecture_from_args
 from megatron.model.gpt import GPT, mlp_width
 from megatron.model.moe import MoERuntime
@@ -306,7 +307,7 @@ def attention_activation_bytes(args) -> int:
         kv_latent = latent(c, c if a < FP32 else c + r)  # in fp32 the norm reads a view of kv_down's whole output
         return (norm + inputs + query_latent + kv_latent + 2 * a * heads * (n + r) + a * heads * (n + v)
                 + 2 * a * heads * v + FP32 * heads)
-    head_dim = args.head_dim or d // heads
+    head_dim = head_width(args)
     q, kv = heads * head_dim, (args.num_kv_heads or heads) * head_dim
     if args.attention_sinks:
         keys = args.seq_length
@@ -323,8 +324,7 @@ def kv_cache_bytes_per_token(args, element_bytes: int = 2) -> int:
     if args.kv_lora_rank is not None:
         per_layer = args.kv_lora_rank + args.qk_rope_head_dim
     else:
-        per_layer = 2 * (args.num_kv_heads or args.num_attention_heads) * (
-            args.head_dim or args.hidden_size // args.num_attention_heads)
+        per_layer = 2 * (args.num_kv_heads or args.num_attention_heads) * head_width(args)
     return per_layer * args.num_layers * element_bytes
 
 

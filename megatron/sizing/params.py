@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from megatron.data.tokenizer import vocab_size_of
 from megatron.model.activations import is_gated, up_width
+from megatron.model.attention import head_width
 from megatron.model.build import moe_architecture_from_args
 from megatron.model.gpt import mlp_width
 from megatron.model.moe import MoEArchitecture, moe_param_counts
@@ -78,7 +79,7 @@ def attention_parameters(args) -> tuple[int, int]:
         keys_values = d * (c + r) + c * heads * (n + v) + (c + r if bias else 0)
         out = heads * v * d + (d if bias else 0)
         return query + keys_values + out, c + (q_rank or 0)
-    head_dim = args.head_dim or d // heads
+    head_dim = head_width(args)
     qkv = (heads + 2 * (args.num_kv_heads or heads)) * head_dim  # grouped-query attention: fewer K/V heads
     projections = d * qkv + heads * head_dim * d + (qkv + d if bias else 0)
     sinks = heads if args.attention_sinks else 0
