@@ -231,16 +231,16 @@ class LMTask:
             if len(mtp_loss_P) > 1:
                 metrics |= {f"mtp/module{d}_loss": loss.detach() for d, loss in enumerate(mtp_loss_P, start=1)}
             total = total + self.args.mtp_loss_coeff * mtp_loss
-            metrics["total_loss"] = total.detach()
         if moe_aux:
             for name, coeff in self.aux_coeffs.items():
                 summed = sum(getattr(aux, name) for aux in moe_aux)  # summed over layers
                 metrics[f"moe/{name}"] = summed.detach()
                 if coeff:
                     total = total + coeff * summed
-            metrics["total_loss"] = total.detach()
             self.routing.add(moe_aux)
             self.balance.record(moe_aux)
+        if mtp_loss_P is not None or moe_aux:  # the loss trained on, when more than the main head's
+            metrics["total_loss"] = total.detach()
         return total, metrics
 
     def optimizer_stepped(self) -> None:
