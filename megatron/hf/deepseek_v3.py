@@ -34,11 +34,12 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.hf.fields import ANY, unrepresented
-from megatron.hf.llama import rope_parameters, yarn_keys
+from megatron.hf.llama import experts_from_ours, experts_to_ours, rope_parameters, yarn_keys
 from megatron.hf.state import Taker
 
 State = dict[str, torch.Tensor]
 MODEL_TYPE = "deepseek_v3"
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # one module per expert: gate, up, down
 
 
 # --- rotary rows: DeepSeek's interleaved pairs <-> our rotate-half pairs ---------------------------------------
@@ -194,18 +195,9 @@ def feedforward_to_ours(take: Taker, hf: str, ours: str, moe_layer: bool, num_ex
 
     if not moe_layer:
         return gated("")
-    if take.has(f"{hf}.experts.gate_up_proj"):  # transformers 5's fused layout: [E, 2F, D], gate rows first
-        gate_EFD, up_EFD = take(f"{hf}.experts.gate_up_proj").chunk(2, dim=1)
-        down_EDF = take(f"{hf}.experts.down_proj")
-    else:  # one module per expert (DeepSeek's release, save_pretrained)
-        experts = range(num_experts)
-        gate_EFD = torch.stack([take(f"{hf}.experts.{e}.gate_proj.weight") for e in experts])
-        up_EFD = torch.stack([take(f"{hf}.experts.{e}.up_proj.weight") for e in experts])
-        down_EDF = torch.stack([take(f"{hf}.experts.{e}.down_proj.weight") for e in experts])
     out = {f"{ours}.router.gate.weight": take(f"{hf}.gate.weight"),
            f"{ours}.router.expert_bias_E": take(f"{hf}.gate.e_score_correction_bias"),
-           f"{ours}.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
-           f"{ours}.experts.w_down_EFD": down_EDF.transpose(1, 2)}
+           **experts_to_ours(take, f"{hf}.experts", EXPERT_PROJECTIONS, num_experts, ours)}  # either layout
     if take.has(f"{hf}.shared_experts.up_proj.weight"):
         shared = gated("shared_experts.")
         out |= {f"{ours}.shared_experts.{k.rsplit('.', 2)[-2]}.weight": v for k, v in shared.items()}
@@ -360,14 +352,10 @@ def feedforward_to_deepseek(take: Taker, ours: str, hf: str, moe_layer: bool, cf
 
     if not moe_layer:
         return gated("", f"{ours}.up.weight", f"{ours}.down.weight")
-    value_EDF, gate_EDF = take(f"{ours}.experts.w_up_EDF").chunk(2, dim=2)
-    down_EFD = take(f"{ours}.experts.w_down_EFD")
     bias = f"{ours}.router.expert_bias_E"  # none: the same choices as a zero bias
     out = {f"{hf}.gate.weight": take(f"{ours}.router.gate.weight"),
-           f"{hf}.gate.e_score_correction_bias": take(bias) if take.has(bias) else torch.zeros(cfg.moe.num_experts)}
-    for e in range(cfg.moe.num_experts):
-        out |= {f"{hf}.experts.{e}.gate_proj.weight": gate_EDF[e].T, f"{hf}.experts.{e}.up_proj.weight": value_EDF[e].T,
-                f"{hf}.experts.{e}.down_proj.weight": down_EFD[e].T}
+           f"{hf}.gate.e_score_correction_bias": take(bias) if take.has(bias) else torch.zeros(cfg.moe.num_experts),
+           **experts_from_ours(take, ours, f"{hf}.experts", EXPERT_PROJECTIONS, cfg.moe.num_experts)}
     if cfg.moe.num_shared_experts:
         out |= gated("shared_experts.", f"{ours}.shared_experts.up.weight", f"{ours}.shared_experts.down.weight")
     return out

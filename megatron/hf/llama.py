@@ -26,6 +26,7 @@ What maps where:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -119,6 +120,35 @@ def yarn_keys(where: str, rope: dict[str, Any], max_position_embeddings: int) ->
             "mscale_all_dim": float(mscale_all_dim), "truncate": bool(rope.get("truncate", True))}
 
 
+def experts_to_ours(take: Taker, experts: str, names: Sequence[str], num_experts: int, ours: str
+                    ) -> dict[str, torch.Tensor]:
+    """A MoE layer's experts -> our `{ours}.experts.w_up_EDF` ([value = up | gate] columns) and `w_down_EFD`, from
+    transformers 5's fused `{experts}.gate_up_proj` [E, 2F, D] (gate rows first) and `down_proj` [E, D, F] when the
+    file has them, else from one module per expert, `{experts}.{e}.{gate|up|down}.weight` with `names` (gate, up,
+    down): Mixtral's w1/w3/w2, gate_proj/up_proj/down_proj for Qwen3-MoE and DeepSeek-V3."""
+    if take.has(f"{experts}.gate_up_proj"):
+        gate_EFD, up_EFD = take(f"{experts}.gate_up_proj").chunk(2, dim=1)
+        down_EDF = take(f"{experts}.down_proj")
+    else:
+        gate_EFD, up_EFD, down_EDF = (torch.stack([take(f"{experts}.{e}.{name}.weight") for e in range(num_experts)])
+                                      for name in names)
+    return {f"{ours}.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
+            f"{ours}.experts.w_down_EFD": down_EDF.transpose(1, 2)}
+
+
+def experts_from_ours(take: Taker, ours: str, experts: str, names: Sequence[str], num_experts: int
+                      ) -> dict[str, torch.Tensor]:
+    """The inverse of experts_to_ours, one module per expert (the families' published layout)."""
+    value_EDF, gate_EDF = take(f"{ours}.experts.w_up_EDF").chunk(2, dim=2)
+    down_EFD = take(f"{ours}.experts.w_down_EFD")
+    gate, up, down = names
+    out = {}
+    for e in range(num_experts):
+        out |= {f"{experts}.{e}.{gate}.weight": gate_EDF[e].T, f"{experts}.{e}.{up}.weight": value_EDF[e].T,
+                f"{experts}.{e}.{down}.weight": down_EFD[e].T}
+    return out
+
+
 def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's state dict -> ours; every Llama tensor is used exactly once."""
     take = Taker(state, "Llama")
@@ -142,20 +172,10 @@ def llama_to_ours(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
             out |= {f"blocks.{i}.mlp.up.weight": torch.cat([take(f"{layer}.mlp.up_proj.weight"),
                                                              take(f"{layer}.mlp.gate_proj.weight")], dim=0),
                     f"blocks.{i}.mlp.down.weight": take(f"{layer}.mlp.down_proj.weight")}
-        elif files is not None:  # the families' files: one gate, up and down projection per expert
-            moe, gate, up, down = files
-            experts = range(cfg.moe.num_experts)
-            gate_EFD = torch.stack([take(f"{layer}.{moe}.experts.{e}.{gate}.weight") for e in experts])
-            up_EFD = torch.stack([take(f"{layer}.{moe}.experts.{e}.{up}.weight") for e in experts])
+        else:  # the families' files (one gate, up and down projection per expert), else transformers 5's fused layout
+            moe, *names = files or ("mlp", "gate_proj", "up_proj", "down_proj")
             out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{layer}.{moe}.gate.weight"),
-                    f"blocks.{i}.mlp.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
-                    f"blocks.{i}.mlp.experts.w_down_EFD": torch.stack(
-                        [take(f"{layer}.{moe}.experts.{e}.{down}.weight") for e in experts]).transpose(1, 2)}
-        else:  # transformers 5's fused layout: [E, 2F, D] gate rows then up rows
-            gate_EFD, up_EFD = take(f"{layer}.mlp.experts.gate_up_proj").chunk(2, dim=1)
-            out |= {f"blocks.{i}.mlp.router.gate.weight": take(f"{layer}.mlp.gate.weight"),
-                    f"blocks.{i}.mlp.experts.w_up_EDF": torch.cat([up_EFD, gate_EFD], dim=1).transpose(1, 2),
-                    f"blocks.{i}.mlp.experts.w_down_EFD": take(f"{layer}.mlp.experts.down_proj").transpose(1, 2)}
+                    **experts_to_ours(take, f"{layer}.{moe}.experts", names, cfg.moe.num_experts, f"blocks.{i}.mlp")}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     skipped = {"lm_head.weight"} if cfg.tie_embeddings else set()  # a tied copy, when saved
@@ -287,14 +307,9 @@ def ours_to_llama(state: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.T
             out |= {f"{layer}.mlp.up_proj.weight": value, f"{layer}.mlp.gate_proj.weight": gate,
                     f"{layer}.mlp.down_proj.weight": take(f"blocks.{i}.mlp.down.weight")}
         else:  # the family's file layout (what its published checkpoints hold and transformers reads)
-            moe, gate_name, up_name, down_name = EXPERT_NAMES["qwen3_moe" if cfg.qk_norm else "mixtral"]
-            value_EDF, gate_EDF = take(f"blocks.{i}.mlp.experts.w_up_EDF").chunk(2, dim=2)
-            down_EFD = take(f"blocks.{i}.mlp.experts.w_down_EFD")
+            moe, *names = EXPERT_NAMES["qwen3_moe" if cfg.qk_norm else "mixtral"]
             out[f"{layer}.{moe}.gate.weight"] = take(f"blocks.{i}.mlp.router.gate.weight")
-            for e in range(cfg.moe.num_experts):
-                expert = f"{layer}.{moe}.experts.{e}"
-                out |= {f"{expert}.{gate_name}.weight": gate_EDF[e].T, f"{expert}.{up_name}.weight": value_EDF[e].T,
-                        f"{expert}.{down_name}.weight": down_EFD[e].T}
+            out |= experts_from_ours(take, f"blocks.{i}.mlp", f"{layer}.{moe}.experts", names, cfg.moe.num_experts)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = take("lm_head.weight")
     unused = take.unused()
